@@ -1,0 +1,104 @@
+"""On-disk embedding cache, keyed by image content hash + encoder fingerprint.
+
+Re-registering or re-evaluating the same images must not re-run the network. Entries live in one
+SQLite file (stdlib, atomic, safe across threads and processes) as raw float32 bytes: nothing is
+ever unpickled. The cache is an accelerator, never a source of truth: if the file is unusable,
+fewshot warns once and carries on without it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+# SQLite caps the number of host parameters per statement; stay well below it.
+_QUERY_CHUNK = 500
+
+
+def default_cache_path() -> Path:
+    """``$FEWSHOT_CACHE_DIR`` or ``$XDG_CACHE_HOME/fewshot`` or ``~/.cache/fewshot``, file ``embeddings.sqlite``."""
+    root = os.environ.get("FEWSHOT_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "fewshot")
+    return Path(root) / "embeddings.sqlite"
+
+
+class EmbeddingCache:
+    """Maps (encoder fingerprint id, content digest) -> embedding vector."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else default_cache_path()
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._broken = False
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self._conn is None and not self._broken:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("CREATE TABLE IF NOT EXISTS embeddings (encoder TEXT, digest TEXT, vector BLOB, "
+                             "PRIMARY KEY (encoder, digest))")
+                self._conn = conn
+            except (sqlite3.Error, OSError) as exc:
+                self._disable(exc)
+        return self._conn
+
+    def _disable(self, exc: Exception) -> None:
+        self._broken = True
+        warnings.warn(f"embedding cache {self.path} is unusable ({exc}); continuing without it. "
+                      f"Delete the file or set FEWSHOT_CACHE_DIR to fix this.", RuntimeWarning, stacklevel=3)
+
+    def get_many(self, encoder_id: str, digests: list[str], *, dim: int) -> dict[str, np.ndarray]:
+        """Cached vectors for the digests that are present (entries of the wrong size are ignored)."""
+        found: dict[str, np.ndarray] = {}
+        with self._lock:
+            conn = self._connect()
+            if conn is None:
+                return found
+            try:
+                for start in range(0, len(digests), _QUERY_CHUNK):
+                    chunk = digests[start:start + _QUERY_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    rows = conn.execute(f"SELECT digest, vector FROM embeddings WHERE encoder = ? AND digest IN ({marks})",
+                                        [encoder_id, *chunk])
+                    for digest, blob in rows:
+                        if isinstance(blob, bytes) and len(blob) == 4 * dim:
+                            found[digest] = np.frombuffer(blob, dtype="<f4").copy()
+            except sqlite3.Error as exc:
+                self._disable(exc)
+        return found
+
+    def put_many(self, encoder_id: str, vectors: dict[str, np.ndarray]) -> None:
+        """Store vectors (float32); finite ones only, so a bad vector can never be served later."""
+        rows = [(encoder_id, d, np.asarray(v, dtype="<f4").tobytes()) for d, v in vectors.items()
+                if np.all(np.isfinite(v))]
+        if not rows:
+            return
+        with self._lock:
+            conn = self._connect()
+            if conn is None:
+                return
+            try:
+                with conn:
+                    conn.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)", rows)
+            except sqlite3.Error as exc:
+                self._disable(exc)
+
+    def __len__(self) -> int:
+        with self._lock:
+            conn = self._connect()
+            return 0 if conn is None else conn.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

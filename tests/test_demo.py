@@ -1,0 +1,25 @@
+"""`fewshot demo` runs offline on bundled images and on a user's folder."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from fewshot import FewShotClassifier
+from fewshot.cli import main
+
+
+def test_demo_on_bundled_images(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    digits, photos = (line for line in out.splitlines() if "accuracy" in line)
+    assert float(digits.split("accuracy ")[1].split("%")[0]) > 40  # 10-way 5-shot, chance is 10%
+    assert float(photos.split("accuracy ")[1].split("%")[0]) >= 90  # one-shot instances
+    with Image.open(tmp_path / "contact_sheet.png") as sheet:
+        assert sheet.format == "PNG" and sheet.width > 500
+    assert len(FewShotClassifier.load(tmp_path / "registry").classes) == 10 + 12
+
+
+def test_demo_on_a_users_folder(tmp_path, capsys, caltech_subset):
+    assert main(["demo", "--data", str(caltech_subset), "--shots", "1", "--out", str(tmp_path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "accuracy" in line)
+    assert line.startswith("your folder: 1-shot, 8 classes") and (tmp_path / "contact_sheet.png").is_file()

@@ -1,0 +1,434 @@
+"""Tests of fewshot.registry: search correctness, running means, persistence, crash safety, threads."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fewshot.errors import (
+    DuplicateClassError,
+    EncoderMismatchError,
+    RegistryFormatError,
+    RegistrySaveError,
+    UnknownClassError,
+)
+from fewshot.registry import Registry, SearchResult
+
+DIM = 16
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def filled(metric="cosine", n_classes=20, seed=0, **kw) -> tuple[Registry, dict]:
+    """A registry with n_classes random classes of 1..4 examples each; returns it and the examples."""
+    g = rng(seed)
+    reg = Registry(DIM, metric=metric, **kw)
+    data = {}
+    for i in range(n_classes):
+        data[f"class-{i}"] = g.normal(size=(int(g.integers(1, 5)), DIM)).astype(np.float32)
+        reg.add(f"class-{i}", data[f"class-{i}"])
+    return reg, data
+
+
+def unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def brute_force(data: dict, queries, metric):
+    """Reference: (labels, (C,) prototypes, (Q, C) scores) computed with plain numpy in float64."""
+    labels = list(data)
+    if metric == "cosine":
+        protos = unit(np.stack([unit(data[lb]).mean(axis=0) for lb in labels]))
+        return labels, protos, unit(queries) @ protos.T
+    protos = np.stack([np.asarray(data[lb], np.float64).mean(axis=0) for lb in labels])
+    return labels, protos, -((queries[:, None, :] - protos[None]) ** 2).sum(-1)
+
+
+def assert_matches_brute_force(res: SearchResult, data, queries, metric, k):
+    labels, _, ref = brute_force(data, queries, metric)
+    kk = min(k, len(labels))
+    assert res.scores.shape == (len(queries), kk) and res.scores.dtype == np.float32
+    for q in range(len(queries)):
+        expected = np.sort(ref[q])[::-1][:kk]
+        np.testing.assert_allclose(res.scores[q], expected, rtol=1e-4, atol=1e-4)
+        # Each returned label really has the score reported (robust to near-ties).
+        got = [ref[q][labels.index(lb)] for lb in res.labels[q]]
+        np.testing.assert_allclose(got, res.scores[q], rtol=1e-4, atol=1e-4)
+        assert len(set(res.labels[q])) == kk
+
+
+# ---------------------------------------------------------------- search and means
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_search_equals_numpy_brute_force(metric):
+    reg, data = filled(metric, n_classes=30)
+    queries = rng(1).normal(size=(25, DIM)).astype(np.float32)
+    for k in (1, 5, 30):
+        assert_matches_brute_force(reg.search(queries, k), data, queries, metric, k)
+    # 1-D query gives one row
+    res = reg.search(queries[0], 3)
+    assert len(res.labels) == 1 and res.scores.shape == (1, 3)
+
+
+def test_l2_scores_are_negative_squared_distances():
+    reg = Registry(2, metric="l2")
+    reg.add("origin", [0.0, 0.0])
+    reg.add("far", [3.0, 4.0])
+    res = reg.search([[3.0, 4.0]], 2)
+    assert res.labels == [["far", "origin"]]
+    np.testing.assert_allclose(res.scores, [[0.0, -25.0]])
+
+
+def test_hnsw_top1_agrees_on_easy_set_and_survives_removal():
+    g = rng(2)
+    centers = g.normal(size=(40, DIM)).astype(np.float32) * 10
+    reg = Registry(DIM, index="HNSW32")
+    for i, c in enumerate(centers):
+        reg.add(f"c{i}", c + g.normal(size=(3, DIM)).astype(np.float32) * 0.1)
+    queries = centers + g.normal(size=centers.shape).astype(np.float32) * 0.1
+    assert [r[0] for r in reg.search(queries, 1).labels] == [f"c{i}" for i in range(40)]
+    reg.remove("c0")  # HNSW cannot remove: index is rebuilt on the next search
+    reg.add_examples("c1", centers[1])
+    top = [r[0] for r in reg.search(queries, 1).labels]
+    assert "c0" not in top and top[1:] == [f"c{i}" for i in range(1, 40)]
+
+
+def test_ivf_falls_back_to_exact_then_trains():
+    reg, data = filled("l2", n_classes=2, index="IVF4,Flat")
+    q = rng(3).normal(size=(5, DIM)).astype(np.float32)
+    assert_matches_brute_force(reg.search(q, 2), data, q, "l2", 2)  # too few to train: exact
+    g = rng(4)
+    for i in range(2, 60):
+        data[f"class-{i}"] = g.normal(size=(2, DIM)).astype(np.float32)
+        reg.add(f"class-{i}", data[f"class-{i}"])
+    res = reg.search(q, 1)  # trained IVF now; exact on the vectors it probes
+    assert len(res.labels) == 5 and all(lb in data for row in res.labels for lb in row)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_running_mean_equals_mean_of_all_examples(metric):
+    g = rng(5)
+    batches = [g.normal(size=(n, DIM)).astype(np.float32) for n in (3, 1, 5)]
+    reg = Registry(DIM, metric=metric)
+    reg.add_class("a", batches[0])
+    reg.add_examples("a", batches[1][0])  # 1-D
+    reg.add("a", batches[2])
+    every = np.concatenate(batches)
+    expected = every.mean(0) if metric == "l2" else unit(unit(every).mean(0))
+    labels, protos = reg.prototypes()
+    assert labels == ["a"] and protos.dtype == np.float32
+    np.testing.assert_allclose(protos[0], expected, rtol=1e-5, atol=1e-6)
+    assert reg.counts == {"a": 9}
+
+
+def test_k_larger_than_classes_returns_all():
+    reg, data = filled(n_classes=3)
+    res = reg.search(rng(6).normal(size=(2, DIM)), 10)
+    assert res.scores.shape == (2, 3)
+    assert all(sorted(row) == sorted(data) for row in res.labels)
+    assert np.all(np.diff(res.scores, axis=1) <= 1e-6)  # best first
+
+
+# ---------------------------------------------------------------- argument errors
+
+def test_bad_arguments_raise_value_errors():
+    reg, _ = filled(n_classes=2)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="k must be"):
+            reg.search(np.ones(DIM), k)
+    with pytest.raises(ValueError, match=f"expected dim {DIM}, got 7; vectors must come from the same encoder"):
+        reg.search(np.ones(7), 1)
+    with pytest.raises(ValueError, match="expected dim"):
+        reg.add("new", np.ones((2, DIM + 1)))
+    bad = np.ones((2, DIM))
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="'nanclass'.*NaN"):
+        reg.add("nanclass", bad)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        reg.search(np.full(DIM, np.inf), 1)
+    with pytest.raises(ValueError, match="zero vector"):
+        reg.add("zero", np.zeros(DIM))
+    for label in ("", "a\0b", "x" * 1025, 3, None, ["a"]):
+        with pytest.raises(ValueError, match="non-empty string of at most 1024"):
+            reg.add(label, np.ones(DIM))
+    assert reg.classes == ["class-0", "class-1"]  # failed calls changed nothing
+    with pytest.raises(ValueError, match="does not store examples"):
+        reg.examples("class-0")
+    with pytest.raises(ValueError, match="registry has no classes; register some first"):
+        Registry(DIM).search(np.ones(DIM), 1)
+
+
+def test_class_errors_and_odd_labels():
+    reg, _ = filled(n_classes=2)
+    with pytest.raises(DuplicateClassError):
+        reg.add_class("class-0", np.ones(DIM))
+    with pytest.raises(UnknownClassError):
+        reg.add_examples("nope", np.ones(DIM))
+    with pytest.raises(UnknownClassError):
+        reg.remove("nope")
+    with pytest.raises(UnknownClassError):
+        reg.rename("nope", "x")
+    with pytest.raises(DuplicateClassError):
+        reg.rename("class-0", "class-1")
+    for label in ("../../etc/passwd", "a/b", "ünïcødé ☃", "x" * 1024):  # labels are data, not paths
+        reg.add(label, rng(7).normal(size=DIM))
+        assert label in reg
+
+
+# ---------------------------------------------------------------- persistence
+
+def test_save_load_round_trip(tmp_path):
+    reg, data = filled(n_classes=12, fingerprint={"name": "enc-a", "dim": DIM}, metadata={"k": 3})
+    queries = rng(8).normal(size=(10, DIM)).astype(np.float32)
+    before = reg.search(queries, 4)
+    assert reg.generation == 0
+    reg.save(tmp_path / "reg")
+    assert reg.generation == 1
+    loaded = Registry.load(tmp_path / "reg", expected_fingerprint={"name": "enc-a", "dim": DIM})
+    after = loaded.search(queries, 4)
+    assert after.labels == before.labels
+    np.testing.assert_array_equal(after.scores, before.scores)
+    assert loaded.counts == reg.counts and loaded.classes == reg.classes
+    assert loaded.metadata == {"k": 3} and loaded.fingerprint == {"name": "enc-a", "dim": DIM}
+    assert loaded.generation == 1 and loaded.dim == DIM and loaded.metric == "cosine"
+    np.testing.assert_array_equal(loaded.prototypes()[1], reg.prototypes()[1])
+    # keeps working, generation continues, old generation files are cleaned up
+    loaded.add("extra", queries[0])
+    loaded.save(tmp_path / "reg")
+    assert loaded.generation == 2 and Registry.load(tmp_path / "reg").generation == 2
+    assert sorted(os.listdir(tmp_path / "reg")) == ["index-000002.faiss", "manifest.json",
+                                                    "prototypes-000002.npy"]
+
+
+def test_remove_rename_persist(tmp_path):
+    reg, data = filled("l2", n_classes=5)
+    reg.remove("class-1")
+    reg.rename("class-2", "renamed/../x")
+    reg.save(tmp_path / "r")
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.classes == ["class-0", "renamed/../x", "class-3", "class-4"]
+    data["renamed/../x"] = data.pop("class-2")
+    del data["class-1"]
+    q = rng(9).normal(size=(6, DIM))
+    assert_matches_brute_force(loaded.search(q, 4), data, q, "l2", 4)
+    loaded.add("class-1", np.ones(DIM))  # a removed name can come back, with a fresh id
+    loaded.save(tmp_path / "r")
+    assert Registry.load(tmp_path / "r").counts["class-1"] == 1
+
+
+def test_store_examples_round_trip(tmp_path):
+    reg, data = filled("cosine", n_classes=4, store_examples=True)
+    extra = rng(10).normal(size=(2, DIM)).astype(np.float32)
+    reg.add_examples("class-0", extra)
+    reg.save(tmp_path / "r")
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.store_examples
+    np.testing.assert_array_equal(loaded.examples("class-0"), np.concatenate([data["class-0"], extra]))
+    for label in ("class-1", "class-3"):
+        np.testing.assert_array_equal(loaded.examples(label), data[label])
+        assert loaded.examples(label).dtype == np.float32
+
+
+# ---------------------------------------------------------------- paranoid loading
+
+@pytest.fixture
+def saved(tmp_path):
+    reg, _ = filled(n_classes=6, fingerprint={"name": "enc-a"})
+    path = tmp_path / "reg"
+    reg.save(path)
+    return reg, path
+
+
+def manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+def write_manifest(path, m):
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_load_refuses_truncated_prototypes(saved):
+    _, path = saved
+    f = path / "prototypes-000001.npy"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(RegistryFormatError, match="prototypes-000001.npy"):
+        Registry.load(path)
+
+
+def test_load_refuses_flipped_bit_in_index(saved):
+    _, path = saved
+    f = path / "index-000001.faiss"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    f.write_bytes(bytes(raw))
+    with pytest.raises(RegistryFormatError, match="index-000001.faiss"):
+        Registry.load(path)
+
+
+def test_load_refuses_file_swapped_from_older_generation(saved, tmp_path):
+    reg, path = saved
+    old_copy = tmp_path / "old-prototypes.npy"
+    shutil.copy(path / "prototypes-000001.npy", old_copy)  # gen 1 is deleted by the next save
+    reg.add_examples("class-0", np.ones(DIM))
+    reg.save(path)
+    assert not (path / "prototypes-000001.npy").exists()
+    shutil.copy(old_copy, path / "prototypes-000002.npy")  # same size, different content
+    with pytest.raises(RegistryFormatError, match="prototypes-000002.npy"):
+        Registry.load(path)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("format_version", 99, "newer fewshot \\(format 99\\); upgrade fewshot"),
+    ("dim", -1, "'dim'"),
+    ("dim", 10**12, "'dim'"),
+    ("dim", "16", "'dim'"),
+    ("format", "something-else", "not a fewshot registry"),
+])
+def test_load_refuses_bad_manifest_fields(saved, field, value, message):
+    _, path = saved
+    m = manifest(path)
+    m[field] = value
+    write_manifest(path, m)
+    with pytest.raises(RegistryFormatError, match=message) as e:
+        Registry.load(path)
+    assert "manifest.json" in str(e.value)
+
+
+def test_load_refuses_bad_classes_and_file_names(saved):
+    _, path = saved
+    good = manifest(path)
+    for mutate in (lambda m: m["classes"][0].update(count=0),
+                   lambda m: m["classes"][1].update(id=m["classes"][0]["id"]),
+                   lambda m: m["classes"][0].update(id=m["next_id"]),
+                   lambda m: m["classes"][1].update(label=m["classes"][0]["label"]),
+                   lambda m: m["classes"][0].update(label=""),
+                   lambda m: m["files"]["prototypes"].update(name="../x"),
+                   lambda m: m["files"]["index"].update(name="/etc/passwd"),
+                   lambda m: m.pop("files")):
+        m = json.loads(json.dumps(good))
+        mutate(m)
+        write_manifest(path, m)
+        with pytest.raises(RegistryFormatError, match="manifest.json"):
+            Registry.load(path)
+
+
+def test_load_refuses_missing_and_garbage(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(RegistryFormatError, match="no registry at .*create one with fewshot register"):
+        Registry.load(tmp_path / "nothing-here")
+    (path / "index-000001.faiss").unlink()
+    with pytest.raises(RegistryFormatError, match="index-000001.faiss.*missing"):
+        Registry.load(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(RegistryFormatError, match="manifest.json.*not valid JSON"):
+        Registry.load(path)
+
+
+def test_fingerprint_mismatch_names_both_encoders(saved):
+    _, path = saved
+    with pytest.raises(EncoderMismatchError) as e:
+        Registry.load(path, expected_fingerprint={"name": "enc-b"})
+    msg = str(e.value)
+    assert "enc-a" in msg and "enc-b" in msg
+    assert "load it with the encoder it was built with" in msg and "re-register" in msg
+    assert Registry.load(path, expected_fingerprint={"name": "enc-a"}).fingerprint == {"name": "enc-a"}
+
+
+# ---------------------------------------------------------------- crash-safe saving
+
+def fsync_failing_for(monkeypatch, needle):
+    """Make os.fsync raise ENOSPC for file descriptors whose path contains `needle`."""
+    real = os.fsync
+
+    def fake(fd):
+        if needle in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fake)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to identify files")
+@pytest.mark.parametrize("needle", ["prototypes-000002", "index-000002", "manifest.json"])
+def test_failed_save_leaves_previous_registry(saved, monkeypatch, needle):
+    reg, path = saved
+    before_files = sorted(os.listdir(path))
+    q = rng(11).normal(size=(4, DIM))
+    before = Registry.load(path).search(q, 3)
+    reg.add("new-class", np.ones(DIM))
+    fsync_failing_for(monkeypatch, needle)
+    with pytest.raises(RegistrySaveError, match="disk full\\?") as e:
+        reg.save(path)
+    assert str(path) in str(e.value)
+    monkeypatch.undo()
+    assert sorted(os.listdir(path)) == before_files  # no temp or new-generation files remain
+    loaded = Registry.load(path)
+    assert "new-class" not in loaded and loaded.generation == 1
+    assert loaded.search(q, 3).labels == before.labels
+    # in-memory registry unchanged and usable; a later save works
+    assert "new-class" in reg and reg.generation == 1
+    reg.save(path)
+    assert "new-class" in Registry.load(path)
+
+
+def test_refuses_to_save_over_user_data(tmp_path):
+    reg, _ = filled(n_classes=2)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"precious")
+    with pytest.raises(RegistrySaveError, match="is not a fewshot registry; choose another path"):
+        reg.save(tmp_path / "photos")
+    assert os.listdir(tmp_path / "photos") == ["cat.jpg"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RegistrySaveError, match="not a fewshot registry"):
+        reg.save(tmp_path / "file")
+    reg.save(tmp_path / "a" / "b" / "new")  # parents are created
+    assert Registry.load(tmp_path / "a" / "b" / "new").classes == reg.classes
+
+
+# ---------------------------------------------------------------- threads
+
+def test_readers_search_while_writer_mutates():
+    reg, _ = filled(n_classes=3)
+    ever = set(reg.classes)
+    lock = threading.Lock()
+    errors, stop = [], threading.Event()
+    queries = rng(12).normal(size=(8, DIM))
+
+    def reader():
+        try:
+            while not stop.is_set():
+                res = reg.search(queries, 4)
+                with lock:
+                    seen = set(ever)
+                for row in res.labels:
+                    assert row and set(row) <= seen, row
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    g, i, deadline = rng(13), 0, time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        label = f"dyn-{i}"
+        with lock:
+            ever.add(label)
+        reg.add(label, g.normal(size=(2, DIM)))
+        if i % 2:
+            reg.remove(f"dyn-{i - 1}")
+        i += 1
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert i > 10
