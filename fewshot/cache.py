@@ -67,8 +67,8 @@ class EmbeddingCache:
                 for start in range(0, len(digests), _QUERY_CHUNK):
                     chunk = digests[start:start + _QUERY_CHUNK]
                     marks = ",".join("?" * len(chunk))
-                    rows = conn.execute(f"SELECT digest, vector FROM embeddings WHERE encoder = ? AND digest IN ({marks})",
-                                        [encoder_id, *chunk])
+                    query = f"SELECT digest, vector FROM embeddings WHERE encoder = ? AND digest IN ({marks})"
+                    rows = conn.execute(query, [encoder_id, *chunk])
                     for digest, blob in rows:
                         if isinstance(blob, bytes) and len(blob) == 4 * dim:
                             found[digest] = np.frombuffer(blob, dtype="<f4").copy()

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .cache import EmbeddingCache
-from .encoders import DEFAULT_ENCODER, Encoder, create_encoder, describe_fingerprint
+from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Encoder, create_encoder,
+                       describe_fingerprint)
 from .errors import EncoderMismatchError, ImageError, WeightsError
 from .data import class_folders
 from .registry import Registry
@@ -69,7 +70,8 @@ class FewShotClassifier:
     def __init__(self, encoder: str | Encoder = DEFAULT_ENCODER, *, weights: str | os.PathLike | None = None,
                  stages=None, metric: str = "cosine", index: str = "Flat", temperature: float | None = None,
                  unknown_threshold: float | None = None, store_examples: bool = False,
-                 cache: bool | str | os.PathLike = True, batch_size: int = 32, progress: bool | None = None):
+                 cache: bool | str | os.PathLike = True, batch_size: int = DEFAULT_BATCH_SIZE,
+                 progress: bool | None = None):
         self.encoder = encoder
         self.weights = weights
         self.stages = stages

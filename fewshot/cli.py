@@ -52,7 +52,10 @@ def cmd_register(args) -> int:
     if args.folder and args.paths:
         raise UsageError("--folder DIR takes no extra paths")
     classifier = _open_or_create(args)
-    reports = classifier.register_folder(args.folder) if args.folder else [classifier.register(args.class_name, args.paths)]
+    if args.folder:
+        reports = classifier.register_folder(args.folder)
+    else:
+        reports = [classifier.register(args.class_name, args.paths)]
     classifier.save(args.registry)
     failures = 0
     for report in reports:

@@ -87,7 +87,8 @@ def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     view = image.crop((x, y, x + cw, y + ch)).rotate(float(rng.uniform(-15, 15)), fillcolor=(255, 255, 255))
     if rng.random() < 0.5:
         view = ImageOps.mirror(view)
-    return ImageEnhance.Color(ImageEnhance.Brightness(view).enhance(rng.uniform(0.7, 1.3))).enhance(rng.uniform(0.6, 1.4))
+    view = ImageEnhance.Brightness(view).enhance(rng.uniform(0.7, 1.3))
+    return ImageEnhance.Color(view).enhance(rng.uniform(0.6, 1.4))
 
 
 def write_digits(root: Path) -> Path:
