@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean learn2learn
 
 venv: $(STAMP)
 
@@ -17,8 +17,28 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fewshot demo --out demo-output
 
-test: $(STAMP)
+test: $(STAMP) $(L2L_STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf demo-output .pytest_cache
+
+# learn2learn 0.2.0 ships only an sdist whose generated C does not compile on Python >= 3.11:
+# regenerate its three Cython modules with Cython 3, then install without its heavy declared
+# dependencies (qpth pins numpy<2; gsutil is large); `gym` and `requests` are all it needs to import.
+L2L_VERSION := 0.2.0
+L2L_STAMP := $(VENV)/.learn2learn
+
+learn2learn: $(L2L_STAMP)
+
+$(L2L_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet "cython>=3.0" "gym>=0.26" requests
+	rm -rf $(VENV)/l2l-build && mkdir -p $(VENV)/l2l-build
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: learn2learn==$(L2L_VERSION) -d $(VENV)/l2l-build
+	tar -xzf $(VENV)/l2l-build/learn2learn-$(L2L_VERSION).tar.gz -C $(VENV)/l2l-build
+	cd $(VENV)/l2l-build/learn2learn-$(L2L_VERSION) && \
+		../../bin/cython -3 learn2learn/data/meta_dataset.pyx learn2learn/data/task_dataset.pyx learn2learn/data/transforms.pyx && \
+		../../bin/python -m pip install --quiet --no-deps --no-build-isolation .
+	$(BIN)/python -c "import learn2learn; print('learn2learn', learn2learn.__version__)"
+	rm -rf $(VENV)/l2l-build
+	touch $(L2L_STAMP)

@@ -8,7 +8,18 @@ __version__ = "0.1.0"
 
 from .cache import EmbeddingCache
 from .classifier import FewShotClassifier, Prediction, RegisterReport
+from .data import ImageDataset, load_dataset, split_by_class, split_by_group
 from .encoders import DEFAULT_ENCODER, Embeddings, Encoder, create_encoder
+from .episodes import (
+    Episode,
+    EpisodeSampler,
+    Protocol,
+    load_episodes,
+    load_fixed_runs,
+    load_protocol,
+    save_episodes,
+    write_fixed_runs,
+)
 from .errors import (
     DuplicateClassError,
     EncoderMismatchError,
@@ -20,8 +31,11 @@ from .errors import (
     UnknownClassError,
     WeightsError,
 )
+from .evaluate import EvaluationResult, evaluate_episodes
+from .heads import Head, available_heads, create_head, load_head, save_head
 from .images import expand_inputs, load_image, load_images
 from .registry import Registry, SearchResult
+from .train import TrainResult, train_head
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -30,21 +44,42 @@ __all__ = [
     "Embeddings",
     "Encoder",
     "EncoderMismatchError",
+    "Episode",
+    "EpisodeSampler",
+    "EvaluationResult",
     "FewShotClassifier",
     "FewShotError",
+    "Head",
+    "ImageDataset",
     "ImageError",
     "Prediction",
+    "Protocol",
     "RegisterReport",
     "Registry",
     "RegistryError",
     "RegistryFormatError",
     "RegistrySaveError",
     "SearchResult",
+    "TrainResult",
     "UnknownClassError",
     "WeightsError",
     "__version__",
+    "available_heads",
     "create_encoder",
+    "create_head",
+    "evaluate_episodes",
     "expand_inputs",
+    "load_dataset",
+    "load_episodes",
+    "load_fixed_runs",
+    "load_head",
     "load_image",
     "load_images",
+    "load_protocol",
+    "save_episodes",
+    "save_head",
+    "split_by_class",
+    "split_by_group",
+    "train_head",
+    "write_fixed_runs",
 ]

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .cache import EmbeddingCache
-from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Encoder, create_encoder,
-                       describe_fingerprint)
+from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder, create_encoder,
+                       describe_fingerprint, encoder_from_fingerprint)
 from .errors import EncoderMismatchError, ImageError, WeightsError
 from .data import class_folders
+from .heads import Head, load_head
 from .registry import Registry
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
@@ -61,6 +62,8 @@ class FewShotClassifier:
 
     encoder: timm/fewshot encoder name, or an ``Encoder``. weights: local weights file for it.
     stages: intermediate feature stages (see ``create_encoder``). metric: "cosine" or "l2" (squared).
+    head: a trained head (``fewshot train-head``), as a path or a ``Head``: images are embedded by the
+    encoder it was trained on, then mapped by the head; the head's metric is used.
     index: FAISS factory string for the prototype index ("Flat" is exact). temperature: softmax
     temperature (default per metric). unknown_threshold: below this top-1 probability, the label
     is None ("unknown"). store_examples: keep every example embedding, not only prototypes.
@@ -68,13 +71,14 @@ class FewShotClassifier:
     """
 
     def __init__(self, encoder: str | Encoder = DEFAULT_ENCODER, *, weights: str | os.PathLike | None = None,
-                 stages=None, metric: str = "cosine", index: str = "Flat", temperature: float | None = None,
+                 stages=None, head: str | os.PathLike | Head | None = None, metric: str = "cosine", index: str = "Flat", temperature: float | None = None,
                  unknown_threshold: float | None = None, store_examples: bool = False,
                  cache: bool | str | os.PathLike = True, batch_size: int = DEFAULT_BATCH_SIZE,
                  progress: bool | None = None):
         self.encoder = encoder
         self.weights = weights
         self.stages = stages
+        self.head = head
         self.metric = metric
         self.index = index
         self.temperature = temperature
@@ -84,21 +88,43 @@ class FewShotClassifier:
         self.batch_size = batch_size
         self.progress = progress
         self._encoder: Encoder | None = encoder if isinstance(encoder, Encoder) else None
+        self._head: Head | None = head if isinstance(head, Head) else None
         self._registry: Registry | None = None
         self._cache: EmbeddingCache | None = None
 
     # -- lazily built parts ---------------------------------------------------------------------
     @property
+    def head_(self) -> Head | None:
+        if self._head is None and self.head is not None:
+            self._head = load_head(self.head)
+        return self._head
+
+    @property
     def encoder_(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = create_encoder(self.encoder, weights=self.weights, stages=self.stages)
+            if self.head_ is not None:
+                self._encoder = head_encoder(self.head_, weights=self.weights)
+            else:
+                self._encoder = create_encoder(self.encoder, weights=self.weights, stages=self.stages)
+        elif self.head_ is not None and self._encoder.fingerprint != self.head_.metadata.get("encoder"):
+            raise EncoderMismatchError(f"the head was trained on features of "
+                                       f"{describe_fingerprint(self.head_.metadata.get('encoder'))}, not "
+                                       f"{describe_fingerprint(self._encoder.fingerprint)}")
         return self._encoder
+
+    @property
+    def fingerprint_(self) -> dict:
+        """What produced the registry's vectors: the encoder, and the head if there is one."""
+        fingerprint = self.encoder_.fingerprint
+        return {**fingerprint, "head": self.head_.fingerprint} if self.head_ is not None else fingerprint
 
     @property
     def registry_(self) -> Registry:
         if self._registry is None:
-            enc = self.encoder_
-            self._registry = Registry(enc.dim, metric=self.metric, index=self.index, fingerprint=enc.fingerprint,
+            head = self.head_
+            dim = head.out_dim if head is not None else self.encoder_.dim
+            metric = head.metric if head is not None else self.metric
+            self._registry = Registry(dim, metric=metric, index=self.index, fingerprint=self.fingerprint_,
                                       store_examples=self.store_examples)
         return self._registry
 
@@ -109,9 +135,15 @@ class FewShotClassifier:
             self._cache = EmbeddingCache(None if self.cache is True else self.cache)
         return self._cache
 
-    def _embed(self, images):
-        return self.encoder_.embed_batch(images, batch_size=self.batch_size, cache=self._embedding_cache(),
-                                         progress=self.progress)
+    def _embed(self, images) -> Embeddings:
+        result = self.encoder_.embed_batch(images, batch_size=self.batch_size, cache=self._embedding_cache(),
+                                           progress=self.progress)
+        if self.head_ is None:
+            return result
+        vectors = np.full((len(result.errors), self.head_.out_dim), np.nan, dtype=np.float32)
+        if result.ok.any():
+            vectors[result.ok] = self.head_.transform(result.vectors[result.ok])
+        return Embeddings(vectors=vectors, sources=result.sources, errors=result.errors)
 
     # -- registering ----------------------------------------------------------------------------
     def register(self, label: str, images) -> RegisterReport:
@@ -196,40 +228,68 @@ class FewShotClassifier:
             "temperature": self.temperature,
             "unknown_threshold": self.unknown_threshold,
             "weights": str(Path(self.weights).resolve()) if self.weights else None,
+            "head": str(Path(self.head).resolve()) if self.head is not None and not isinstance(self.head, Head)
+            else None,
         }
         registry.save(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, encoder: str | Encoder | None = None,
-             weights: str | os.PathLike | None = None, **options) -> "FewShotClassifier":
-        """Load a saved classifier. The encoder it was built with is re-created from the registry's
-        fingerprint unless given; a different encoder is refused with ``EncoderMismatchError``."""
+             weights: str | os.PathLike | None = None, head: str | os.PathLike | Head | None = None,
+             **options) -> "FewShotClassifier":
+        """Load a saved classifier. The encoder (and head) it was built with are re-created from the
+        registry's fingerprint unless given; different ones are refused with ``EncoderMismatchError``."""
         registry = Registry.load(path)
         saved = registry.metadata.get("classifier", {})
         fingerprint = registry.fingerprint
-        if not isinstance(encoder, Encoder):
-            encoder = _encoder_for(fingerprint, name=encoder, weights=weights or saved.get("weights"))
-        if encoder.fingerprint != fingerprint:
-            raise EncoderMismatchError(
-                f"registry {path} was built with encoder {describe_fingerprint(fingerprint)}, not "
-                f"{describe_fingerprint(encoder.fingerprint)}; load it with the encoder it was built with, "
-                f"or register its classes again with this one")
+        weights = weights or saved.get("weights")
+        head = head if head is not None else _saved_head(fingerprint, saved.get("head"), path)
         options.setdefault("temperature", saved.get("temperature"))
         options.setdefault("unknown_threshold", saved.get("unknown_threshold"))
-        classifier = cls(encoder, metric=registry.metric, index=registry.index_factory,
+        classifier = cls(encoder if isinstance(encoder, Encoder) else DEFAULT_ENCODER, weights=weights, head=head,
+                         metric=registry.metric, index=registry.index_factory,
                          store_examples=registry.store_examples, **options)
-        classifier.weights = weights or saved.get("weights")
+        if classifier.head_ is None and not isinstance(encoder, Encoder):
+            classifier._encoder = _encoder_for(fingerprint, name=encoder, weights=weights)
+        if classifier.fingerprint_ != fingerprint:
+            raise EncoderMismatchError(
+                f"registry {path} was built with {describe_fingerprint(fingerprint)}, not "
+                f"{describe_fingerprint(classifier.fingerprint_)}; load it with the encoder (and head) it was "
+                f"built with, or register its classes again with this one")
         classifier._registry = registry
         return classifier
 
 
+def head_encoder(head: Head, *, weights=None) -> Encoder:
+    """Re-create the encoder whose features ``head`` was trained on."""
+    fingerprint = head.metadata.get("encoder")
+    if not fingerprint:
+        raise ValueError("this head does not record the encoder it was trained on; train it with "
+                         "fewshot train-head (or set head.metadata['encoder'] = encoder.fingerprint)")
+    encoder = _encoder_for(fingerprint, name=None, weights=weights)
+    if encoder.fingerprint != fingerprint:
+        raise EncoderMismatchError(f"the head was trained on {describe_fingerprint(fingerprint)}, but re-creating "
+                                   f"it gave {describe_fingerprint(encoder.fingerprint)}; pass the same "
+                                   f"--weights used for training")
+    return encoder
+
+
+def _saved_head(fingerprint: dict, saved_path: str | None, registry_path) -> str | None:
+    """The head a registry was built with, from where it was when the registry was saved."""
+    if "head" not in fingerprint:
+        return None
+    if saved_path and Path(saved_path).is_dir():
+        return saved_path
+    raise WeightsError(f"registry {registry_path} was built with head {fingerprint['head'].get('name')} "
+                       f"({saved_path or 'path unknown'}), which is not there; pass head=PATH (CLI: --head PATH)")
+
+
 def _encoder_for(fingerprint: dict, *, name: str | None, weights) -> Encoder:
     """Re-create the encoder a registry was built with (or the one the user named)."""
-    stages = (fingerprint.get("features") or {}).get("stages")
     if weights is not None and not Path(weights).is_file():
         raise WeightsError(f"this registry was built with weights from {weights}, which is gone; "
                            f"pass weights=FILE (CLI: --weights FILE) with the same weights")
-    return create_encoder(name or fingerprint.get("name", DEFAULT_ENCODER), weights=weights, stages=stages)
+    return encoder_from_fingerprint(fingerprint, name=name, weights=weights)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -135,6 +135,62 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train_head(args) -> int:
+    from .episodes import load_protocol
+    from .heads import save_head
+    from .workflows import resolve_dataset, train_head_on_dataset
+
+    protocol = load_protocol(args.protocol) if args.protocol else None
+    dataset = resolve_dataset(args.data, protocol)
+    if protocol is not None and protocol.split:
+        dataset = protocol.train_split(dataset)  # never train on the protocol's test classes
+    head, result = train_head_on_dataset(
+        dataset, _encoder(args), args.head, ways=args.ways, shots=args.shots, queries=args.queries,
+        episodes=args.episodes, within_group=args.within_group, val_fraction=args.val_fraction, seed=args.seed,
+        lr=args.lr, head_params=dict(args.param), cache=_cache(args))
+    save_head(head, args.out)
+    summary = {"head": args.head, "out": args.out, "best_val_accuracy": result.best_val_accuracy,
+               "best_episode": result.best_episode, "episodes_run": result.episodes_run,
+               "stopped_early": result.stopped_early, "train_classes": len(dataset.classes)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        best = result.best_val_accuracy
+        print(f"trained {args.head} head on {len(dataset.classes)} classes, {result.episodes_run} episodes"
+              + (f", best validation accuracy {best:.2%} at episode {result.best_episode}" if best is not None else ""))
+        print(f"saved {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .episodes import load_protocol
+    from .heads import load_head
+    from .workflows import evaluate_protocol, evaluate_runs, resolve_dataset
+
+    if bool(args.runs) == bool(args.protocol):
+        raise UsageError("give either --data ROOT --protocol FILE, or --runs DIR")
+    if args.protocol and not args.data:
+        raise UsageError("--protocol needs --data ROOT (the dataset, or the folder holding it)")
+    head = load_head(args.head) if args.head else None
+    encoder = _head_or_plain_encoder(args, head)
+    if args.runs:
+        result = evaluate_runs(args.runs, encoder, head=head, cache=_cache(args))
+        name = Path(args.runs).name
+    else:
+        protocol = load_protocol(args.protocol)
+        result = evaluate_protocol(resolve_dataset(args.data, protocol), protocol, encoder, head=head,
+                                   episodes=args.episodes, seed=args.seed, cache=_cache(args),
+                                   save_episodes=args.save_episodes, replay=args.replay)
+        name = protocol.name
+    paths = result.save(Path(args.out) if args.out else Path("evaluation") / name)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(result.summary())
+        print(f"wrote {paths['json']}, {paths['episodes']} and {paths['confusion']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -152,8 +208,29 @@ def _open_or_create(args):
 
     if _registry_exists(args.registry):
         return _load(args)
-    return FewShotClassifier(args.encoder or "efficientnet_lite0", weights=args.weights, metric=args.metric,
-                             index=args.index, store_examples=args.store_examples, cache=not args.no_cache)
+    encoder = None if args.head else _encoder(args)
+    return FewShotClassifier(encoder or "efficientnet_lite0", head=args.head, weights=args.weights,
+                             metric=args.metric, index=args.index, store_examples=args.store_examples,
+                             cache=not args.no_cache)
+
+
+def _encoder(args):
+    from .encoders import create_encoder
+
+    return create_encoder(args.encoder or "efficientnet_lite0", weights=args.weights, stages=args.stages,
+                          pool=args.pool, input_size=args.input_size)
+
+
+def _head_or_plain_encoder(args, head):
+    from .classifier import head_encoder
+
+    return head_encoder(head, weights=args.weights) if head is not None else _encoder(args)
+
+
+def _cache(args):
+    from .cache import EmbeddingCache
+
+    return None if args.no_cache else EmbeddingCache()
 
 
 def _load(args, need_encoder: bool = True):
@@ -168,7 +245,8 @@ def _load(args, need_encoder: bool = True):
         classifier._registry = Registry.load(args.registry)
         return classifier
     return FewShotClassifier.load(args.registry, encoder=getattr(args, "encoder", None),
-                                  weights=getattr(args, "weights", None), cache=not args.no_cache)
+                                  weights=getattr(args, "weights", None), head=getattr(args, "head", None),
+                                  cache=not args.no_cache)
 
 
 def _positive_int(text: str) -> int:
@@ -178,6 +256,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _stages(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated stage indices like 2,3, got {text}") from None
+
+
+def _pool(text: str) -> str | int:
+    return text if text == "avg" else _positive_int(text)
+
+
+def _param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare word such as arch=conv
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --debug works before or after the command; SUPPRESS keeps a subcommand from resetting it.
     common = argparse.ArgumentParser(add_help=False)
@@ -185,7 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     encoder = argparse.ArgumentParser(add_help=False)
     encoder.add_argument("--encoder", help="encoder name (default efficientnet_lite0, or any timm model)")
     encoder.add_argument("--weights", help="local weights file for the encoder (.safetensors or torch)")
+    encoder.add_argument("--stages", type=_stages, help="intermediate feature stages, e.g. 2,3 (default: final)")
+    encoder.add_argument("--pool", type=_pool, default="avg", help="'avg' (global) or a grid size, e.g. 4")
+    encoder.add_argument("--input-size", type=_positive_int, help="input resolution (default: the model's)")
     encoder.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
+    with_head = argparse.ArgumentParser(add_help=False)
+    with_head.add_argument("--head", metavar="HEAD", help="trained head (from fewshot train-head)")
 
     parser = argparse.ArgumentParser(prog="fewshot", description="Few-shot image classification: register "
                                                                  "classes from a few images, then predict.")
@@ -193,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fewshot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("register", parents=[common, encoder], help="add classes to a registry (created if absent)")
+    p = sub.add_parser("register", parents=[common, encoder, with_head],
+                       help="add classes to a registry (created if absent)")
     p.add_argument("registry", help="registry directory")
     p.add_argument("--class", dest="class_name", metavar="NAME", help="class to add the images to")
     p.add_argument("--folder", metavar="DIR", help="register one class per subfolder of DIR")
@@ -203,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-examples", action="store_true", help="keep every example embedding (new registry)")
     p.set_defaults(run=cmd_register)
 
-    p = sub.add_parser("predict", parents=[common, encoder], help="predict the class of images")
+    p = sub.add_parser("predict", parents=[common, encoder, with_head], help="predict the class of images")
     p.add_argument("registry")
     p.add_argument("paths", nargs="+", help="images or folders of images")
     p.add_argument("--top-k", type=_positive_int, default=5)
@@ -226,6 +331,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("old")
     p.add_argument("new")
     p.set_defaults(run=cmd_rename)
+
+    p = sub.add_parser("train-head", parents=[common, encoder],
+                       help="train a head episodically on frozen embeddings of a dataset")
+    p.add_argument("--data", required=True, help="dataset: folder or zip, one (group/)class folder per class")
+    p.add_argument("--head", required=True, help="head to train: identity, protonet, metric, anil, maml")
+    p.add_argument("--out", required=True, help="directory to save the trained head to")
+    p.add_argument("--protocol", help="protocol file: train on the classes its test split leaves out")
+    p.add_argument("--ways", type=_positive_int, default=20)
+    p.add_argument("--shots", type=_positive_int, default=1)
+    p.add_argument("--queries", type=_positive_int, default=5)
+    p.add_argument("--episodes", type=_positive_int, default=2000)
+    p.add_argument("--within-group", action="store_true", help="episodes inside one group (e.g. alphabet)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="classes (or groups) held out for validation")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="head parameter, e.g. arch=conv, distance=cosine, loss=supcon, out_dim=128")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_train_head)
+
+    p = sub.add_parser("evaluate", parents=[common, encoder, with_head],
+                       help="episodic evaluation: accuracy with a 95%% CI, per-class accuracy, confusion PNG")
+    p.add_argument("--data", help="dataset, or the folder holding the protocol's dataset")
+    p.add_argument("--protocol", help="protocol file (see episodes/)")
+    p.add_argument("--runs", help="folder of fixed-episode runs (Omniglot one-shot format)")
+    p.add_argument("--episodes", type=_positive_int, help="override the protocol's number of episodes")
+    p.add_argument("--seed", type=int, help="override the protocol's seed")
+    p.add_argument("--save-episodes", metavar="FILE", help="write the sampled episodes to a manifest")
+    p.add_argument("--replay", metavar="FILE", help="evaluate the episodes of a manifest instead of sampling")
+    p.add_argument("--out", help="folder for result.json, episodes.csv, confusion.png "
+                                 "(default evaluation/<protocol>)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("info", parents=[common, encoder], help="versions, threads and encoders")
     p.set_defaults(run=cmd_info)

@@ -62,21 +62,30 @@ class Embeddings:
 class Encoder:
     """A frozen timm model that turns images into ``(N, dim)`` float32 embeddings.
 
-    ``stages=None`` gives the final globally pooled features. A tuple of feature-stage indices
-    (timm ``forward_intermediates`` numbering, 0 = shallowest) gives those stages' globally
-    average-pooled maps, concatenated: far-from-ImageNet domains (characters, sketches) are
-    better served by intermediate stages.
+    ``stages=None`` gives the final features; a tuple of feature-stage indices (timm
+    ``forward_intermediates`` numbering, 0 = shallowest) gives those stages' maps, concatenated
+    along channels: far-from-ImageNet domains (characters, sketches) are better served by
+    intermediate stages, and the network stops at the deepest stage asked for.
+    ``pool="avg"`` pools each map globally; ``pool=g`` (an int) average-pools it to a g x g grid,
+    flattened channel-major, so heads can still see spatial layout (``feature_shape`` = (C, g, g)).
+    ``input_size`` overrides the model's input resolution (e.g. 112 for small line drawings).
     """
 
-    def __init__(self, model: torch.nn.Module, *, name: str, stages: Sequence[int] | None = None):
+    def __init__(self, model: torch.nn.Module, *, name: str, stages: Sequence[int] | None = None,
+                 pool: str | int = "avg", input_size: int | None = None):
         # channels-last is markedly faster for these convnets on CPU (measured ~2x on 2 cores).
         self.model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.name = name
         self.stages = tuple(int(s) for s in stages) if stages is not None else None
+        self.pool = _check_pool(pool)
         self.data_config = timm.data.resolve_data_config({}, model=model)
+        if input_size is not None:
+            self.data_config["input_size"] = (3, int(input_size), int(input_size))
         self.transform = timm.data.create_transform(**self.data_config)
         self._check_stages()
-        self.dim = int(self._forward(torch.zeros(1, *self.data_config["input_size"])).shape[1])
+        probe = self._maps(torch.zeros(1, *self.data_config["input_size"]))
+        self.feature_shape = (sum(m.shape[1] for m in probe), self.pool, self.pool) if self.pool != "avg" else None
+        self.dim = int(self._pooled(probe).shape[1])
         self.fingerprint = self._make_fingerprint()
         self.fingerprint_id = fingerprint_id(self.fingerprint)
 
@@ -90,12 +99,23 @@ class Encoder:
             raise ValueError(f"stages must be indices in 0..{n_stages - 1} for {self.name}, got {self.stages}")
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._pooled(self._maps(batch))
+
+    def _maps(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps (N, C, H, W) of the chosen stages, or of the final layer."""
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             if self.stages is None:
-                return self.model(batch)  # num_classes=0: globally pooled features
-            maps = self.model.forward_intermediates(batch, indices=list(self.stages), intermediates_only=True)
-            return torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
+                return [self.model.forward_features(batch)]
+            return self.model.forward_intermediates(batch, indices=list(self.stages), intermediates_only=True,
+                                                    stop_early=True)
+
+    def _pooled(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            if self.pool == "avg":
+                return torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
+            grid = [torch.nn.functional.adaptive_avg_pool2d(m, self.pool) for m in maps]
+            return torch.cat(grid, dim=1).flatten(1)
 
     def _make_fingerprint(self) -> dict:
         cfg = self.data_config
@@ -103,7 +123,7 @@ class Encoder:
             "name": self.name,
             "architecture": self.model.default_cfg.get("architecture", self.name),
             "weights_sha256": weights_digest(self.model),
-            "features": {"stages": list(self.stages) if self.stages else None, "pool": "avg", "dim": self.dim},
+            "features": {"stages": list(self.stages) if self.stages else None, "pool": self.pool, "dim": self.dim},
             "preprocess": {
                 "input_size": list(cfg["input_size"]),
                 "interpolation": cfg["interpolation"],
@@ -193,6 +213,14 @@ class Encoder:
             yield pending_rows, torch.stack(pending)
 
 
+def _check_pool(pool: str | int) -> str | int:
+    if pool == "avg":
+        return pool
+    if isinstance(pool, bool) or not isinstance(pool, int) or not 1 <= pool <= 16:
+        raise ValueError(f"pool must be 'avg' (global average) or a grid size 1..16, got {pool!r}")
+    return pool
+
+
 def fingerprint_id(fingerprint: dict) -> str:
     """Short stable id of a fingerprint (cache keys, file names)."""
     canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
@@ -212,8 +240,13 @@ def describe_fingerprint(fingerprint: dict | None) -> str:
     """One-line description of the encoder a fingerprint stands for."""
     if not fingerprint:
         return "an unknown encoder"
-    stages = (fingerprint.get("features") or {}).get("stages")
-    where = f", stages {stages}" if stages else ""
+    features = fingerprint.get("features") or {}
+    where = f", stages {features['stages']}" if features.get("stages") else ""
+    where += f", pool {features['pool']}" if features.get("pool", "avg") != "avg" else ""
+    size = (fingerprint.get("preprocess") or {}).get("input_size")
+    where += f", {size[-1]} px" if size else ""
+    head = fingerprint.get("head")
+    where += f", head {head.get('name')} {str(head.get('sha256'))[:12]}" if isinstance(head, dict) else ""
     return f"{fingerprint.get('name')} (weights {str(fingerprint.get('weights_sha256'))[:12]}{where})"
 
 
@@ -224,6 +257,8 @@ def create_encoder(
     weights: str | Path | None = None,
     pretrained: bool = True,
     stages: Sequence[int] | None = None,
+    pool: str | int = "avg",
+    input_size: int | None = None,
 ) -> Encoder:
     """Create a frozen encoder by name.
 
@@ -232,6 +267,7 @@ def create_encoder(
     - any other timm model name: timm's pretrained weights (needs internet the first time).
     - ``weights=FILE``: a local ``.safetensors`` file or torch state dict (read with ``weights_only=True``).
     - ``pretrained=False``: random weights (tests, architecture experiments).
+    ``stages``, ``pool`` and ``input_size`` choose the features (see ``Encoder``).
     """
     arch = PACKAGED_WEIGHTS[name][0] if name in PACKAGED_WEIGHTS else name
     if arch not in timm.list_models() and arch not in timm.list_pretrained():
@@ -248,7 +284,16 @@ def create_encoder(
     elif pretrained and name in PACKAGED_WEIGHTS:
         path = _packaged_weights_path(name)
         _load_into(model, read_state_dict(path), source=str(path), by_position=True)
-    return Encoder(model, name=name, stages=stages)
+    return Encoder(model, name=name, stages=stages, pool=pool, input_size=input_size)
+
+
+def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weights=None) -> Encoder:
+    """Re-create the encoder a fingerprint describes (the caller compares fingerprints after)."""
+    features = fingerprint.get("features") or {}
+    size = (fingerprint.get("preprocess") or {}).get("input_size")
+    return create_encoder(name or fingerprint.get("name", DEFAULT_ENCODER), weights=weights,
+                          stages=features.get("stages"), pool=features.get("pool", "avg"),
+                          input_size=size[-1] if size else None)
 
 
 def _packaged_weights_path(name: str) -> Path:

@@ -94,10 +94,22 @@ def _image_files(top: str) -> list[str]:
     return sorted(found, key=lambda p: Path(p).parts)  # folder by folder, not '/' vs '.' byte order
 
 
+class NamedBytes(bytes):
+    """Encoded image bytes that remember where they came from (e.g. ``data.zip:cat/001.jpg``),
+    so messages about them name the source; otherwise plain ``bytes``."""
+
+    def __new__(cls, data: bytes, name: str):
+        obj = super().__new__(cls, data)
+        obj.name = name
+        return obj
+
+
 def describe(item: Any) -> str:
     """Short human label for messages and reports: the path as given, or a summary of in-memory data."""
     if isinstance(item, _PATHS):
         return os.fsdecode(item)
+    if isinstance(item, NamedBytes):
+        return item.name
     if isinstance(item, _BYTES):
         return f"<bytes: {memoryview(item).nbytes} B>"
     if isinstance(item, Image.Image):

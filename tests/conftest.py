@@ -12,6 +12,7 @@ from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 CALTECH_ZIP = SHARED / "caltech101" / "caltech101_base.zip"
+OMNIGLOT_SMALL_ZIP = SHARED / "omniglot" / "images_background_small1.zip"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -84,6 +85,14 @@ def caltech_subset(tmp_path_factory) -> Path:
     if len(per_class) < 5:
         pytest.skip(f"expected Caltech classes {wanted} in {CALTECH_ZIP}, found {sorted(per_class)}")
     return root
+
+
+@pytest.fixture(scope="session")
+def omniglot_small() -> Path:
+    """Omniglot's official 5-alphabet "small1" background split (a zip, read in place)."""
+    if not OMNIGLOT_SMALL_ZIP.is_file():
+        pytest.skip(f"Omniglot not found at {OMNIGLOT_SMALL_ZIP} (needs ../shared/datasets beside the repo)")
+    return OMNIGLOT_SMALL_ZIP
 
 
 @pytest.fixture

@@ -31,3 +31,11 @@ def test_save_reload_extend(tmp_path, photos, views_of):
                       "--second", photos["rocket"], "--query", *queries)
     labels = [line.split()[1] for line in out.strip().splitlines()]
     assert labels == ["first", "second"]
+
+
+def test_train_and_evaluate_head(omniglot_small):
+    out = run_example("train_and_evaluate_head.py", omniglot_small, "--head", "protonet", "--episodes", "100",
+                      "--stages", "2", "--pool", "2", "--input-size", "64", "--test-fraction", "0.4")
+    raw, trained = (float(line.split("accuracy ")[1].split("%")[0]) for line in out.splitlines()
+                    if line.startswith("unseen classes"))
+    assert trained > raw

@@ -1,0 +1,613 @@
+"""Few-shot episodes: seeded sampling, manifests by name, benchmark protocols and fixed-episode runs.
+
+An episode is N classes ("ways"), K labelled support items per class ("shots") and Q query items per
+class to classify. Everything here works on integer item indices and labels (numpy only): the encoder
+embeds the items, heads and evaluation consume the indices.
+
+Replaying an evaluation exactly takes either the sampler's seed (same data, same code -> same episodes)
+or a manifest written by ``save_episodes``, which names classes and items so that it replays on any
+machine holding the same data, whatever the order in which its files were listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import ImageDataset, split_by_class, split_by_group
+from .images import IMAGE_EXTENSIONS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MANIFEST_FORMAT, MANIFEST_VERSION = "fewshot-episodes", 1
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One episode; support and query are class-major (all of class 0, then class 1, ...)."""
+
+    classes: np.ndarray  # (ways,) label values; episode label j means classes[j]
+    support: np.ndarray  # (n_support,) item indices
+    support_labels: np.ndarray  # (n_support,) episode labels 0..ways-1
+    query: np.ndarray
+    query_labels: np.ndarray
+
+    @property
+    def ways(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class EpisodeBatch:
+    """E same-shape episodes as arrays, for evaluating many at once with tensor ops."""
+
+    classes: np.ndarray  # (E, ways)
+    support: np.ndarray  # (E, ways*shots), class-major: labels are np.repeat(arange(ways), shots)
+    query: np.ndarray  # (E, ways*queries), class-major likewise
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    @property
+    def ways(self) -> int:
+        return self.classes.shape[1]
+
+    @property
+    def shots(self) -> int:
+        return self.support.shape[1] // self.ways
+
+    @property
+    def queries(self) -> int:
+        return self.query.shape[1] // self.ways
+
+    @property
+    def support_labels(self) -> np.ndarray:
+        return np.repeat(np.arange(self.ways), self.shots)
+
+    @property
+    def query_labels(self) -> np.ndarray:
+        return np.repeat(np.arange(self.ways), self.queries)
+
+    def to_episodes(self) -> list[Episode]:
+        s, q = self.support_labels, self.query_labels
+        return [Episode(c, sup, s, qry, q) for c, sup, qry in zip(self.classes, self.support, self.query)]
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+class EpisodeSampler:
+    """Seeded N-way K-shot Q-query episodes over items with any labels.
+
+    ``ways=None`` takes every eligible class (all-way). A class is eligible when it has at least
+    ``shots + queries`` items; the others are dropped with one warning. ``within_group=True`` (with
+    ``groups``, one value per item) draws a group first and then the classes inside it, as in Omniglot's
+    within-alphabet episodes. Support and query never share an item.
+
+    ``variable=True`` draws Meta-Dataset style episodes (Triantafillou et al. 2020), simplified: ``ways``
+    and ``shots`` are ignored; an episode has ways ~ U[min_ways, min(max_ways, eligible)]; class c
+    (n_c items) gets q_c = min(queries, n_c // 2) queries; the support budget is
+    min(max_support, sum_c ceil(beta * min(100, n_c - q_c))) with beta ~ U(0, 1), shared out in proportion
+    to (n_c - q_c) * exp(U(log 1/2, log 2)), at least 1 and at most n_c - q_c per class. Eligible: n_c >= 2.
+
+    The same seed gives the same sequence of episodes. ``sample()``/``sample_many()`` and ``sample_batch()``
+    draw from one generator, so each is deterministic for a given call sequence (``sample()`` on a fresh
+    sampler equals ``sample_batch(1)`` on another), but ``sample_many(n)`` and ``sample_batch(n)`` are not the
+    same episodes.
+    """
+
+    def __init__(self, labels, *, ways: int | None = 5, shots: int = 1, queries: int = 15, groups=None,
+                 within_group: bool = False, seed=0, variable: bool = False, min_ways: int = 5,
+                 max_ways: int = 50, max_support: int = 500):
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or len(labels) == 0:
+            raise ValueError(f"labels must be a non-empty 1-D array (one label per item), got shape {labels.shape}")
+        for name, value in [("shots", shots), ("queries", queries), ("min_ways", min_ways),
+                            ("max_ways", max_ways), ("max_support", max_support)]:
+            _check_int(name, value, 1)
+        if ways is not None:
+            _check_int("ways", ways, 1)
+        if variable and max_ways < min_ways:
+            raise ValueError(f"max_ways={max_ways} is below min_ways={min_ways}; raise max_ways or lower min_ways")
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.within_group, self.variable = bool(within_group), bool(variable)
+        self.min_ways, self.max_ways, self.max_support = min_ways, max_ways, max_support
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+        self.classes_, inverse = np.unique(labels, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")  # items grouped by class, ascending within each
+        self._counts = np.bincount(inverse, minlength=len(self.classes_))
+        self._offsets = np.concatenate([[0], np.cumsum(self._counts)[:-1]])
+        self._items = order  # class c owns _items[_offsets[c] : _offsets[c] + _counts[c]]
+
+        need = 2 if variable else shots + queries
+        eligible = np.flatnonzero(self._counts >= need)
+        dropped = len(self.classes_) - len(eligible)
+        if dropped:
+            warnings.warn(f"{dropped} of {len(self.classes_)} classes have fewer than {need} items and are never "
+                          "sampled" + ("" if variable else " (lower shots or queries to use them)"), stacklevel=2)
+        self.eligible_ = self.classes_[eligible]
+        self._pools = self._make_pools(eligible, groups, inverse)
+        self._check_possible(need)
+
+    def _make_pools(self, eligible: np.ndarray, groups, inverse: np.ndarray) -> list[np.ndarray]:
+        """The class pools an episode draws from: all eligible classes, or each group's eligible classes."""
+        if not self.within_group:
+            return [eligible]
+        if groups is None:
+            raise ValueError("within_group=True needs groups (one group per item, e.g. dataset.groups); "
+                             "pass groups or set within_group=False")
+        groups = np.asarray(groups)
+        if groups.shape != inverse.shape:
+            raise ValueError(f"groups must hold one value per item: expected shape {inverse.shape}, got {groups.shape}")
+        group_values, group_of_item = np.unique(groups, return_inverse=True)
+        class_group = group_of_item[self._items[self._offsets]]  # the group of each class's first item
+        mixed = np.flatnonzero(group_of_item != class_group[inverse])
+        if len(mixed):
+            raise ValueError(f"class {self.classes_[inverse[mixed[0]]]!r} has items in more than one group; "
+                             "each class must lie in a single group for within_group=True")
+        return [eligible[class_group[eligible] == g] for g in range(len(group_values))]
+
+    def _check_possible(self, need: int) -> None:
+        if self.variable:
+            low, what = self.min_ways, "min_ways"
+        else:
+            low, what = (1 if self.ways is None else self.ways), "ways"
+        sizes = [len(p) for p in self._pools]
+        self._usable = [p for p in self._pools if len(p) >= low]
+        where = "in any one group" if self.within_group else "in total"
+        if not self._usable:
+            raise ValueError(f"{what}={low} needs {low} classes with at least {need} items each, but the most "
+                             f"{where} is {max(sizes)}; lower {what}"
+                             + ("" if self.variable else ", shots or queries")
+                             + (" or set within_group=False" if self.within_group else ""))
+        if self.variable:
+            top = min(self.max_ways, max(len(p) for p in self._usable))
+            if self.max_support < top:
+                raise ValueError(f"max_support={self.max_support} cannot give each of up to {top} classes a support "
+                                 f"item; raise max_support to at least {top} or lower max_ways")
+
+    # -- public API --
+
+    def sample(self) -> Episode:
+        """The next episode."""
+        if self.variable:
+            return self._variable()
+        pool = None
+        if self.within_group and self.ways is None:  # all-way: the group decides the number of classes
+            pool = self._usable[self._rng.integers(len(self._usable))]
+        return self._fixed(1, pool).to_episodes()[0]
+
+    def sample_many(self, n: int) -> list[Episode]:
+        """The next ``n`` episodes (the same as calling ``sample()`` n times)."""
+        _check_int("n", n, 0)
+        return [self.sample() for _ in range(n)]
+
+    def sample_batch(self, n: int) -> EpisodeBatch:
+        """``n`` episodes drawn at once as arrays; fixed ways and shots only."""
+        _check_int("n", n, 1)
+        if self.variable:
+            raise ValueError("variable episodes differ in shape and cannot form a batch; use sample_many()")
+        if self.within_group and self.ways is None and len({len(p) for p in self._usable}) > 1:
+            raise ValueError("all-way within_group episodes differ in size from group to group and cannot form "
+                             "a batch; use sample_many(), or give ways a number")
+        return self._fixed(n, None)
+
+    def __iter__(self) -> Iterator[Episode]:
+        while True:
+            yield self.sample()
+
+    def __repr__(self) -> str:
+        kind = "variable" if self.variable else f"{self.ways or 'all'}-way {self.shots}-shot {self.queries}-query"
+        return (f"EpisodeSampler({kind}, {len(self.eligible_)} eligible classes"
+                f"{', within group' if self.within_group else ''}, seed={self.seed!r})")
+
+    # -- drawing --
+
+    def _fixed(self, n: int, pool: np.ndarray | None) -> EpisodeBatch:
+        rng, k = self._rng, self.shots + self.queries
+        if pool is not None:
+            pools, sizes = pool[None], np.array([len(pool)])
+        elif self.within_group:
+            padded = _pad(self._usable)
+            g = rng.integers(len(self._usable), size=n)
+            pools, sizes = padded[g], np.array([len(p) for p in self._usable])[g]
+        else:
+            pools, sizes = self._pools[0][None], np.array([len(self._pools[0])])
+        ways = self.ways or int(sizes[0])
+        chosen = np.take_along_axis(pools, _choose(rng, np.broadcast_to(sizes, (n,)), ways), axis=1)  # (n, ways)
+        picks = _choose(rng, self._counts[chosen].ravel(), k).reshape(n, ways, k)
+        items = self._items[self._offsets[chosen][..., None] + picks]
+        return EpisodeBatch(classes=self.classes_[chosen],
+                            support=items[:, :, :self.shots].reshape(n, -1),
+                            query=items[:, :, self.shots:].reshape(n, -1))
+
+    def _variable(self) -> Episode:
+        rng = self._rng
+        pool = self._usable[rng.integers(len(self._usable))] if self.within_group else self._usable[0]
+        ways = int(rng.integers(self.min_ways, min(self.max_ways, len(pool)) + 1))
+        chosen = rng.choice(pool, ways, replace=False)
+        counts = self._counts[chosen]
+        n_query = np.minimum(self.queries, counts // 2)
+        left = counts - n_query  # items a class can still give to the support set
+        beta = rng.random()
+        budget = min(self.max_support, int(np.ceil(beta * np.minimum(100, left)).sum()))
+        weights = left * np.exp(rng.uniform(np.log(0.5), np.log(2.0), ways))
+        n_support = np.minimum(left, np.floor(weights / weights.sum() * max(budget - ways, 0)).astype(int) + 1)
+        support, query = [], []
+        for c, s, q in zip(chosen, n_support, n_query):
+            items = self._items[self._offsets[c] + rng.permutation(self._counts[c])]
+            query.append(items[:q])
+            support.append(items[q:q + s])
+        labels = np.arange(ways)
+        return Episode(classes=self.classes_[chosen], support=np.concatenate(support),
+                       support_labels=np.repeat(labels, n_support), query=np.concatenate(query),
+                       query_labels=np.repeat(labels, n_query))
+
+
+def _choose(rng: np.random.Generator, sizes: np.ndarray, k: int) -> np.ndarray:
+    """(len(sizes), k): per row, k distinct positions in [0, size) in uniformly random order."""
+    sizes = np.asarray(sizes)
+    m, top = len(sizes), int(sizes.max())
+    if top <= k * k:  # few candidates: sort random keys, padding last
+        keys = rng.random((m, top))
+        keys[np.arange(top)[None, :] >= sizes[:, None]] = np.inf
+        return np.argsort(keys, axis=1)[:, :k]
+    # Many candidates, few picks: Floyd's algorithm, vectorised over rows (memory m*k, not m*size).
+    picks = np.empty((m, k), dtype=np.int64)
+    for i in range(k):
+        j = sizes - k + i  # the candidate range grows by one each step
+        t = rng.integers(0, j + 1)
+        picks[:, i] = np.where((picks[:, :i] == t[:, None]).any(axis=1), j, t)
+    return np.take_along_axis(picks, np.argsort(rng.random((m, k)), axis=1), axis=1)  # Floyd's order is biased
+
+
+def _pad(pools: list[np.ndarray]) -> np.ndarray:
+    out = np.zeros((len(pools), max(len(p) for p in pools)), dtype=np.int64)  # padding is never chosen
+    for row, pool in zip(out, pools):
+        row[:len(pool)] = pool
+    return out
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+# --- manifests ----------------------------------------------------------------------------------
+
+
+def save_episodes(path: str | os.PathLike, episodes: Sequence[Episode] | EpisodeBatch, dataset: ImageDataset,
+                  *, protocol: dict | None = None) -> None:
+    """Write episodes as JSON by class and item NAME (not index), so they replay on any copy of the data.
+
+    ``episodes`` hold indices into ``dataset`` (labels = ``dataset.labels``). The file is replaced
+    atomically; ``protocol`` (any JSON-able dict, e.g. ``dataclasses.asdict(protocol)``) is stored as is.
+    """
+    if isinstance(episodes, EpisodeBatch):
+        episodes = episodes.to_episodes()
+    rows = []
+    for e, ep in enumerate(episodes):
+        where = f"episode {e}"
+        rows.append({
+            "classes": _lookup(ep.classes, dataset.classes, where, dataset.source),
+            "support": _lookup(ep.support, dataset.names, where, dataset.source),
+            "support_labels": _ints(ep.support_labels),
+            "query": _lookup(ep.query, dataset.names, where, dataset.source),
+            "query_labels": _ints(ep.query_labels),
+        })
+    head = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dataset": dataset.source,
+            "protocol": protocol}
+    try:
+        text = json.dumps(head, ensure_ascii=False)
+    except TypeError as exc:
+        raise ValueError(f"protocol must be JSON-serialisable ({exc}); pass plain str/int/float/bool/list/dict") from None
+    # One episode per line: diffable, greppable, still plain JSON.
+    body = ",\n".join("  " + json.dumps(row, ensure_ascii=False) for row in rows)
+    text = text[:-1] + ', "episodes": [\n' + body + "\n]}\n"
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_episodes(path: str | os.PathLike, dataset: ImageDataset) -> list[Episode]:
+    """Episodes of a manifest as indices into ``dataset``; every name must exist there."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such episode manifest; write one with save_episodes()") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not an episode manifest (not JSON: {exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not an episode manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
+    if doc.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path} has manifest version {doc.get('version')!r}; this fewshot reads version "
+                         f"{MANIFEST_VERSION}: upgrade fewshot or re-save the episodes")
+    class_index = {name: i for i, name in enumerate(dataset.classes)}
+    item_index = {name: i for i, name in enumerate(dataset.names)}
+    rows = doc.get("episodes")
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: \"episodes\" must be a list of episodes")
+    out = []
+    for e, row in enumerate(rows):
+        where = f"{path}, episode {e}"
+        missing = [k for k in ("classes", "support", "support_labels", "query", "query_labels")
+                   if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing {missing[0]!r}")
+        classes = _indices(row["classes"], class_index, where, dataset.source)
+        support = _indices(row["support"], item_index, where, dataset.source)
+        query = _indices(row["query"], item_index, where, dataset.source)
+        try:
+            support_labels = np.array(row["support_labels"], dtype=np.int64)
+            query_labels = np.array(row["query_labels"], dtype=np.int64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: support_labels and query_labels must be lists of integers") from None
+        if support_labels.shape != support.shape or query_labels.shape != query.shape:
+            raise ValueError(f"{where}: support/query and their labels differ in length")
+        for items, lab in [(support, support_labels), (query, query_labels)]:
+            if len(lab) and (lab.min() < 0 or lab.max() >= len(classes)):
+                raise ValueError(f"{where}: labels must lie in 0..{len(classes) - 1}")
+            wrong = np.flatnonzero(dataset.labels[items] != classes[lab])
+            if len(wrong):
+                i = items[wrong[0]]
+                raise ValueError(f"{where}: {dataset.names[i]!r} is class {dataset.classes[dataset.labels[i]]!r} in "
+                                 f"{dataset.source}, not {dataset.classes[classes[lab[wrong[0]]]]!r}; the data differ")
+        out.append(Episode(classes, support, support_labels, query, query_labels))
+    return out
+
+
+def _ints(values) -> list[int]:
+    return [int(v) for v in np.asarray(values).ravel()]
+
+
+def _lookup(indices, names: list[str], where: str, source: str) -> list[str]:
+    indices = _ints(indices)
+    bad = [i for i in indices if not 0 <= i < len(names)]
+    if bad:
+        raise ValueError(f"{where} refers to index {bad[0]}, outside {source} ({len(names)} entries); save "
+                         "episodes with the dataset whose labels they were sampled from")
+    return [names[i] for i in indices]
+
+
+def _indices(names, table: dict[str, int], where: str, source: str) -> np.ndarray:
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{where}: expected a list of names, got {type(names).__name__}")
+    missing = next((n for n in names if n not in table), None)
+    if missing is not None:
+        raise ValueError(f"{where}: {missing!r} is not in dataset {source}; load the same data the episodes "
+                         "were saved from (same files, same layout)")
+    return np.array([table[n] for n in names], dtype=np.int64)
+
+
+# --- protocols ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A benchmark setting from a TOML file in ``episodes/``: the data, its split and the episodes."""
+
+    name: str
+    description: str = ""
+    dataset: str | None = None  # relative to a data root, e.g. "omniglot/images_background.zip"
+    ways: int | None = 5  # None (TOML: "all") = every eligible class
+    shots: int = 1
+    queries: int = 15
+    episodes: int = 600
+    seed: int = 0
+    within_group: bool = False
+    variable: bool = False
+    min_ways: int = 5  # variable episodes only
+    max_ways: int = 50
+    max_support: int = 500
+    split: dict = field(default_factory=dict)  # {"by": "group"|"class", "test": [names] | count, "seed": int}
+    runs: str | None = None  # fixed-run protocols: folder of runs relative to the data root
+
+    def to_dict(self) -> dict:
+        """Plain dict, e.g. for ``save_episodes(..., protocol=protocol.to_dict())``."""
+        return dataclasses.asdict(self)
+
+    def sampler(self, labels, groups=None) -> EpisodeSampler:
+        return EpisodeSampler(labels, ways=self.ways, shots=self.shots, queries=self.queries, groups=groups,
+                              within_group=self.within_group, seed=self.seed, variable=self.variable,
+                              min_ways=self.min_ways, max_ways=self.max_ways, max_support=self.max_support)
+
+    def test_split(self, dataset: ImageDataset) -> ImageDataset:
+        """The part of ``dataset`` this protocol evaluates on (all of it when there is no split)."""
+        return self._split(dataset)[1] if self.split else dataset
+
+    def train_split(self, dataset: ImageDataset) -> ImageDataset:
+        """The rest of ``dataset``: what a head may train on without seeing the test classes."""
+        if not self.split:
+            raise ValueError(f"protocol {self.name!r} has no split: it tests on the whole dataset, so there is no "
+                             "train side; add a [split] table or use another protocol to train")
+        return self._split(dataset)[0]
+
+    def _split(self, dataset: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+        by, test, seed = self.split["by"], self.split["test"], self.split.get("seed", 0)
+        return (split_by_group if by == "group" else split_by_class)(dataset, test, seed=seed)
+
+
+_TYPES = {"name": str, "description": str, "dataset": str, "ways": int, "shots": int, "queries": int,
+          "episodes": int, "seed": int, "within_group": bool, "variable": bool, "min_ways": int,
+          "max_ways": int, "max_support": int, "split": dict, "runs": str}
+
+
+def load_protocol(path: str | os.PathLike) -> Protocol:
+    """Read a protocol TOML file; unknown keys and bad values are errors naming the file and key."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such protocol file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    values = {}
+    for key, value in raw.items():
+        if key not in _TYPES:
+            raise ValueError(f"{path}: unknown key {key!r}; known keys: {', '.join(_TYPES)}")
+        if key == "ways" and value == "all":
+            values[key] = None
+            continue
+        kind = _TYPES[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            hint = ' (or "all")' if key == "ways" else ""
+            raise ValueError(f"{path}: {key} must be {kind.__name__}{hint}, got {value!r}")
+        values[key] = value
+    for key in ("ways", "shots", "queries", "episodes", "min_ways", "max_ways", "max_support"):
+        if values.get(key) is not None and values[key] < 1:
+            raise ValueError(f"{path}: {key} must be >= 1, got {values[key]}")
+    values.setdefault("name", path.stem)
+    values["split"] = _check_split(values.get("split", {}), path)
+    return Protocol(**values)
+
+
+def _check_split(split: dict, path: Path) -> dict:
+    if not split:
+        return {}
+    unknown = set(split) - {"by", "test", "seed"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key split.{sorted(unknown)[0]}; split takes by, test and seed")
+    if split.get("by") not in ("group", "class"):
+        raise ValueError(f"{path}: split.by must be \"group\" or \"class\", got {split.get('by')!r}")
+    test = split.get("test")
+    names = isinstance(test, list) and test and all(isinstance(t, str) for t in test)
+    count = isinstance(test, int) and not isinstance(test, bool) and test >= 1
+    fraction = isinstance(test, float) and 0 < test < 1 and split["by"] == "class"
+    if not (names or count or fraction):
+        raise ValueError(f"{path}: split.test must be a list of names or a count"
+                         f"{' or a fraction in (0, 1)' if split['by'] == 'class' else ''}, got {test!r}")
+    seed = split.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"{path}: split.seed must be an integer, got {seed!r}")
+    return dict(split)
+
+
+# --- fixed-episode runs (Lake et al.'s Omniglot one-shot format) --------------------------------
+
+
+@dataclass(frozen=True)
+class FixedRun:
+    """One published-style run: one support image per class, and queries labelled by support index."""
+
+    name: str
+    support: list[Path]  # the run's training/ images, sorted
+    query: list[Path]  # in class_labels.txt order
+    query_labels: np.ndarray  # (n_query,) index into support
+
+
+LABELS_FILE = "class_labels.txt"
+
+
+def load_fixed_runs(root: str | os.PathLike) -> list[FixedRun]:
+    """Runs under ``root``: each subfolder holds ``class_labels.txt`` (lines ``<query> <support>``,
+    paths relative to ``root``) and a ``training/`` folder of support images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a folder; expected one folder per run (run01/, run02/, ...)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{root} has no run folders; expected run01/{LABELS_FILE}, run01/training/, ...")
+    return [_load_run(root, folder) for folder in folders]
+
+
+def _load_run(root: Path, folder: Path) -> FixedRun:
+    labels_file = folder / LABELS_FILE
+    if not labels_file.is_file():
+        raise ValueError(f"{labels_file}: missing; every run folder needs a {LABELS_FILE} with lines "
+                         f"'{folder.name}/test/item01.png {folder.name}/training/class01.png'")
+    training = folder / "training"
+    support = sorted(p for p in training.iterdir() if p.is_file() and not p.name.startswith(".")
+                     and p.suffix.lower() in IMAGE_EXTENSIONS) if training.is_dir() else []
+    if not support:
+        raise ValueError(f"{training}: no support images; each run needs training/ with one image per class")
+    index = {p.resolve(): i for i, p in enumerate(support)}
+    query, labels = [], []
+    for number, line in enumerate(labels_file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{labels_file}, line {number}"
+        fields = line.split()
+        if len(fields) != 2:
+            raise ValueError(f"{where}: expected '<query path> <support path>', got {line.strip()!r}")
+        q, s = (_inside(root, f, where) for f in fields)
+        if not q.is_file():
+            raise ValueError(f"{where}: query image {fields[0]} does not exist under {root}")
+        if s.resolve() not in index:
+            raise ValueError(f"{where}: {fields[1]} is not an image in {training}")
+        query.append(q)
+        labels.append(index[s.resolve()])
+    if not query:
+        raise ValueError(f"{labels_file}: no lines; expected one '<query> <support>' line per query image")
+    return FixedRun(folder.name, support, query, np.array(labels, dtype=np.int64))
+
+
+def _inside(root: Path, rel: str, where: str) -> Path:
+    path = root / rel
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise ValueError(f"{where}: {rel} points outside {root}; paths must be relative to the runs' folder") from None
+    return path
+
+
+def write_fixed_runs(dataset: ImageDataset, root: str | os.PathLike, *, runs: int = 20, ways: int = 20,
+                     within_group: bool = True, seed: int = 0) -> list[FixedRun]:
+    """Write ``runs`` one-shot runs from ``dataset`` in the published format (image bytes copied) into the
+    empty or new folder ``root``; returns them as ``load_fixed_runs(root)`` reads them.
+
+    Each run is a ways-way episode with one support and one query image per class; queries are numbered
+    in random order, so item numbers say nothing about classes.
+    """
+    _check_int("runs", runs, 1)
+    if within_group and dataset.groups is None:
+        raise ValueError(f"{dataset.source} is a flat dataset without groups; pass within_group=False")
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ValueError(f"{root} exists and is not an empty folder; choose a new folder for the runs")
+    episode_seed, order_seed = np.random.SeedSequence(seed).spawn(2)
+    sampler = EpisodeSampler(dataset.labels, ways=ways, shots=1, queries=1, groups=dataset.groups,
+                             within_group=within_group, seed=episode_seed)
+    order_rng = np.random.default_rng(order_seed)
+    width = max(2, len(str(runs)))
+    digits = max(2, len(str(ways)))
+    for r, ep in enumerate(sampler.sample_many(runs), 1):
+        name = f"run{r:0{width}d}"
+        (root / name / "training").mkdir(parents=True)
+        (root / name / "test").mkdir()
+        support = []
+        for j, i in enumerate(ep.support, 1):
+            support.append(f"{name}/training/class{j:0{digits}d}{_suffix(dataset.names[i])}")
+            (root / support[-1]).write_bytes(_read(dataset.items[i]))
+        lines = []
+        for k, q in enumerate(order_rng.permutation(len(ep.query)), 1):
+            i = ep.query[q]
+            item = f"{name}/test/item{k:0{digits}d}{_suffix(dataset.names[i])}"
+            (root / item).write_bytes(_read(dataset.items[i]))
+            lines.append(f"{item} {support[ep.query_labels[q]]}\n")
+        (root / name / LABELS_FILE).write_text("".join(lines), encoding="utf-8")
+    return load_fixed_runs(root)
+
+
+def _suffix(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
+
+
+def _read(item) -> bytes:
+    return bytes(item) if isinstance(item, (bytes, bytearray, memoryview)) else Path(item).read_bytes()
+

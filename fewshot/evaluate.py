@@ -1,0 +1,223 @@
+"""Episodic evaluation: N-way K-shot accuracy with a 95% confidence interval, per-class accuracy,
+a confusion matrix and per-episode results.
+
+Works on cached embeddings (arrays), so thousands of episodes cost seconds: same-shape episodes
+are scored together as batched tensor operations. Prototypes are class means of the (head-space)
+support embeddings; with the cosine metric the embeddings are L2-normalised first, exactly as the
+registry does, so an evaluation predicts what ``FewShotClassifier`` would.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+# Bound the floats gathered per chunk of episodes (~128 MB of float32), whatever the episode size.
+_CHUNK_FLOATS = 32_000_000
+
+
+@dataclass
+class EvaluationResult:
+    """Accuracy over episodes (mean, 95% CI = 1.96·std/√episodes) and where the errors are."""
+
+    episode_accuracies: np.ndarray  # (E,)
+    ways: int | str
+    shots: int | str
+    queries: int | str
+    class_names: list[str]
+    confusion: np.ndarray  # (C, C) query counts, true class x predicted class (dataset classes)
+    episode_classes: list[list[int]] = field(default_factory=list)
+
+    @property
+    def episodes(self) -> int:
+        return len(self.episode_accuracies)
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.episode_accuracies))
+
+    @property
+    def ci95(self) -> float:
+        return confidence_interval(self.episode_accuracies)
+
+    @property
+    def error(self) -> float:
+        return 1.0 - self.accuracy
+
+    def per_class_accuracy(self) -> dict[str, float]:
+        """Accuracy of the queries of each class that was queried at least once."""
+        totals = self.confusion.sum(axis=1)
+        return {self.class_names[c]: float(self.confusion[c, c] / totals[c]) for c in np.flatnonzero(totals)}
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "ci95": self.ci95, "error": self.error, "episodes": self.episodes,
+                "ways": self.ways, "shots": self.shots, "queries": self.queries,
+                "per_class_accuracy": self.per_class_accuracy()}
+
+    def summary(self) -> str:
+        return (f"{self.ways}-way {self.shots}-shot, {self.episodes} episodes: accuracy {self.accuracy:.2%} "
+                f"± {self.ci95:.2%} (error {self.error:.2%})")
+
+    def save(self, out: str | Path) -> dict[str, Path]:
+        """Write result.json, episodes.csv and confusion.png into ``out``; return their paths."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / "result.json", "episodes": out / "episodes.csv", "confusion": out / "confusion.png"}
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        with open(paths["episodes"], "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["episode", "accuracy", "classes"])
+            for i, accuracy in enumerate(self.episode_accuracies):
+                classes = self.episode_classes[i] if i < len(self.episode_classes) else []
+                writer.writerow([i, f"{accuracy:.6f}", " ".join(self.class_names[c] for c in classes)])
+        plot_confusion(self.confusion, self.class_names, paths["confusion"])
+        return paths
+
+
+def confidence_interval(accuracies: Sequence[float]) -> float:
+    """Half-width of the 95% normal confidence interval of the mean: 1.96·std/√n."""
+    accuracies = np.asarray(accuracies, dtype=np.float64)
+    return float(1.96 * accuracies.std() / np.sqrt(len(accuracies))) if len(accuracies) else float("nan")
+
+
+def evaluate_episodes(features: np.ndarray, labels: np.ndarray, episodes: list, *, head=None,
+                      metric: str = "cosine", class_names: list[str] | None = None,
+                      progress: bool | None = None) -> EvaluationResult:
+    """Score ``episodes`` (``fewshot.episodes.Episode``) on embeddings ``features`` (N, dim).
+
+    ``head``: a trained head; its ``transform`` maps the features (and its metric is used), or,
+    for heads that adapt per support set (MAML/ANIL), its ``episode_logits`` scores each episode.
+    ``labels`` (N,) are dataset class indices, used for per-class accuracy and the confusion matrix.
+    """
+    if not episodes:
+        raise ValueError("no episodes to evaluate; sample some with EpisodeSampler(...).sample_many(n)")
+    labels = np.asarray(labels)
+    n_classes = int(labels.max()) + 1 if class_names is None else len(class_names)
+    names = class_names if class_names is not None else [str(c) for c in range(n_classes)]
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    accuracies = np.zeros(len(episodes))
+    score = _adaptive_scorer(head, features) if head is not None and head.adapts else None
+    if score is None:
+        embedded = head.transform(features) if head is not None else np.asarray(features, dtype=np.float32)
+        score = _prototype_scorer(torch.from_numpy(embedded), head.metric if head is not None else metric)
+    with tqdm(total=len(episodes), desc="evaluating", unit="episode", disable=_hide(progress, len(episodes))) as bar:
+        for start, chunk in _same_shape_chunks(episodes, features.shape[1]):
+            predicted = score(chunk)  # (E, n_query) episode labels
+            for i, (episode, guess) in enumerate(zip(chunk, predicted)):
+                accuracies[start + i] = float(np.mean(guess == episode.query_labels))
+                np.add.at(confusion, (episode.classes[episode.query_labels], episode.classes[guess]), 1)
+            bar.update(len(chunk))
+    return EvaluationResult(accuracies, ways=_common(len(e.classes) for e in episodes),
+                            shots=_common(_shots(e) for e in episodes),
+                            queries=_common(len(e.query) // len(e.classes) for e in episodes),
+                            class_names=names, confusion=confusion,
+                            episode_classes=[e.classes.tolist() for e in episodes])
+
+
+def _prototype_scorer(embedded: torch.Tensor, metric: str):
+    """Nearest-prototype predictions for a chunk of same-shape episodes, as batched tensor ops."""
+    if metric == "cosine":
+        embedded = torch.nn.functional.normalize(embedded, dim=1)
+
+    def score(chunk: list) -> np.ndarray:
+        support = embedded[torch.from_numpy(np.stack([e.support for e in chunk]))]  # (E, S, d)
+        query = embedded[torch.from_numpy(np.stack([e.query for e in chunk]))]  # (E, Q, d)
+        ways = len(chunk[0].classes)
+        onehot = torch.nn.functional.one_hot(torch.from_numpy(np.stack([e.support_labels for e in chunk])),
+                                             ways).to(support.dtype)  # (E, S, W)
+        prototypes = onehot.transpose(1, 2) @ support / onehot.sum(dim=1).unsqueeze(2)  # (E, W, d)
+        if metric == "cosine":
+            logits = query @ torch.nn.functional.normalize(prototypes, dim=2).transpose(1, 2)
+        else:  # squared L2, dropping |q|^2, which is the same for every class
+            logits = 2 * query @ prototypes.transpose(1, 2) - (prototypes**2).sum(dim=2).unsqueeze(1)
+        return logits.argmax(dim=2).numpy()
+
+    return score
+
+
+def _adaptive_scorer(head, features: np.ndarray):
+    """Per-episode scoring for heads that adapt to each support set (no batching possible)."""
+    x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+
+    def score(chunk: list) -> np.ndarray:
+        head.eval()
+        out = []
+        for e in chunk:
+            logits = head.episode_logits(x[e.support], torch.from_numpy(e.support_labels), x[e.query],
+                                         len(e.classes))
+            out.append(logits.argmax(dim=1).detach().numpy())
+        return np.stack(out)
+
+    return score
+
+
+def _same_shape_chunks(episodes: list, dim: int):
+    """Consecutive runs of episodes with equal (ways, support, query) sizes, bounded in memory."""
+    start = 0
+    while start < len(episodes):
+        shape = _shape(episodes[start])
+        limit = max(1, _CHUNK_FLOATS // ((shape[1] + shape[2]) * dim))
+        end = start + 1
+        while end < len(episodes) and end - start < limit and _shape(episodes[end]) == shape:
+            end += 1
+        yield start, episodes[start:end]
+        start = end
+
+
+def _shape(episode) -> tuple[int, int, int]:
+    return len(episode.classes), len(episode.support), len(episode.query)
+
+
+def _shots(episode) -> int | str:
+    counts = np.bincount(episode.support_labels, minlength=len(episode.classes))
+    return int(counts[0]) if (counts == counts[0]).all() else "variable"
+
+
+def _common(values) -> int | str:
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else "variable"
+
+
+def _hide(progress: bool | None, n: int) -> bool | None:
+    if progress is None:
+        return None if n >= 100 else True  # None: tqdm hides itself when not on a terminal
+    return not progress
+
+
+def plot_confusion(confusion: np.ndarray, class_names: list[str], path: str | Path, max_classes: int = 30) -> Path:
+    """Confusion matrix PNG (row-normalised). With many classes, shows the most-confused ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    queried = np.flatnonzero(confusion.sum(axis=1))
+    if len(queried) > max_classes:  # keep the classes with the most errors
+        errors = confusion.sum(axis=1) - np.diag(confusion)
+        queried = np.sort(queried[np.argsort(-errors[queried], kind="stable")[:max_classes]])
+    sub = confusion[np.ix_(queried, queried)].astype(float)
+    sub /= np.maximum(sub.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.3 * len(queried) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(queried))
+    ax.set_xticks(ticks, [class_names[c] for c in queried], rotation=90, fontsize=7)
+    ax.set_yticks(ticks, [class_names[c] for c in queried], fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    title = "confusion (row-normalised)"
+    if len(queried) < len(np.flatnonzero(confusion.sum(axis=1))):
+        title += f", {len(queried)} most-confused classes"
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,368 @@
+"""The contract every head follows, the registry of heads by name, and safe save/load.
+
+A head maps frozen encoder embeddings ``(n, in_dim)`` to head-space vectors ``(n, out_dim)`` that
+are compared with its ``metric`` ("cosine" or "l2" = squared Euclidean, the registry's metrics).
+Heads are trained episodically (``fit`` -> ``fewshot.train.train_head``); ``episode_logits`` is the
+differentiable nearest-prototype classifier used for training and episodic evaluation.
+
+On disk a head is a directory: ``config.json`` (the config that rebuilds it, a format version, the
+sha256 of the weights and the head's free-form JSON ``metadata``) and ``weights.safetensors``. Loading never unpickles anything, checks
+the sha256 before parsing the weights and loads the state dict strictly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import FewShotError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..train import TrainResult
+
+METRICS = ("cosine", "l2")
+FORMAT_NAME = "fewshot-head"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+MAX_CONFIG_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 8 << 30
+DEFAULT_COSINE_SCALE = 10.0  # logits = scale * cosine for heads without a learned temperature
+
+_REGISTRY: dict[str, type["Head"]] = {}
+
+
+class HeadFormatError(FewShotError, ValueError):
+    """A saved head is missing, corrupt, tampered with, or from an unsupported format version."""
+
+
+# ---------------------------------------------------------------- helpers shared by the heads
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with torch's global RNG seeded, restoring the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, ways: int,
+                     metric: str, scale: torch.Tensor | float = DEFAULT_COSINE_SCALE) -> torch.Tensor:
+    """Nearest-prototype logits ``(n_query, ways)`` from head-space vectors (differentiable).
+
+    Prototypes are per-label means of the support vectors (of unit vectors for cosine, like the
+    registry). ``l2``: ``-squared Euclidean distance``; ``cosine``: ``scale * cosine similarity``.
+    """
+    labels = torch.as_tensor(support_labels, device=support.device).long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= ways):
+        raise ValueError(f"support labels must be episode labels in 0..{ways - 1}")
+    onehot = F.one_hot(labels, ways).to(support.dtype)  # (n_s, ways)
+    counts = onehot.sum(0)
+    if (counts == 0).any():
+        raise ValueError(f"every one of the {ways} ways needs at least one support example")
+    if metric == "cosine":
+        support, query = F.normalize(support, dim=1), F.normalize(query, dim=1)
+    prototypes = onehot.t() @ support / counts[:, None]
+    if metric == "cosine":
+        return scale * (query @ F.normalize(prototypes, dim=1).t())
+    if metric == "l2":
+        return -torch.cdist(query, prototypes).pow(2)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _state_bytes(module: torch.nn.Module) -> bytes:
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return save(state)
+
+
+def _check_int(value, what: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_choice(value, what: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------- the contract
+
+class Head(torch.nn.Module):
+    """Base class of every head: see the module docstring. Subclasses set ``name`` and ``metric``,
+    call ``super().__init__(in_dim, in_shape=..., seed=..., **params)`` with *all* their
+    constructor parameters (they become ``config``), build their layers inside ``seeded(seed)``
+    and implement ``forward``."""
+
+    name: ClassVar[str] = ""
+    metric: str = "cosine"
+    adapts: ClassVar[bool] = False  # adapts per support set (MAML/ANIL): evaluate with episode_logits
+    episodic: ClassVar[bool] = True  # trained on episodes (False: fit computes statistics only)
+    out_dim: int
+
+    def __init__(self, in_dim: int, *, in_shape: tuple[int, int, int] | None = None, seed: int = 0, **params):
+        super().__init__()
+        self.in_dim = _check_int(in_dim, "in_dim")
+        if in_shape is not None:
+            if (not isinstance(in_shape, (tuple, list)) or len(in_shape) != 3
+                    or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in in_shape)):
+                raise ValueError(f"in_shape must be (C, H, W) positive integers, got {in_shape!r}")
+            in_shape = tuple(int(v) for v in in_shape)
+            if math.prod(in_shape) != self.in_dim:
+                raise ValueError(f"in_shape {in_shape} holds {math.prod(in_shape)} values but in_dim is "
+                                 f"{self.in_dim}; the input must be the flattened (C, H, W) map, C-major")
+        self.in_shape = in_shape
+        self.seed = _check_int(seed, "seed", low=0)
+        try:
+            self._params = json.loads(canonical_json(params))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self.name} head parameters must be JSON-serialisable: {e}") from None
+        # Free-form JSON-able notes saved with the head (e.g. the encoder fingerprint it was trained on,
+        # training settings); not part of ``config`` or ``fingerprint``.
+        self.metadata: dict = {}
+
+    # -- identity of the head
+    @property
+    def config(self) -> dict:
+        """JSON-able description that rebuilds the head (with ``create_head(**config)``)."""
+        return {"name": self.name, "in_dim": self.in_dim,
+                "in_shape": list(self.in_shape) if self.in_shape is not None else None, **self._params}
+
+    @property
+    def fingerprint(self) -> dict:
+        """``{"name", "sha256"}`` over the canonical JSON config and the safetensors weights."""
+        digest = hashlib.sha256(canonical_json(self.config).encode())
+        digest.update(_state_bytes(self))
+        return {"name": self.name, "sha256": digest.hexdigest()}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "name")
+
+    # -- the model
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def cosine_scale(self) -> torch.Tensor | float:
+        """Multiplier of cosine similarities in ``episode_logits`` (heads may learn it)."""
+        return DEFAULT_COSINE_SCALE
+
+    def episode_logits(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
+                       ways: int) -> torch.Tensor:
+        """Logits ``(n_query, ways)`` of the queries against the support set's class prototypes.
+
+        Support and query go through ``forward`` together (one batch, as in Snell et al.)."""
+        z = self(torch.cat([support, query]))
+        return prototype_logits(z[: len(support)], support_labels, z[len(support):], ways, self.metric,
+                                self.cosine_scale())
+
+    def prepare_training(self, n_classes: int) -> None:
+        """Called by ``train_head`` before training on data with ``n_classes`` classes (check or set up)."""
+
+    def training_step(self, support, support_labels, query, query_labels, ways: int, classes=None):
+        """``(loss, logits or None)`` for one episode; ``classes`` are the episode's global class ids
+        (dataset-wide label codes), for losses that need them. Default: prototypical cross-entropy."""
+        logits = self.episode_logits(support, support_labels, query, ways)
+        return F.cross_entropy(logits, torch.as_tensor(query_labels).long()), logits
+
+    def loss(self, support, support_labels, query, query_labels, ways: int, classes=None) -> torch.Tensor:
+        """Training loss of one episode (default: cross-entropy of ``episode_logits``)."""
+        return self.training_step(support, support_labels, query, query_labels, ways, classes)[0]
+
+    # -- scikit-learn-like use
+    def fit(self, features, labels, *, groups=None, **train_options) -> "TrainResult":
+        """Train on cached embeddings; see ``fewshot.train.train_head`` for the options."""
+        from ..train import train_head
+
+        return train_head(self, features, labels, groups=groups, **train_options)
+
+    def transform(self, features, batch_size: int = 4096) -> np.ndarray:
+        """Head-space vectors ``(N, out_dim)`` float32 of embeddings ``(N, in_dim)`` (eval mode, no grad)."""
+        x = np.asarray(features, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"{self.name} head expects features of shape (N, {self.in_dim}), got {x.shape}")
+        batch_size = _check_int(batch_size, "batch_size")
+        was_training = self.training
+        self.eval()
+        try:
+            out = np.empty((len(x), self.out_dim), dtype=np.float32)
+            with torch.no_grad():
+                for start in range(0, len(x), batch_size):
+                    chunk = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size]))
+                    out[start:start + len(chunk)] = self(chunk).float().numpy()
+            return out
+        finally:
+            self.train(was_training)
+
+
+# ---------------------------------------------------------------- registry of heads
+
+def register_head(cls: type[Head]) -> type[Head]:
+    """Class decorator: make ``cls`` available to ``create_head(cls.name, ...)``."""
+    if not (isinstance(cls, type) and issubclass(cls, Head)) or not cls.name:
+        raise TypeError("register_head expects a Head subclass with a non-empty `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_heads() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_head(name: str, in_dim: int, **params) -> Head:
+    """Build a head by name, e.g. ``create_head("protonet", 1280, out_dim=128)``."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown head {name!r}; available heads: {', '.join(available_heads())}")
+    accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind == p.KEYWORD_ONLY]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"{name} head got unknown parameter(s) {unknown}; it accepts {accepted}")
+    return cls(in_dim, **params)
+
+
+# ---------------------------------------------------------------- save / load
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_head(head: Head, path) -> Path:
+    """Save ``head`` as the directory ``path`` (config.json + weights.safetensors), atomically.
+
+    The head is written to a temporary sibling directory and renamed into place; an existing
+    saved head at ``path`` is replaced, anything else there is refused."""
+    if not isinstance(head, Head):
+        raise TypeError(f"save_head expects a Head, got {type(head).__name__}")
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_FILE).is_file())):
+        raise FileExistsError(f"{path} exists and is not a saved head; choose another path or remove it")
+    if not isinstance(head.metadata, dict):
+        raise ValueError(f"head.metadata must be a dict, got {type(head.metadata).__name__}")
+    try:
+        metadata = json.loads(canonical_json(head.metadata))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"head.metadata must be JSON-serialisable to be saved: {e}") from None
+    weights = _state_bytes(head)
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": head.config,
+            "weights_sha256": hashlib.sha256(weights).hexdigest(), "fingerprint": head.fingerprint,
+            "metadata": metadata}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        _fsync_write(tmp / WEIGHTS_FILE, weights)
+        _fsync_write(tmp / CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "head")
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and (old / "head").exists() and not path.exists():
+            os.replace(old / "head", path)  # put the previous head back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):  # make the rename durable where the platform allows
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
+
+
+def _read_limited(path: Path, limit: int) -> bytes:
+    if not path.is_file():
+        raise HeadFormatError(f"{path}: missing; a saved head is a directory with {CONFIG_FILE} and "
+                              f"{WEIGHTS_FILE} written by save_head")
+    size = path.stat().st_size
+    if size > limit:
+        raise HeadFormatError(f"{path}: {size} bytes is more than the {limit} allowed")
+    return path.read_bytes()
+
+
+def _reject_constant(value):
+    raise ValueError(f"non-finite number {value}")
+
+
+def load_head(path) -> Head:
+    """Load a head saved by ``save_head``; raises ``HeadFormatError`` naming the bad file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise HeadFormatError(f"{path}: not a directory; a saved head is a directory written by save_head")
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    try:
+        meta = json.loads(_read_limited(config_path, MAX_CONFIG_BYTES).decode("utf-8"),
+                          parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, HeadFormatError):
+            raise
+        raise HeadFormatError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise HeadFormatError(f"{config_path}: not a fewshot head config (expected format {FORMAT_NAME!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise HeadFormatError(f"{config_path}: format version {meta.get('format_version')!r} is not supported "
+                              f"(this fewshot reads version {FORMAT_VERSION}); upgrade fewshot")
+    config, expected, metadata = meta.get("config"), meta.get("weights_sha256"), meta.get("metadata", {})
+    if not isinstance(config, dict) or not isinstance(expected, str) or not isinstance(metadata, dict):
+        raise HeadFormatError(f"{config_path}: 'config', 'weights_sha256' or 'metadata' is missing or malformed")
+    config = dict(config)
+    name, in_dim = config.pop("name", None), config.pop("in_dim", None)
+    if name not in _REGISTRY:
+        raise HeadFormatError(f"{config_path}: unknown head {name!r}; available heads: "
+                              f"{', '.join(available_heads())}")
+    weights = _read_limited(weights_path, MAX_WEIGHTS_BYTES)
+    if hashlib.sha256(weights).hexdigest() != expected:
+        raise HeadFormatError(f"{weights_path}: sha256 does not match {CONFIG_FILE}; the file is corrupt or "
+                              "was modified after saving")
+    try:
+        with torch.device("meta"):  # shapes only: a hostile config cannot make us allocate memory
+            skeleton = create_head(name, in_dim, **config)
+    except (TypeError, ValueError) as e:
+        raise HeadFormatError(f"{config_path}: cannot rebuild the {name!r} head: {e}") from None
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        state = load(weights)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise HeadFormatError(f"{weights_path}: not a valid safetensors file ({e})") from None
+    expected_state = skeleton.state_dict()
+    problems = sorted(set(expected_state) ^ set(state))
+    problems += [k for k in expected_state if k in state and (state[k].shape != expected_state[k].shape
+                                                               or state[k].dtype != expected_state[k].dtype)]
+    if problems:
+        raise HeadFormatError(f"{weights_path}: weights do not fit the {name!r} head in {CONFIG_FILE} "
+                              f"(missing, unexpected or mis-shaped: {problems[:5]})")
+    head = create_head(name, in_dim, **config)
+    head.load_state_dict(state, strict=True)
+    head.metadata = metadata
+    head.eval()
+    return head

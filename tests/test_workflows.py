@@ -1,0 +1,94 @@
+"""Train a head and evaluate it, through the CLI, on real Omniglot drawings with the real encoder."""
+
+from __future__ import annotations
+
+import json
+import pytest
+
+from fewshot.cli import main
+
+# Small, fast features for tests: stage 2 of Lite0 at 64 px, pooled to 2x2.
+FEATURES = ["--stages", "2", "--pool", "2", "--input-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def omniglot(omniglot_small):
+    return omniglot_small
+
+
+@pytest.fixture(scope="module")
+def protocol(tmp_path_factory):
+    path = tmp_path_factory.mktemp("protocol") / "within-5way.toml"
+    path.write_text('name = "small-within-5way-1shot"\nways = 5\nshots = 1\nqueries = 2\nepisodes = 60\n'
+                    'seed = 3\nwithin_group = true\n[split]\nby = "group"\ntest = ["Balinese", "Greek"]\n')
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained_head(omniglot, protocol, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heads") / "protonet"
+    code = main(["train-head", "--data", str(omniglot), "--protocol", str(protocol), "--head", "protonet",
+                 "--ways", "5", "--episodes", "150", "--within-group", "--out", str(out), *FEATURES])
+    assert code == 0
+    return out
+
+
+def test_evaluate_protocol_json_and_files(omniglot, protocol, tmp_path, capsys):
+    code, out, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--json",
+                       "--out", tmp_path, *FEATURES)
+    result = json.loads(out)
+    assert code == 0 and result["episodes"] == 60 and result["ways"] == 5 and result["shots"] == 1
+    assert 0.2 < result["accuracy"] <= 1 and result["ci95"] > 0
+    assert {p.name for p in tmp_path.iterdir()} >= {"result.json", "episodes.csv", "confusion.png"}
+
+
+def test_manifest_replays_identically(omniglot, protocol, tmp_path, capsys):
+    manifest = tmp_path / "episodes.json"
+    _, first, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--json", "--out",
+                      tmp_path / "a", "--save-episodes", manifest, *FEATURES)
+    _, again, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--json", "--out",
+                      tmp_path / "b", "--replay", manifest, "--seed", "99", *FEATURES)
+    assert json.loads(first)["accuracy"] == json.loads(again)["accuracy"]
+
+
+def test_trained_head_beats_raw_features(trained_head, omniglot, protocol, tmp_path, capsys):
+    _, raw, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--json", "--out",
+                    tmp_path / "raw", *FEATURES)
+    code, headed, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--head", trained_head,
+                          "--json", "--out", tmp_path / "head")
+    assert code == 0
+    assert json.loads(headed)["accuracy"] > json.loads(raw)["accuracy"] + 0.03
+
+
+def test_register_and_predict_with_a_head(trained_head, tmp_path, capsys, photos):
+    reg = tmp_path / "r"
+    assert run(capsys, "register", reg, "--head", trained_head, "--class", "coins", photos["coins"])[0] == 0
+    assert run(capsys, "register", reg, "--class", "moon", photos["camera"])[0] == 0  # head found from the registry
+    code, out, _ = run(capsys, "predict", reg, photos["coins"], "--json")
+    assert code == 0 and json.loads(out)[0]["label"] == "coins"
+    manifest = json.loads((reg / "manifest.json").read_text())
+    assert manifest["fingerprint"]["head"]["name"] == "protonet"
+
+
+def test_fixed_runs(omniglot, tmp_path, capsys):
+    from fewshot.data import load_dataset
+    from fewshot.episodes import write_fixed_runs
+
+    write_fixed_runs(load_dataset(omniglot), tmp_path / "runs", runs=3, ways=5, seed=0)
+    code, out, _ = run(capsys, "evaluate", "--runs", tmp_path / "runs", "--json", "--out", tmp_path / "o",
+                       *FEATURES)
+    result = json.loads(out)
+    assert code == 0 and result["episodes"] == 3 and result["ways"] == 5
+    assert result["error"] == pytest.approx(1 - result["accuracy"])
+
+
+def test_evaluate_usage_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--data", str(tmp_path)])  # neither --protocol nor --runs
+    assert exit_info.value.code == 2
