@@ -71,10 +71,10 @@ class FewShotClassifier:
     """
 
     def __init__(self, encoder: str | Encoder = DEFAULT_ENCODER, *, weights: str | os.PathLike | None = None,
-                 stages=None, head: str | os.PathLike | Head | None = None, metric: str = "cosine", index: str = "Flat", temperature: float | None = None,
-                 unknown_threshold: float | None = None, store_examples: bool = False,
-                 cache: bool | str | os.PathLike = True, batch_size: int = DEFAULT_BATCH_SIZE,
-                 progress: bool | None = None):
+                 stages=None, head: str | os.PathLike | Head | None = None, metric: str = "cosine",
+                 index: str = "Flat", temperature: float | None = None, unknown_threshold: float | None = None,
+                 store_examples: bool = False, cache: bool | str | os.PathLike = True,
+                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None):
         self.encoder = encoder
         self.weights = weights
         self.stages = stages

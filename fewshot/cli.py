@@ -147,17 +147,20 @@ def cmd_train_head(args) -> int:
     head, result = train_head_on_dataset(
         dataset, _encoder(args), args.head, ways=args.ways, shots=args.shots, queries=args.queries,
         episodes=args.episodes, within_group=args.within_group, val_fraction=args.val_fraction, seed=args.seed,
-        lr=args.lr, head_params=dict(args.param), cache=_cache(args))
+        lr=args.lr, head_params=dict(args.param), augment=args.augment, cache=_cache(args))
     save_head(head, args.out)
+    training = head.metadata["training"]
     summary = {"head": args.head, "out": args.out, "best_val_accuracy": result.best_val_accuracy,
                "best_episode": result.best_episode, "episodes_run": result.episodes_run,
-               "stopped_early": result.stopped_early, "train_classes": len(dataset.classes)}
+               "stopped_early": result.stopped_early, "train_classes": len(dataset.classes),
+               "val_accuracy_raw_features": training["val_accuracy_raw_features"],
+               "val_accuracy_head": training["val_accuracy_head"]}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        best = result.best_val_accuracy
-        print(f"trained {args.head} head on {len(dataset.classes)} classes, {result.episodes_run} episodes"
-              + (f", best validation accuracy {best:.2%} at episode {result.best_episode}" if best is not None else ""))
+        print(f"trained {args.head} head on {len(dataset.classes)} classes, {result.episodes_run} episodes; "
+              f"validation classes: head {summary['val_accuracy_head']:.2%}, "
+              f"raw features {summary['val_accuracy_raw_features']:.2%}")
         print(f"saved {args.out}")
     return 0
 
@@ -345,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--within-group", action="store_true", help="episodes inside one group (e.g. alphabet)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="classes (or groups) held out for validation")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--augment", choices=["rotations"],
+                   help="rotations: add 90/180/270-degree copies of the training classes as new classes "
+                        "(characters, symbols)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="head parameter, e.g. arch=conv, distance=cosine, loss=supcon, out_dim=128")

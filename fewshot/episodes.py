@@ -314,7 +314,8 @@ def save_episodes(path: str | os.PathLike, episodes: Sequence[Episode] | Episode
     try:
         text = json.dumps(head, ensure_ascii=False)
     except TypeError as exc:
-        raise ValueError(f"protocol must be JSON-serialisable ({exc}); pass plain str/int/float/bool/list/dict") from None
+        raise ValueError(f"protocol must be JSON-serialisable ({exc}); "
+                         "pass plain str/int/float/bool/list/dict") from None
     # One episode per line: diffable, greppable, still plain JSON.
     body = ",\n".join("  " + json.dumps(row, ensure_ascii=False) for row in rows)
     text = text[:-1] + ', "episodes": [\n' + body + "\n]}\n"

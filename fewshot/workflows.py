@@ -8,6 +8,7 @@ trained on (its ``metadata["encoder"]`` fingerprint), so later steps re-create t
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import warnings
 from pathlib import Path
@@ -17,10 +18,12 @@ import numpy as np
 from .cache import EmbeddingCache
 from .data import ImageDataset, load_dataset, split_by_class, split_by_group
 from .encoders import Encoder
-from .episodes import Episode, FixedRun, Protocol, load_episodes, load_fixed_runs
+from .episodes import Episode, EpisodeSampler, FixedRun, Protocol, load_episodes, load_fixed_runs
 from .episodes import save_episodes as write_episodes
 from .evaluate import EvaluationResult, evaluate_episodes
+from .errors import ImageError
 from .heads import Head, create_head
+from .images import NamedBytes, describe, load_image
 from .train import TrainResult
 
 
@@ -55,10 +58,17 @@ def split_validation(dataset: ImageDataset, fraction: float, seed: int) -> tuple
 def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: str, *, ways: int = 20,
                           shots: int = 1, queries: int = 5, episodes: int = 2000, within_group: bool = False,
                           val_fraction: float = 0.2, seed: int = 0, lr: float = 1e-3,
-                          head_params: dict | None = None, cache: EmbeddingCache | None = None,
+                          head_params: dict | None = None, augment: str | None = None,
+                          cache: EmbeddingCache | None = None,
                           progress: bool | None = None) -> tuple[Head, TrainResult]:
-    """Embed the dataset, hold out validation classes, train ``head_name`` episodically."""
+    """Embed the dataset, hold out validation classes, train ``head_name`` episodically.
+
+    ``augment="rotations"`` adds rotated copies of the training classes as new classes."""
+    if augment not in (None, "rotations"):
+        raise ValueError(f"augment must be None or 'rotations', got {augment!r}")
     train, val = split_validation(dataset, val_fraction, seed)
+    if augment == "rotations":
+        train = with_rotations(train)
     x_train, train = embed_dataset(encoder, train, cache=cache, progress=progress)
     x_val, val = embed_dataset(encoder, val, cache=cache, progress=progress)
     head = create_head(head_name, encoder.dim, in_shape=encoder.feature_shape, seed=seed, **(head_params or {}))
@@ -66,12 +76,61 @@ def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: st
     result = head.fit(x_train, train.labels, groups=train.groups, ways=ways, shots=shots, queries=queries,
                       episodes=episodes, within_group=within_group, seed=seed, lr=lr,
                       val_features=x_val, val_labels=val.labels, val_groups=val.groups, progress=progress)
+    raw, trained = compare_with_raw_features(head, x_val, val, ways=ways, shots=shots, queries=queries,
+                                             within_group=within_group, seed=seed)
     head.metadata["encoder"] = encoder.fingerprint
     head.metadata["training"] = {"dataset": dataset.source, "ways": ways, "shots": shots, "queries": queries,
                                  "episodes": episodes, "within_group": within_group, "seed": seed,
-                                 "validation_classes": val.classes[:50], "best_val_accuracy":
-                                 result.best_val_accuracy}
+                                 "augment": augment, "validation_classes": val.classes[:50],
+                                 "best_val_accuracy": result.best_val_accuracy,
+                                 "val_accuracy_raw_features": raw, "val_accuracy_head": trained}
+    if trained < raw:
+        warnings.warn(f"the trained {head_name} head ({trained:.1%}) is worse than raw features ({raw:.1%}) on "
+                      f"the validation classes: this domain may need no head (use 'identity'), or more "
+                      f"training classes", RuntimeWarning, stacklevel=2)
     return head, result
+
+
+def compare_with_raw_features(head: Head, features: np.ndarray, dataset: ImageDataset, *, ways: int, shots: int,
+                              queries: int, within_group: bool, seed: int, episodes: int = 200) -> tuple[float, float]:
+    """Accuracy of raw features and of the head on the same seeded validation episodes."""
+    sampler = EpisodeSampler(dataset.labels, ways=ways, shots=shots, queries=queries, groups=dataset.groups,
+                             within_group=within_group, seed=seed)
+    sampled = sampler.sample_many(episodes)
+    raw = evaluate_episodes(features, dataset.labels, sampled, progress=False).accuracy
+    return raw, evaluate_episodes(features, dataset.labels, sampled, head=head, progress=False).accuracy
+
+
+def with_rotations(dataset: ImageDataset) -> ImageDataset:
+    """The dataset plus its images turned 90, 180 and 270 degrees, each turn a class (and group) of its
+    own: the standard way to multiply training classes for symbols and characters (not for photos,
+    whose rotated copies are still the same class). Unreadable images are dropped."""
+    items, names, labels, classes = list(dataset.items), list(dataset.names), [dataset.labels], list(dataset.classes)
+    groups = [dataset.groups] if dataset.groups is not None else None
+    group_names = list(dataset.group_names) if dataset.group_names is not None else None
+    for turn, angle in enumerate((90, 180, 270), start=1):
+        for item, name in zip(dataset.items, dataset.names):
+            items.append(NamedBytes(_rotated_png(item, angle), f"{describe(item)}@{angle}"))
+            names.append(f"{name}@{angle}")
+        labels.append(dataset.labels + turn * len(dataset.classes))
+        classes += [f"{c}@{angle}" for c in dataset.classes]
+        if groups is not None:
+            groups.append(dataset.groups + turn * len(dataset.group_names))
+            group_names += [f"{g}@{angle}" for g in dataset.group_names]
+    return ImageDataset(items=items, names=names, labels=np.concatenate(labels), classes=classes,
+                        groups=np.concatenate(groups) if groups is not None else None, group_names=group_names,
+                        source=f"{dataset.source} (+rotations)")
+
+
+def _rotated_png(item, angle: int) -> bytes:
+    """PNG bytes of a rotated image (lossless; small for drawings), or b"" if it cannot be read."""
+    try:
+        image = load_image(item).rotate(angle, expand=True)
+    except ImageError:
+        return b""  # fails again, alone, when embedded
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _max_ways(dataset: ImageDataset, within_group: bool) -> int:

@@ -21,6 +21,17 @@ def isolated_cache(tmp_path_factory):
     os.environ["FEWSHOT_CACHE_DIR"] = str(tmp_path_factory.mktemp("fewshot-cache"))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one torch thread is fastest, and robust on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def encoder():
     from fewshot import create_encoder

@@ -54,7 +54,8 @@ def write_zip(path: Path, folder: Path, wrapper: str = "") -> Path:
         if wrapper:
             zf.writestr(wrapper + "/", b"")  # a directory entry, as many zip tools write
         for p in files:
-            zf.writestr(f"{wrapper}/{p.relative_to(folder).as_posix()}" if wrapper else p.relative_to(folder).as_posix(),
+            member = p.relative_to(folder).as_posix()
+            zf.writestr(f"{wrapper}/{member}" if wrapper else member,
                         p.read_bytes())
     return path
 
@@ -90,7 +91,8 @@ def test_grouped_layout_from_folder_and_zip_gives_the_same_dataset(tmp_path):
         same(ds, zipped)
         same(ds, load_dataset(tmp_path / f"d{wrapper}.zip", layout="grouped"))
         assert all(isinstance(x, NamedBytes) for x in zipped.items)
-        assert zipped.items[0].name == f"{tmp_path / f'd{wrapper}.zip'}:{wrapper + '/' if wrapper else ''}Alpha/char10/1.jpg"
+        prefix = f"{wrapper}/" if wrapper else ""
+        assert zipped.items[0].name == f"{tmp_path / f'd{wrapper}.zip'}:{prefix}Alpha/char10/1.jpg"
 
 
 def test_flat_layout_from_folder_and_zip_gives_the_same_dataset(tmp_path):

@@ -13,12 +13,7 @@ l2l = pytest.importorskip("learn2learn", reason="learn2learn is optional: instal
 from fewshot.interop_learn2learn import as_task_dataset, to_meta_dataset  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def clustered(seed=0, n_classes=12, per_class=8, dim=6, spread=0.1):

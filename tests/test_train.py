@@ -12,12 +12,7 @@ from fewshot.heads import create_head
 from fewshot.train import TrainResult, train_head
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def low_variance_signal(seed, n_classes, per_class=10, dim=32, signal_dims=4, noise=3.0, spread=0.3,
@@ -70,7 +65,8 @@ def signal_task():
     (x, y), (x_test, y_test) = low_variance_signal(0, 40), low_variance_signal(1, 20)
     identity = create_head("identity", x.shape[1])
     identity.fit(x, y)
-    return x, y, x_test, y_test, held_out_episodes(y_test), accuracy(identity, x_test, y_test, held_out_episodes(y_test))
+    episodes = held_out_episodes(y_test)
+    return x, y, x_test, y_test, episodes, accuracy(identity, x_test, y_test, episodes)
 
 
 # ---------------------------------------------------------------- trained heads beat raw features

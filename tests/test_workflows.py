@@ -34,7 +34,8 @@ def run(capsys, *argv):
 def trained_head(omniglot, protocol, tmp_path_factory):
     out = tmp_path_factory.mktemp("heads") / "protonet"
     code = main(["train-head", "--data", str(omniglot), "--protocol", str(protocol), "--head", "protonet",
-                 "--ways", "5", "--episodes", "150", "--within-group", "--out", str(out), *FEATURES])
+                 "--ways", "5", "--episodes", "150", "--within-group", "--augment", "rotations",
+                 "--out", str(out), *FEATURES])
     assert code == 0
     return out
 
@@ -55,6 +56,31 @@ def test_manifest_replays_identically(omniglot, protocol, tmp_path, capsys):
     _, again, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--json", "--out",
                       tmp_path / "b", "--replay", manifest, "--seed", "99", *FEATURES)
     assert json.loads(first)["accuracy"] == json.loads(again)["accuracy"]
+
+
+def test_head_records_its_encoder_and_training(trained_head):
+    from fewshot import load_head
+
+    metadata = load_head(trained_head).metadata
+    assert metadata["encoder"]["preprocess"]["input_size"] == [3, 64, 64]
+    assert metadata["training"]["augment"] == "rotations" and metadata["training"]["within_group"]
+    validation_groups = {name.split("/")[0] for name in metadata["training"]["validation_classes"]}
+    assert not validation_groups & {"Balinese", "Greek"}
+
+
+def test_rotations_make_new_classes_of_exactly_rotated_images(omniglot):
+    import numpy as np
+
+    from fewshot.data import load_dataset
+    from fewshot.images import load_image
+    from fewshot.workflows import with_rotations
+
+    data = load_dataset(omniglot).select_groups(["Latin"])
+    rotated = with_rotations(data)
+    assert len(rotated) == 4 * len(data) and len(rotated.classes) == 4 * len(data.classes)
+    assert rotated.classes[len(data.classes)] == data.classes[0] + "@90"
+    assert np.array_equal(np.asarray(load_image(rotated.items[len(data)])),
+                          np.asarray(load_image(data.items[0]).rotate(90, expand=True)))
 
 
 def test_trained_head_beats_raw_features(trained_head, omniglot, protocol, tmp_path, capsys):

@@ -6,7 +6,8 @@ Heads are trained episodically (``fit`` -> ``fewshot.train.train_head``); ``epis
 differentiable nearest-prototype classifier used for training and episodic evaluation.
 
 On disk a head is a directory: ``config.json`` (the config that rebuilds it, a format version, the
-sha256 of the weights and the head's free-form JSON ``metadata``) and ``weights.safetensors``. Loading never unpickles anything, checks
+sha256 of the weights and the head's free-form JSON ``metadata``) and ``weights.safetensors``.
+Loading never unpickles anything, checks
 the sha256 before parsing the weights and loads the state dict strictly.
 """
 

@@ -3,7 +3,8 @@ flattened feature maps.
 
 ``arch="mlp"``: Linear -> BatchNorm/LayerNorm -> ReLU -> Dropout -> Linear.
 ``arch="conv"`` (needs ``in_shape=(C, H, W)``; the input is the C-major flattened map, as
-``tensor.flatten(1)`` gives): ``blocks`` x (Conv3x3 -> BatchNorm2d (GroupNorm for norm="layer") -> ReLU), with a 2x2 max-pool
+``tensor.flatten(1)`` gives): ``blocks`` x (Conv3x3 -> BatchNorm2d (GroupNorm for norm="layer") -> ReLU),
+with a 2x2 max-pool
 after the first block, then adaptive average pooling to a ``pool_size`` x ``pool_size`` grid
 (1 = global average pooling, translation invariant), flatten, Linear to ``out_dim``. Convolutions
 over frozen intermediate feature maps are what let a head learn stroke structure.
