@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+L2L_VERSION := 0.2.0
+L2L_STAMP := $(VENV)/.learn2learn
 
 .PHONY: demo test venv clean learn2learn
 
@@ -26,9 +28,6 @@ clean:
 # learn2learn 0.2.0 ships only an sdist whose generated C does not compile on Python >= 3.11:
 # regenerate its three Cython modules with Cython 3, then install without its heavy declared
 # dependencies (qpth pins numpy<2; gsutil is large); `gym` and `requests` are all it needs to import.
-L2L_VERSION := 0.2.0
-L2L_STAMP := $(VENV)/.learn2learn
-
 learn2learn: $(L2L_STAMP)
 
 $(L2L_STAMP): $(STAMP)

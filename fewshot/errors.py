@@ -36,6 +36,10 @@ class RegistrySaveError(RegistryError, OSError):
     """Saving a registry failed; the previously saved registry is left intact."""
 
 
+class HeadFormatError(FewShotError, ValueError):
+    """A saved head is missing, corrupt, tampered with, or from an unsupported format version."""
+
+
 class UnknownClassError(FewShotError, ValueError):
     """A class name that the registry does not hold."""
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import FewShotError
+from ..errors import HeadFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainResult
@@ -43,10 +43,6 @@ MAX_WEIGHTS_BYTES = 8 << 30
 DEFAULT_COSINE_SCALE = 10.0  # logits = scale * cosine for heads without a learned temperature
 
 _REGISTRY: dict[str, type["Head"]] = {}
-
-
-class HeadFormatError(FewShotError, ValueError):
-    """A saved head is missing, corrupt, tampered with, or from an unsupported format version."""
 
 
 # ---------------------------------------------------------------- helpers shared by the heads
