@@ -147,7 +147,8 @@ def cmd_train_head(args) -> int:
     head, result = train_head_on_dataset(
         dataset, _encoder(args), args.head, ways=args.ways, shots=args.shots, queries=args.queries,
         episodes=args.episodes, within_group=args.within_group, val_fraction=args.val_fraction, seed=args.seed,
-        lr=args.lr, head_params=dict(args.param), augment=args.augment, cache=_cache(args))
+        lr=args.lr, head_params=dict(args.param), augment=args.augment, val_every=args.val_every,
+        patience=args.patience, cache=_cache(args))
     save_head(head, args.out)
     training = head.metadata["training"]
     summary = {"head": args.head, "out": args.out, "best_val_accuracy": result.best_val_accuracy,
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--within-group", action="store_true", help="episodes inside one group (e.g. alphabet)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="classes (or groups) held out for validation")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-every", type=_positive_int, default=200, help="episodes between validations")
+    p.add_argument("--patience", type=_positive_int, default=5,
+                   help="validations without improvement before stopping early")
     p.add_argument("--augment", choices=["rotations"],
                    help="rotations: add 90/180/270-degree copies of the training classes as new classes "
                         "(characters, symbols)")

@@ -59,6 +59,7 @@ def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: st
                           shots: int = 1, queries: int = 5, episodes: int = 2000, within_group: bool = False,
                           val_fraction: float = 0.2, seed: int = 0, lr: float = 1e-3,
                           head_params: dict | None = None, augment: str | None = None,
+                          val_every: int = 200, patience: int = 5,
                           cache: EmbeddingCache | None = None,
                           progress: bool | None = None) -> tuple[Head, TrainResult]:
     """Embed the dataset, hold out validation classes, train ``head_name`` episodically.
@@ -75,7 +76,8 @@ def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: st
     ways = min(ways, _max_ways(train, within_group), _max_ways(val, within_group))
     result = head.fit(x_train, train.labels, groups=train.groups, ways=ways, shots=shots, queries=queries,
                       episodes=episodes, within_group=within_group, seed=seed, lr=lr,
-                      val_features=x_val, val_labels=val.labels, val_groups=val.groups, progress=progress)
+                      val_features=x_val, val_labels=val.labels, val_groups=val.groups, val_every=val_every,
+                      patience=patience, progress=progress)
     raw, trained = compare_with_raw_features(head, x_val, val, ways=ways, shots=shots, queries=queries,
                                              within_group=within_group, seed=seed)
     head.metadata["encoder"] = encoder.fingerprint
