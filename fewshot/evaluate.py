@@ -19,8 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .episodes import EpisodeBatch
+
 # Bound the floats gathered per chunk of episodes (~128 MB of float32), whatever the episode size.
 _CHUNK_FLOATS = 32_000_000
+# evaluate_batch scores through a Gram matrix of all items up to this many (8192^2 float32 = 256 MB).
+_GRAM_MAX_ITEMS = 8192
 
 
 @dataclass
@@ -95,13 +99,13 @@ def evaluate_episodes(features: np.ndarray, labels: np.ndarray, episodes: list, 
     ``head``: a trained head; its ``transform`` maps the features (and its metric is used), or,
     for heads that adapt per support set (MAML/ANIL), its ``episode_logits`` scores each episode.
     ``labels`` (N,) are dataset class indices, used for per-class accuracy and the confusion matrix.
+    Any episodes work (variable ways and shots too); for many same-shape episodes ``evaluate_batch``
+    on an ``EpisodeBatch`` is several times faster.
     """
     if not episodes:
         raise ValueError("no episodes to evaluate; sample some with EpisodeSampler(...).sample_many(n)")
-    labels = np.asarray(labels)
-    n_classes = int(labels.max()) + 1 if class_names is None else len(class_names)
-    names = class_names if class_names is not None else [str(c) for c in range(n_classes)]
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    names = _class_names(labels, class_names)
+    confusion = np.zeros((len(names), len(names)), dtype=np.int64)
     accuracies = np.zeros(len(episodes))
     score = _adaptive_scorer(head, features) if head is not None and head.adapts else None
     if score is None:
@@ -109,16 +113,98 @@ def evaluate_episodes(features: np.ndarray, labels: np.ndarray, episodes: list, 
         score = _prototype_scorer(torch.from_numpy(embedded), head.metric if head is not None else metric)
     with tqdm(total=len(episodes), desc="evaluating", unit="episode", disable=_hide(progress, len(episodes))) as bar:
         for start, chunk in _same_shape_chunks(episodes, features.shape[1]):
-            predicted = score(chunk)  # (E, n_query) episode labels
-            for i, (episode, guess) in enumerate(zip(chunk, predicted)):
-                accuracies[start + i] = float(np.mean(guess == episode.query_labels))
-                np.add.at(confusion, (episode.classes[episode.query_labels], episode.classes[guess]), 1)
+            truth = np.stack([e.query_labels for e in chunk])
+            classes = np.stack([e.classes for e in chunk])
+            accuracies[start:start + len(chunk)] = _tally(score(chunk), truth, classes, confusion)
             bar.update(len(chunk))
     return EvaluationResult(accuracies, ways=_common(len(e.classes) for e in episodes),
                             shots=_common(_shots(e) for e in episodes),
                             queries=_common(len(e.query) // len(e.classes) for e in episodes),
                             class_names=names, confusion=confusion,
                             episode_classes=[e.classes.tolist() for e in episodes])
+
+
+def evaluate_batch(features: np.ndarray, labels: np.ndarray, batch: EpisodeBatch, *, head=None,
+                   metric: str = "cosine", class_names: list[str] | None = None) -> EvaluationResult:
+    """Score an ``EpisodeBatch`` (``EpisodeSampler.sample_batch``) with no per-episode Python.
+
+    The same predictions as ``evaluate_episodes(..., batch.to_episodes())`` (up to float rounding on
+    exact ties), tens of thousands of episodes per second on cached embeddings. Heads that adapt per
+    support set (MAML/ANIL) are scored episode by episode.
+    """
+    if head is not None and head.adapts:
+        return evaluate_episodes(features, labels, batch.to_episodes(), head=head, class_names=class_names)
+    if len(batch) == 0:
+        raise ValueError("no episodes to evaluate; sample some with EpisodeSampler(...).sample_batch(n)")
+    names = _class_names(labels, class_names)
+    embedded = head.transform(features) if head is not None else np.asarray(features, dtype=np.float32)
+    predicted = _batch_predictions(torch.from_numpy(embedded), batch, head.metric if head is not None else metric)
+    truth = np.broadcast_to(batch.query_labels, predicted.shape)
+    confusion = np.zeros((len(names), len(names)), dtype=np.int64)
+    accuracies = _tally(predicted, truth, batch.classes, confusion)
+    return EvaluationResult(accuracies, ways=batch.ways, shots=batch.shots, queries=batch.queries,
+                            class_names=names, confusion=confusion, episode_classes=batch.classes.tolist())
+
+
+def _class_names(labels, class_names: list[str] | None) -> list[str]:
+    if class_names is not None:
+        return list(class_names)
+    return [str(c) for c in range(int(np.max(labels)) + 1)]
+
+
+def _tally(predicted: np.ndarray, truth: np.ndarray, classes: np.ndarray, confusion: np.ndarray) -> np.ndarray:
+    """Per-episode accuracies of (E, Q) predicted vs true episode labels; adds to ``confusion`` in place."""
+    true_class = np.take_along_axis(classes, truth, axis=1)  # episode labels -> dataset classes
+    guessed_class = np.take_along_axis(classes, predicted, axis=1)
+    n = len(confusion)
+    confusion += np.bincount((true_class * n + guessed_class).ravel(), minlength=n * n).reshape(n, n)
+    return (predicted == truth).mean(axis=1)
+
+
+def _batch_predictions(x: torch.Tensor, batch: EpisodeBatch, metric: str) -> np.ndarray:
+    """(E, Q) nearest-prototype episode labels of a class-major batch.
+
+    Scores need only dot products: for prototype p = mean of support rows s_k, q.p = mean_k q.s_k and
+    |p|^2 = mean_kk' s_k.s_k'. When the items are few and the episodes many, one Gram matrix G = X X^T
+    serves every episode and the rest is gathering E x Q x W x K numbers, instead of copying
+    E x (Q + S) x dim floats out of the feature table (measured ~20x faster for 5-way 1-shot).
+    """
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+    n, (ways, shots) = len(x), (batch.ways, batch.shots)
+    support = batch.support.reshape(len(batch), ways, shots)
+    # A GEMM costs ~0.02 ns per multiply-add here, gathering rows ~3 ns per float: Gram when cheaper.
+    if n <= _GRAM_MAX_ITEMS and n * n <= 50 * len(batch) * (batch.support.shape[1] + batch.query.shape[1]):
+        g = _symmetric_gram(x).numpy().ravel()
+        qp = torch.from_numpy(g[batch.query[:, :, None, None] * n + support[:, None]].mean(axis=3))  # (E, Q, W)
+        pp = torch.from_numpy(g[support[..., :, None] * n + support[..., None, :]].mean(axis=(2, 3)))  # (E, W)
+    else:
+        qp, pp = [], []
+        step = max(1, _CHUNK_FLOATS // ((batch.support.shape[1] + batch.query.shape[1]) * x.shape[1]))
+        for a in range(0, len(batch), step):
+            prototypes = x[torch.from_numpy(support[a:a + step])].mean(dim=2)  # (e, W, d)
+            qp.append(x[torch.from_numpy(batch.query[a:a + step])] @ prototypes.transpose(1, 2))
+            pp.append((prototypes**2).sum(dim=2))
+        qp, pp = torch.cat(qp), torch.cat(pp)
+    if metric == "cosine":
+        logits = qp / pp.clamp_min(1e-24).sqrt()[:, None, :]
+    else:  # squared L2 without |q|^2, which is the same for every class
+        logits = 2 * qp - pp[:, None, :]
+    return logits.argmax(dim=2).numpy()
+
+
+def _symmetric_gram(x: torch.Tensor, blocks: int = 3) -> torch.Tensor:
+    """x @ x.T computing only the blocks on and below the diagonal (2/3 of the work for 3 blocks)."""
+    n = len(x)
+    step = -(-n // blocks)
+    g = torch.empty(n, n, dtype=x.dtype)
+    for i in range(0, n, step):
+        for j in range(0, i + 1, step):
+            block = x[i:i + step] @ x[j:j + step].T
+            g[i:i + step, j:j + step] = block
+            if i != j:
+                g[j:j + step, i:i + step] = block.T
+    return g
 
 
 def _prototype_scorer(embedded: torch.Tensor, metric: str):

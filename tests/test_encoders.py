@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fewshot import EmbeddingCache, ImageError, WeightsError, create_encoder
-from fewshot.encoders import _packaged_weights_path, read_state_dict
+from fewshot import EmbeddingCache, Encoder, ImageError, WeightsError, create_encoder
+from fewshot.encoders import _packaged_weights_path, read_state_dict, weights_digest
 
 TABBY, TIGER_CAT, EGYPTIAN_CAT, ESPRESSO = 281, 282, 285, 967
 
@@ -137,3 +138,115 @@ def test_cache_skips_the_network_for_seen_images(tmp_path, encoder, photos, monk
     np.testing.assert_array_equal(again[:3], first)
     staged = create_encoder(stages=(3,))
     assert staged.embed(paths, cache=cache).shape == (3, 112)  # other fingerprint: no false hit
+
+
+# -- speed options: compiled network, parallel streams, batched preprocessing --------------------------
+
+
+def test_preprocessing_split_gives_the_exact_timm_transform(encoder, photos):
+    from fewshot.images import load_image
+
+    images = [load_image(photos[name], min_size=encoder.resize_size) for name in ("chelsea", "rocket")]
+    batch = encoder._batch_step([encoder._image_step(image) for image in images])
+    assert torch.equal(batch, torch.stack([encoder.transform(image) for image in images]))
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_torchscript_matches_eager_and_keeps_the_fingerprint(encoder, photos):
+    paths = list(photos.values())
+    compiled = create_encoder(compile="torchscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither a fallback nor TorchScript's deprecation notice reaches users
+        vectors = compiled.embed(paths, batch_size=4)  # 6 images: the last batch is padded
+    assert compiled._compiled[("torchscript",)] is not None
+    np.testing.assert_allclose(vectors, encoder.embed(paths), rtol=1e-4, atol=1e-4)
+    assert compiled.fingerprint == encoder.fingerprint and compiled.fingerprint_id == encoder.fingerprint_id
+
+
+def test_auto_compiles_once_and_only_for_large_calls(photos, monkeypatch):
+    import fewshot.encoders as encoders
+
+    monkeypatch.setattr(encoders, "_AUTO_MIN_IMAGES", 4)
+    builds = []
+    original = encoders.Encoder._build
+    monkeypatch.setattr(encoders.Encoder, "_build", lambda self, *a: builds.append(a) or original(self, *a))
+    auto = create_encoder()  # compile="auto" is the default
+    paths = list(photos.values())
+    auto.embed(paths[:2])
+    assert builds == []  # small call: eager, no compile to wait for
+    first = auto.embed(paths)
+    again = auto.embed(paths)
+    assert [b[0] for b in builds] == ["torchscript"]  # built once per encoder, not per call
+    np.testing.assert_allclose(first, again, rtol=1e-6, atol=1e-6)
+
+
+def test_failed_compilation_falls_back_to_eager_with_a_warning(encoder, photos, monkeypatch):
+    import fewshot.encoders as encoders
+
+    def broken(module, mode, probe):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(encoders, "_compile_features", broken)
+    paths = list(photos.values())[:3]
+    for mode in ["torchscript", "inductor"]:
+        fallback = create_encoder(compile=mode)
+        with pytest.warns(RuntimeWarning, match=f"compile='{mode}' is unavailable .*no C\\+\\+ compiler.*eager"):
+            vectors = fallback.embed(paths)
+        np.testing.assert_allclose(vectors, encoder.embed(paths), rtol=1e-5, atol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once; later calls go straight to eager
+            fallback.embed(paths)
+
+
+def test_compiled_module_that_disagrees_with_eager_is_not_used(encoder, photos, monkeypatch):
+    import fewshot.encoders as encoders
+
+    monkeypatch.setattr(encoders, "_compile_features", lambda module, mode, probe: lambda batch: module(batch) + 1)
+    wrong = create_encoder(compile="torchscript")
+    with pytest.warns(RuntimeWarning, match="differ from eager mode"):
+        vectors = wrong.embed([photos["coffee"]])
+    np.testing.assert_allclose(vectors, encoder.embed([photos["coffee"]]), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="compile must be one of 'none', 'torchscript', 'inductor', 'auto'"):
+        create_encoder(compile="fast")
+
+
+def test_streams_restore_torch_threads_and_do_not_change_embeddings(encoder, photos):
+    import threading
+
+    paths = list(photos.values())
+    before = torch.get_num_threads()
+    one, two = encoder.embed(paths, workers=1), encoder.embed(paths, workers=2, batch_size=1)
+    np.testing.assert_allclose(one, two, rtol=1e-4, atol=1e-4)
+    assert torch.get_num_threads() == before
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [before]  # new threads get the user's setting back too
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        encoder.embed(paths, workers=0)
+
+
+@pytest.mark.slow
+def test_inductor_matches_eager_without_recompiling_for_partial_batches():
+    """torch.compile on timm's tiny test network (seconds, not the minute Lite0 takes to compile)."""
+    from torch._dynamo.utils import counters
+
+    compiled = create_encoder("test_efficientnet", pretrained=False, compile="inductor")
+    eager = Encoder(compiled.model, name="test_efficientnet", compile="none")
+    images = [np.random.default_rng(i).integers(0, 256, (90, 120, 3), dtype=np.uint8) for i in range(7)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = compiled.embed(images, batch_size=4, workers=2)  # batches of 4 and 3 (padded to 4)
+    if any("using eager mode" in str(w.message) for w in caught):
+        pytest.skip(f"torch.compile is unavailable here: {[str(w.message) for w in caught]}")
+    graphs = counters["stats"]["unique_graphs"]
+    again = compiled.embed(images[:5], batch_size=4, workers=2)
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation, whatever the call's size
+    np.testing.assert_allclose(first, eager.embed(images, workers=2), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(again, first[:5], rtol=1e-5, atol=1e-5)
+    assert compiled.fingerprint == eager.fingerprint
+    assert weights_digest(compiled.model) == compiled.fingerprint["weights_sha256"]  # freezing left the weights be

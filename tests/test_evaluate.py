@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fewshot.episodes import Episode, EpisodeSampler
-from fewshot.evaluate import confidence_interval, evaluate_episodes
+from fewshot.evaluate import confidence_interval, evaluate_batch, evaluate_episodes
 
 
 def reference_accuracy(features, episode, metric):
@@ -36,6 +36,23 @@ def test_batched_scoring_equals_reference(metric):
     expected = [reference_accuracy(features, e, metric) for e in episodes]
     np.testing.assert_allclose(result.episode_accuracies, expected)
     assert 0.2 < result.accuracy < 1.0  # a real, imperfect task: the check above means something
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("episodes", [4, 3000])  # few episodes gather rows; many go through a Gram matrix
+def test_evaluate_batch_equals_per_episode_reference(metric, episodes):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(12), 10)
+    features = (rng.normal(size=(12, 16))[labels] + rng.normal(scale=1.5, size=(120, 16))).astype(np.float32)
+    batch = EpisodeSampler(labels, ways=5, shots=2, queries=3, seed=1).sample_batch(episodes)
+    result = evaluate_batch(features, labels, batch, metric=metric)
+    listed = batch.to_episodes()
+    expected = [reference_accuracy(features, e, metric) for e in listed[:200]]
+    np.testing.assert_allclose(result.episode_accuracies[:200], expected)
+    reference = evaluate_episodes(features, labels, listed, metric=metric, progress=False)
+    np.testing.assert_array_equal(result.confusion, reference.confusion)
+    assert (result.ways, result.shots, result.queries, result.episodes) == (5, 2, 3, episodes)
+    assert 0.2 < result.accuracy < 1.0
 
 
 def test_hand_checked_episode_and_confusion():

@@ -432,3 +432,299 @@ def test_readers_search_while_writer_mutates():
         t.join()
     assert not errors, errors[0]
     assert i > 10
+
+
+# ---------------------------------------------------------------- scale: auto index, params, add_many
+
+ADIM = 32
+
+
+def clustered(n, seed=0, dim=ADIM, n_centres=40, spread=0.35):
+    """Unit vectors around a few fixed centres, like embeddings of related classes (seed: the sample)."""
+    centres = unit(rng(1234).normal(size=(n_centres, dim)))
+    g = rng(seed)
+    x = centres[g.integers(0, n_centres, n)] + spread * unit(g.normal(size=(n, dim)))
+    return unit(x).astype(np.float32)
+
+
+def auto_registry(n, metric="cosine", threshold=2000, seed=0, **kw):
+    x = clustered(n, seed=seed)
+    if metric == "l2":
+        x *= 3
+    reg = Registry(ADIM, metric=metric, auto_threshold=threshold, **kw)
+    reg.add_many([f"p{i}" for i in range(n)], x)
+    return reg, x
+
+
+def exact_top(x, queries, metric, k=1):
+    s = unit(queries) @ unit(x).T if metric == "cosine" else -((queries[:, None] - x[None]) ** 2).sum(-1)
+    return np.argsort(-s, axis=1, kind="stable")[:, :k], s
+
+
+def test_auto_defaults_follow_dim():
+    assert Registry(1280).index_factory == "auto" and Registry(1280).auto_threshold == 9830
+    assert Registry(512).auto_threshold == 24576
+    assert Registry(16, index="HNSW32").auto_threshold is None
+    with pytest.raises(ValueError, match="auto_threshold applies only to index='auto'"):
+        Registry(16, index="Flat", auto_threshold=1000)
+    for bad in (0, 10, 2.5, True, "1000"):
+        with pytest.raises(ValueError, match="auto_threshold must be an integer >= 256"):
+            Registry(16, auto_threshold=bad)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_auto_switches_once_past_threshold_and_stays_correct(metric, monkeypatch):
+    reg, x = auto_registry(1990, metric)
+    queries = np.concatenate([x[:100] + 0.3 * rng(1).normal(size=(100, ADIM)) / np.sqrt(ADIM),
+                              clustered(100, seed=9)]).astype(np.float32)  # near prototypes, and novel
+    assert reg.index_in_use == "Flat"
+    res = reg.search(queries, 3)
+    top, s = exact_top(x, queries, metric, 3)
+    assert [row[0] for row in res.labels] == [f"p{i}" for i in top[:, 0]]  # exact below the threshold
+    builds = []
+    real_build = Registry._build_index
+    monkeypatch.setattr(Registry, "_build_index", lambda self: (builds.append(len(self)), real_build(self)))
+    more = clustered(600, seed=2) * (3 if metric == "l2" else 1)
+    for i, v in enumerate(more):  # one at a time, searching after each add
+        reg.add_class(f"q{i}", v)
+        reg.search(queries[:2], 1)
+    assert builds == [2000]  # crossing the threshold rebuilt once, later adds went in incrementally
+    assert reg.index_in_use.startswith("IVF") and reg.index_in_use.endswith(",PQ16x4fs")
+    assert reg.index_factory == "auto"
+    every = np.concatenate([x, more])
+    names = [f"p{i}" for i in range(len(x))] + [f"q{i}" for i in range(len(more))]
+    res = reg.search(queries, 5)
+    top, s = exact_top(every, queries, metric, 5)
+    recall = np.mean([row[0] == names[t] for row, t in zip(res.labels, top[:, 0])])
+    assert recall >= 0.98, recall
+    # scores are exact (re-scored against the stored prototypes), best first
+    got = np.array([[s[q, names.index(lb)] for lb in row] for q, row in enumerate(res.labels)])
+    np.testing.assert_allclose(res.scores, got, rtol=1e-4, atol=1e-4)
+    assert np.all(np.diff(res.scores, axis=1) <= 1e-6)
+
+
+def test_auto_goes_back_to_exact_and_regrows():
+    reg, _ = auto_registry(2100, threshold=1000)
+    reg.search(np.ones(ADIM), 1)
+    first = reg.index_in_use
+    assert first.startswith("IVF")
+    for i in range(1700):  # far below threshold / 2: exact again at the next search
+        reg.remove(f"p{i}")
+    reg.search(np.ones(ADIM), 1)
+    assert reg.index_in_use == "Flat"
+    reg.add_many([f"n{i}" for i in range(8000)], clustered(8000, seed=5))
+    reg.search(np.ones(ADIM), 1)
+    assert reg.index_in_use.startswith("IVF") and reg.index_in_use != first  # more lists for 4x more
+
+
+def test_search_params_per_call():
+    reg, x = auto_registry(3000)
+    queries = clustered(60, seed=11)
+    top, _ = exact_top(x, queries, "cosine")
+    default = reg.search(queries, 4)
+    nlist = int(reg.index_in_use.split(",")[0][3:])
+    wide = reg.search(queries, 4, params={"nprobe": nlist, "rerank": 3000})  # every list, every candidate
+    assert [row[0] for row in wide.labels] == [f"p{i}" for i in top[:, 0]]
+    narrow = reg.search(queries, 4, params={"nprobe": 1, "rerank": 4})
+    assert narrow.scores.shape == (60, 4)
+    again = reg.search(queries, 4)  # per call: nothing stuck
+    assert again.labels == default.labels
+    np.testing.assert_array_equal(again.scores, default.scores)
+    with pytest.raises(ValueError, match="unknown search parameter.*efSearch.*valid ones: max_codes, nprobe, rerank"):
+        reg.search(queries, 1, params={"efSearch": 64})
+    for bad in ({"nprobe": 0}, {"nprobe": 2.5}, {"rerank": "many"}):
+        with pytest.raises(ValueError, match="search parameter"):
+            reg.search(queries, 1, params=bad)
+    with pytest.raises(ValueError, match="params must be a dict"):
+        reg.search(queries, 1, params=[("nprobe", 4)])
+    small, _ = auto_registry(50)  # "auto" while still exact: the approximate index's params are accepted
+    assert small.search(queries, 2, params={"nprobe": 4}).labels == small.search(queries, 2).labels
+    flat, _ = filled(index="Flat", n_classes=3)
+    with pytest.raises(ValueError, match="valid ones: none"):
+        flat.search(np.ones(DIM), 1, params={"nprobe": 4})
+    hnsw = Registry(ADIM, index="HNSW32")
+    hnsw.add_many([f"p{i}" for i in range(500)], x[:500])
+    top, _ = exact_top(x[:500], queries, "cosine")
+    res = hnsw.search(queries, 1, params={"efSearch": 256})
+    assert [row[0] for row in res.labels] == [f"p{i}" for i in top[:, 0]]
+    with pytest.raises(ValueError, match="valid ones: efSearch, rerank"):
+        hnsw.search(queries, 1, params={"nprobe": 4})
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_add_many_equals_repeated_add_class(metric):
+    g = rng(20)
+    vectors = g.normal(size=(300, DIM)).astype(np.float32)
+    labels = [f"c{i}" for i in range(300)]
+    one = Registry(DIM, metric=metric, store_examples=True)
+    many = Registry(DIM, metric=metric, store_examples=True)
+    for label, v in zip(labels, vectors):
+        one.add_class(label, v)
+    many.add_many(labels[:100], vectors[:100])
+    many.add_many(labels[100:], list(vectors[100:]))  # any array-like
+    assert many.classes == one.classes and many.counts == one.counts
+    np.testing.assert_array_equal(many.prototypes()[1], one.prototypes()[1])
+    np.testing.assert_array_equal(many.examples("c7"), one.examples("c7"))
+    q = g.normal(size=(20, DIM))
+    a, b = one.search(q, 5), many.search(q, 5)
+    assert a.labels == b.labels
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_add_many_checks_everything_before_changing_anything():
+    reg, _ = filled(n_classes=3)
+    before = (reg.classes, reg.prototypes()[1].copy())
+    v = rng(21).normal(size=(3, DIM))
+    nan = v.copy()
+    nan[2, 1] = np.nan
+    zero = v.copy()
+    zero[1] = 0
+    for labels, vectors, error, match in [
+            (["a", "b", "a"], v, DuplicateClassError, "'a' is given more than once"),
+            (["a", "b", "class-1"], v, DuplicateClassError, "'class-1' already exists"),
+            (["a", "b", "c"], nan, ValueError, "NaN or infinity"),
+            (["a", "b", "c"], zero, ValueError, "'b'.*zero vector"),
+            (["a", "b"], v, ValueError, "2 labels but 3 vectors"),
+            (["a", "b", "c"], v[:, :5], ValueError, "expected dim"),
+            (["a", "", "c"], v, ValueError, "non-empty string"),
+            ("abc", v, ValueError, "labels must be a list")]:
+        with pytest.raises(error, match=match):
+            reg.add_many(labels, vectors)
+        assert reg.classes == before[0]
+        np.testing.assert_array_equal(reg.prototypes()[1], before[1])
+    reg.add_many(["a", "b", "c"], v)
+    assert reg.classes[-3:] == ["a", "b", "c"] and reg.count("b") == 1
+
+
+def test_rows_of_removed_classes_are_reused(tmp_path):
+    reg, data = filled("l2", n_classes=30)
+    for i in range(0, 30, 3):
+        reg.remove(f"class-{i}")
+        del data[f"class-{i}"]
+    new = rng(22).normal(size=(15, DIM)).astype(np.float32)
+    reg.add_many([f"new-{i}" for i in range(15)], new)
+    data.update({f"new-{i}": new[i:i + 1] for i in range(15)})
+    q = rng(23).normal(size=(10, DIM))
+    assert_matches_brute_force(reg.search(q, 6), data, q, "l2", 6)
+    reg.save(tmp_path / "r")
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.classes == reg.classes == list(data)
+    assert_matches_brute_force(loaded.search(q, 6), data, q, "l2", 6)
+
+
+def test_save_load_restores_index_in_use(tmp_path):
+    reg, x = auto_registry(2500, threshold=1000)
+    queries = clustered(40, seed=12)
+    before = reg.search(queries, 10)
+    in_use = reg.index_in_use
+    reg.save(tmp_path / "r")
+    m = manifest(tmp_path / "r")
+    assert m["index_factory"] == "auto" and m["index_in_use"] == in_use and m["auto_threshold"] == 1000
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.index_factory == "auto" and loaded.index_in_use == in_use and loaded.auto_threshold == 1000
+    after = loaded.search(queries, 10)
+    assert after.labels == before.labels
+    np.testing.assert_array_equal(after.scores, before.scores)
+    p = {"nprobe": 2, "rerank": 20}
+    assert loaded.search(queries, 10, params=p).labels == reg.search(queries, 10, params=p).labels
+    loaded.add_many(["extra"], queries[:1])  # keeps working incrementally
+    assert loaded.search(queries[:1], 1).labels == [["extra"]] and loaded.index_in_use == in_use
+    # the manifest must name the index that is really in the file
+    m["index_in_use"] = "Flat"
+    write_manifest(tmp_path / "r", m)
+    with pytest.raises(RegistryFormatError, match="not the 'Flat' index the manifest names"):
+        Registry.load(tmp_path / "r")
+
+
+def test_loads_format_1_registries(tmp_path):
+    reg, data = filled(n_classes=5, index="Flat")
+    reg.save(tmp_path / "r")
+    m = manifest(tmp_path / "r")
+    m["format_version"] = 1
+    del m["index_in_use"], m["auto_threshold"]
+    write_manifest(tmp_path / "r", m)
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.index_in_use == "Flat" and loaded.index_factory == "Flat"
+    q = rng(24).normal(size=(4, DIM))
+    assert_matches_brute_force(loaded.search(q, 3), data, q, "cosine", 3)
+
+
+def test_ivf_removal_keeps_ids_in_step():
+    """IVF indexes remove in place by id (an IndexIDMap2 wrapper would shift its ids)."""
+    g = rng(25)
+    reg = Registry(DIM, metric="l2", index="IVF8,Flat")
+    data = {f"c{i}": g.normal(size=(1, DIM)).astype(np.float32) for i in range(600)}
+    reg.add_many(list(data), np.concatenate(list(data.values())))
+    reg.search(np.ones(DIM), 1)
+    assert reg.index_in_use == "IVF8,Flat"
+    for i in range(0, 600, 7):
+        reg.remove(f"c{i}")
+        del data[f"c{i}"]
+    reg.add_examples("c1", np.ones(DIM))
+    data["c1"] = np.concatenate([data["c1"], np.ones((1, DIM), np.float32)])
+    q = g.normal(size=(10, DIM))
+    assert_matches_brute_force(reg.search(q, 5, params={"nprobe": 8}), data, q, "l2", 5)
+
+
+def test_readers_search_while_auto_index_switches():
+    reg, x = auto_registry(240, threshold=256)
+    queries = clustered(8, seed=13)
+    errors, stop = [], threading.Event()
+
+    def reader():
+        try:
+            while not stop.is_set():
+                res = reg.search(queries, 3)
+                assert all(len(row) == 3 and len(set(row)) == 3 for row in res.labels)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    more = clustered(400, seed=14)
+    for i in range(0, 400, 4):
+        reg.add_many([f"m{j}" for j in range(i, i + 4)], more[i:i + 4])
+        reg.add_examples(f"m{i}", more[i + 1])
+        if i % 8:
+            reg.remove(f"m{i - 4}")
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert reg.index_in_use.startswith("IVF")
+
+
+def test_ids_are_renumbered_after_heavy_churn(tmp_path):
+    reg, data = filled("l2", n_classes=5)
+    g = rng(26)
+    for i in range(1500):  # add and remove: the id space grows, the registry does not
+        reg.add(f"tmp-{i}", g.normal(size=DIM))
+        reg.remove(f"tmp-{i}")
+    q = g.normal(size=(6, DIM))
+    assert_matches_brute_force(reg.search(q, 3), data, q, "l2", 3)  # rebuilt with dense ids
+    assert reg._next_id == 5
+    reg.save(tmp_path / "r")
+    m = manifest(tmp_path / "r")
+    m["next_id"] = 2**61  # a huge (or hostile) id space must not allocate a table that large
+    write_manifest(tmp_path / "r", m)
+    loaded = Registry.load(tmp_path / "r")
+    assert_matches_brute_force(loaded.search(q, 3), data, q, "l2", 3)
+
+
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "HNSW16", "IVF4,PQ4x4fs"])
+def test_save_load_other_indexes(tmp_path, factory):
+    g = rng(27)
+    data = {f"c{i}": g.normal(size=(1, DIM)).astype(np.float32) for i in range(400)}
+    reg = Registry(DIM, metric="l2", index=factory)
+    reg.add_many(list(data), np.concatenate(list(data.values())))
+    q = g.normal(size=(8, DIM))
+    before = reg.search(q, 5)
+    reg.save(tmp_path / "r")
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.index_in_use == factory == loaded.index_factory
+    after = loaded.search(q, 5)
+    assert after.labels == before.labels
+    np.testing.assert_array_equal(after.scores, before.scores)
+    loaded.remove("c3")
+    assert all("c3" not in row for row in loaded.search(q, 5).labels)

@@ -1,0 +1,199 @@
+"""Embedding throughput end to end (JPEG files -> vectors), against a naive loop measured in the same run.
+
+    .venv/bin/python benchmarks/embedding.py [--images 300] [--data ../shared/datasets/caltech101/caltech101_base.zip]
+                                             [--reps 3] [--modes none,torchscript,inductor]
+
+Extracts N real Caltech-101 JPEGs to a temporary folder and times, each in its own process (so peak RSS
+and torch's thread state belong to that row alone):
+
+* naive: what a user writes first: timm's eager model, one image at a time,
+  ``PIL.Image.open(p).convert("RGB")`` + timm's transform, ``torch.no_grad()``, torch's default threads.
+  Also with one torch thread, since on a busy machine torch's default two OpenMP threads can be far slower.
+* ``encoder.embed(paths)`` with every default (``compile="auto"``: TorchScript for calls >= 256 images).
+* ``encoder.embed(paths)`` with each ``compile=`` mode.
+
+Each row: the first call (cold: includes any compilation), then the median over ``--reps`` warm calls,
+images/s, the ratio to the naive loop, achieved GFLOP/s (FLOPs counted once with
+``torch.utils.flop_counter.FlopCounterMode``) as a fraction of a float32 matmul peak timed in the same
+run, and the process's peak RSS. The machine's load average is printed: on a shared machine only the
+ratios within one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ZIP = ROOT.parent / "shared" / "datasets" / "caltech101" / "caltech101_base.zip"
+ALL_MODES = ("none", "torchscript", "inductor")
+
+
+def extract_jpegs(zip_path: Path, n: int, target: Path, seed: int = 0) -> list[Path]:
+    """N JPEGs drawn (seeded) from the whole zip, so every class and image size is represented."""
+    with zipfile.ZipFile(zip_path) as zf:
+        names = sorted(name for name in zf.namelist() if name.lower().endswith((".jpg", ".jpeg")))
+        random.Random(seed).shuffle(names)
+        paths = []
+        for i, name in enumerate(names[:n]):
+            path = target / f"{i:05d}_{Path(name).name}"
+            path.write_bytes(zf.read(name))
+            paths.append(path)
+    return paths
+
+
+# -- one variant, in its own process --------------------------------------------------------------
+def naive_model():
+    import timm
+
+    from fewshot.encoders import _load_into, _packaged_weights_path, read_state_dict
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    path = _packaged_weights_path("efficientnet_lite0")
+    _load_into(model, read_state_dict(path), source=str(path), by_position=True)
+    return model
+
+
+def run_variant(variant: str, paths: list[Path], reps: int) -> dict:
+    import torch
+
+    if variant.startswith("naive"):
+        import timm
+        from PIL import Image
+
+        if variant == "naive-1thread":
+            torch.set_num_threads(1)
+        model = naive_model()
+        transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+
+        def call():
+            with torch.no_grad():
+                for path in paths:
+                    model(transform(Image.open(path).convert("RGB")).unsqueeze(0))
+    else:
+        from fewshot import create_encoder
+
+        encoder = create_encoder() if variant == "default" else create_encoder(compile=variant)
+
+        def call():
+            encoder.embed(paths, progress=False)
+
+    times, cpu = [], []
+    for _ in range(reps + 1):  # the first call is cold: it pays for any compilation
+        start, start_cpu = time.perf_counter(), time.process_time()
+        call()
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)  # all threads of this process
+    return {"variant": variant, "cold_s": times[0], "warm_s": times[1:], "warm_cpu_s": cpu[1:],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def spawn(variant: str, folder: Path, reps: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", variant, "--folder", str(folder), "--reps", str(reps)],
+                         check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- measured once, in the parent --------------------------------------------------------------------
+def gflop_per_image() -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fewshot import create_encoder
+
+    encoder = create_encoder(compile="none")
+    with FlopCounterMode(display=False) as counter:
+        encoder._forward(torch.zeros(1, *encoder.data_config["input_size"]))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 7) -> float:
+    """float32 matmul GFLOP/s with torch's default threads, best of ``reps``: the practical compute ceiling."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--data", type=Path, default=DEFAULT_ZIP, help="Caltech-101 zip (any zip of JPEGs works)")
+    parser.add_argument("--reps", type=int, default=3, help="warm calls per variant (after one cold call)")
+    parser.add_argument("--modes", default=",".join(ALL_MODES), help="compile modes to time, comma-separated")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        paths = sorted(args.folder.glob("*.jpg"))
+        print(json.dumps(run_variant(args.worker, paths, args.reps)))
+        return
+
+    if not args.data.is_file():
+        sys.exit(f"zip of JPEGs not found at {args.data}; pass --data PATH")
+    import torch
+
+    modes = [m for m in args.modes.split(",") if m]
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="fewshot-bench-") as tmp:
+        paths = extract_jpegs(args.data, args.images, Path(tmp))
+        gflop = gflop_per_image()
+        peak = matmul_peak_gflops()
+        # Naive first and last: its median over both brackets the run, in case the machine's load drifts.
+        order = ["naive", "naive-1thread", "default", *modes, "naive"]
+        results: dict[str, list[dict]] = {}
+        for variant in order:
+            print(f"  timing {variant} ...", file=sys.stderr, flush=True)
+            results.setdefault(variant, []).append(spawn(variant, Path(tmp), args.reps))
+        peak_after = matmul_peak_gflops()
+    load_after = os.getloadavg()
+
+    n = len(paths)
+    rate = {v: n / statistics.median([t for r in rs for t in r["warm_s"]]) for v, rs in results.items()}
+    print(f"\n### Embedding throughput: {n} Caltech-101 JPEGs, end to end (decode + preprocess + network)\n")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
+          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
+          + (" (SHARED/BUSY machine: compare ratios, not absolute numbers)" if max(load_before[0], load_after[0])
+             > 0.5 * (os.cpu_count() or 1) else ""))
+    print(f"model: efficientnet_lite0 at 224 px, {gflop:.3f} GFLOP/image (FlopCounterMode); "
+          f"float32 matmul peak {peak:.0f} GFLOP/s before, {peak_after:.0f} after (2048^3, best of 7; the % column "
+          f"uses the higher)\n")
+    peak = max(peak, peak_after)
+    print("| variant | first call s (cold) | warm img/s (median) | vs naive | CPU ms/img | GFLOP/s | % of matmul peak "
+          "| peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    labels = {"naive": "naive loop (eager, batch 1, default threads)", "naive-1thread": "naive loop, 1 torch thread",
+              "default": "`encoder.embed` defaults (compile=auto)"}
+    for variant, rs in results.items():
+        label = labels.get(variant, f"`encoder.embed`, compile={variant}")
+        cold = statistics.median(r["cold_s"] for r in rs)
+        rss = max(r["peak_rss_mb"] for r in rs)
+        gflops = rate[variant] * gflop
+        cpu_ms = 1000 * statistics.median([c for r in rs for c in r["warm_cpu_s"]]) / n
+        print(f"| {label} | {cold:.1f} | {rate[variant]:.1f} | {rate[variant] / rate['naive']:.2f}x | {cpu_ms:.1f} | "
+              f"{gflops:.0f} | {gflops / peak:.0%} | {rss:.0f} |")
+    print(f"\nTarget: `encoder.embed` defaults >= 3x the naive loop end to end: "
+          f"{rate['default'] / rate['naive']:.2f}x here ({rate['default'] / rate['naive-1thread']:.2f}x the naive loop "
+          f"on one torch thread). CPU ms/img counts every thread of the process: it shows efficiency even when "
+          f"other jobs take the cores (OpenMP threads spinning against them show up there).")
+
+
+if __name__ == "__main__":
+    main()

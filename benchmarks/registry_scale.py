@@ -1,0 +1,372 @@
+"""Registry at scale: build, memory, single-query search latency and recall, save and load.
+
+    .venv/bin/python benchmarks/registry_scale.py [--sizes 100000 1000000] [--dim 1280] [--queries 1000]
+                                                  [--flat-sweep] [--sweep] [--hnsw-at 100000]
+
+Synthetic 1-shot prototypes shaped like image embeddings (statistics of real Lite0 embeddings, see
+``Synthetic``): ``--centres`` centres (superclasses), each with many classes. Half of the queries are
+new images of registered classes, half images of new classes of the same centres (unknowns: the hard
+case for an approximate index, whose nearest prototype is only slightly nearer than the next).
+
+For each size, in one run: the exact baseline (FAISS flat search over the same vectors: its top-1 is
+the reference for recall@1, its single-query p50 the baseline of the speedup), then a default
+``Registry`` ("auto" index) built with ``add_many``: build time, bytes per prototype (RSS growth /
+prototypes), single-query p50/p99 for k=1 and k=100 (what ``FewShotClassifier.predict`` asks for),
+recall@1 against the exact top-1, save and load time of the registry directory (load is checked to
+give identical answers). Optional: ``--sweep`` (recall/latency over nprobe x rerank, to justify the
+defaults), ``--flat-sweep`` (exact single-query latency by size: where the auto threshold comes
+from), ``--hnsw-at N`` (HNSW32 at size N, the alternative the auto index was chosen over).
+Timings are medians of single queries; peak RSS is the process high-water mark per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fewshot.registry import AUTO_FLAT_FLOATS, Registry  # noqa: E402
+
+CHUNK = 65536
+
+
+# ---------------------------------------------------------------- memory
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss() -> int:
+    """Resident memory after handing freed heap memory back to the OS (else freed-but-cached
+    allocations make the growth of RSS meaningless)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return _status("VmRSS")
+
+
+def peak_rss() -> int:
+    return _status("VmHWM")
+
+
+def reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# ---------------------------------------------------------------- data
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+# Lite0 embeddings of 1,275 Caltech-101 images (25 per class, 51 classes), measured once: cosine of
+# random image pairs 0.22, of same-class pairs 0.50, of class-mean directions 0.43, of an image with
+# its class-mean direction 0.73. Class means differ along a steep spectrum (PCA ~ i^-0.93); views of
+# one class differ along a much flatter one (participation ratio ~290 of 1280 dims; 24% of the
+# within-class variance lies in the top 50 global components).
+# model name -> (between slope, view slope, centre, class and view variance around a unit mean):
+MODELS = {
+    # calibrated on the figures above: prototypes of different centres ~0.22, a query and the prototype
+    # of its class ~0.50. The hard case: the exact top-1 is only ~0.02 above the runner-up.
+    "lite0": (0.93, 0.5, 0.60, 0.67, 2.27),
+    # the easy case: tight isotropic clusters (siblings ~0.8, a query and its class ~0.9).
+    "clustered": (0.0, 0.0, 1.0, 0.25, 0.25),
+}
+
+
+class Synthetic:
+    """Deterministic 1-shot prototypes, generated chunk by chunk (never all held twice).
+
+    class = mean + centre offset + class offset (between-class spectrum); an image of it (a prototype,
+    or a query) = unit(class + view offset) (view spectrum); power-law spectra in one random rotation
+    with the variances of MODELS. Novel queries are images of new classes of the same centres.
+    """
+
+    def __init__(self, n: int, dim: int, n_centres: int, model: str = "lite0", seed: int = 0):
+        g = np.random.default_rng(seed)
+        self.n, self.dim, self.seed, self.model = n, dim, seed, model
+        between, view, centre_var, self.class_var, self.view_var = MODELS[model]
+        self.rot = np.linalg.qr(g.standard_normal((dim, dim)))[0].astype(np.float32)
+        self.mean = unit(g.standard_normal((1, dim), dtype=np.float32))
+        self.between, self.view = self.spectrum(between), self.spectrum(view)
+        self.centres = self.mean + np.sqrt(centre_var) * self.gauss(g, min(n_centres, n), self.between)
+
+    def spectrum(self, slope: float) -> np.ndarray:
+        var = np.arange(1, self.dim + 1, dtype=np.float64) ** -slope
+        return np.sqrt(var / var.sum()).astype(np.float32)
+
+    def gauss(self, g, m: int, std: np.ndarray) -> np.ndarray:
+        return (g.standard_normal((m, self.dim), dtype=np.float32) * std) @ self.rot
+
+    def classes(self, a: int, b: int) -> np.ndarray:
+        g = np.random.default_rng((self.seed, a))
+        owner = g.integers(0, len(self.centres), b - a)
+        return self.centres[owner] + np.sqrt(self.class_var) * self.gauss(g, b - a, self.between)
+
+    def image(self, classes: np.ndarray, seed) -> np.ndarray:
+        return unit(classes + np.sqrt(self.view_var) * self.gauss(np.random.default_rng(seed), len(classes), self.view))
+
+    def chunks(self, keep=None):
+        """(a, b, prototypes a..b); rows listed in ``keep`` also get their class vectors kept."""
+        kept = {}
+        for a in range(0, self.n, CHUNK):
+            b = min(self.n, a + CHUNK)
+            classes = self.classes(a, b)
+            if keep is not None:
+                kept.update((int(r), classes[r - a].copy()) for r in keep[(keep >= a) & (keep < b)])  # not views
+            yield a, b, self.image(classes, (self.seed, a, 1))
+        self.kept = kept
+
+    def novel(self, m: int, seed: int) -> np.ndarray:
+        g = np.random.default_rng(seed)
+        owner = g.integers(0, len(self.centres), m)
+        return self.image(self.centres[owner] + np.sqrt(self.class_var) * self.gauss(g, m, self.between), (seed, 1))
+
+
+def label(i: int) -> str:
+    return f"c{i}"
+
+
+# ---------------------------------------------------------------- timing
+
+def time_queries(fn, queries: np.ndarray) -> tuple[np.ndarray, list]:
+    fn(queries[:1])  # warm
+    times, out = [], []
+    for q in queries:
+        t = time.perf_counter()
+        out.append(fn(q[None]))
+        times.append(time.perf_counter() - t)
+    return np.array(times) * 1e3, out
+
+
+def pct(ms: np.ndarray, p: float) -> float:
+    return float(np.percentile(ms, p))
+
+
+def top1_rows(results) -> np.ndarray:
+    return np.array([int(r.labels[0][0][1:]) for r in results])
+
+
+# ---------------------------------------------------------------- phases
+
+def build_registry(data: Synthetic, src: np.ndarray | None = None, **kw) -> tuple[Registry, float, float]:
+    """A registry of the data's prototypes, added with add_many chunk by chunk, then its index built."""
+    reg = Registry(data.dim, **kw)
+    t = time.perf_counter()
+    for a, b, c in data.chunks(keep=src):
+        reg.add_many([label(i) for i in range(a, b)], c)
+    add_s = time.perf_counter() - t
+    t = time.perf_counter()
+    reg.search(data.centres[:1], 1)  # builds the index
+    return reg, add_s, time.perf_counter() - t
+
+
+def make_queries(data: Synthetic, src: np.ndarray, n_novel: int, seed: int) -> np.ndarray:
+    near = data.image(np.stack([data.kept[int(r)] for r in src]), seed)  # new images of registered classes
+    return np.ascontiguousarray(np.concatenate([near, data.novel(n_novel, seed + 1)]))
+
+
+def exact_phase(data: Synthetic, queries: np.ndarray, src: np.ndarray, seed: int):
+    """Exact top-1 of the queries and exact single-query latency over the same prototypes (freed after)."""
+    x = np.empty((data.n, data.dim), np.float32)
+    for a, b, c in data.chunks():
+        x[a:b] = c
+    g = np.random.default_rng(seed)
+    pairs = g.integers(0, data.n, (2, 2000))
+    stats = (float(np.median((x[pairs[0]] * x[pairs[1]]).sum(1))),
+             float(np.median((queries[:len(src)] * x[src]).sum(1))))
+    t = time.perf_counter()
+    _, ref = faiss.knn(queries, x, 1, faiss.METRIC_INNER_PRODUCT)
+    batch_s = time.perf_counter() - t
+    n_timed = int(np.clip(20 / (data.n * data.dim * 4 / 4e9), 10, min(200, len(queries))))  # ~20 s
+    ms, _ = time_queries(lambda q: faiss.knn(q, x, 1, faiss.METRIC_INNER_PRODUCT), queries[:n_timed])
+    del x
+    gc.collect()
+    return ref[:, 0], ms, batch_s, int((ref[:len(src), 0] == src).sum()), stats
+
+
+def flat_sweep(dim: int, sizes: list[int]) -> None:
+    print(f"\n### Exact (Flat) single-query search by size, dim {dim} (where 'auto' stops being exact)\n")
+    print("| prototypes | MiB scanned | p50 ms | p99 ms |")
+    print("|---:|---:|---:|---:|")
+    g = np.random.default_rng(0)
+    for n in sizes:
+        reg = Registry(dim, index="Flat")
+        reg.add_many([label(i) for i in range(n)], g.standard_normal((n, dim), dtype=np.float32))
+        ms, _ = time_queries(lambda q: reg.search(q, 100), g.standard_normal((200, dim), dtype=np.float32))
+        print(f"| {n:,} | {n * dim * 4 / 2**20:.0f} | {pct(ms, 50):.2f} | {pct(ms, 99):.2f} |", flush=True)
+        del reg
+    print(f"\n'auto' threshold = AUTO_FLAT_FLOATS // dim = {AUTO_FLAT_FLOATS // dim:,} prototypes at dim {dim}")
+
+
+def param_sweep(reg: Registry, queries: np.ndarray, ref: np.ndarray, data_name: str) -> None:
+    if not reg.index_in_use.startswith("IVF"):
+        print(f"\n(no parameter sweep at {len(reg):,} prototypes: the index in use is exact)")
+        return
+    print(f"\n#### Search parameters at {len(reg):,} prototypes, {data_name} data ({reg.index_in_use}), "
+          f"{len(queries)} queries, k=1\n")
+    print("| nprobe | rerank | recall@1 | p50 ms | p99 ms |")
+    print("|---:|---:|---:|---:|---:|")
+    nlist = int(reg.index_in_use.split(",")[0][3:])
+    for nprobe in sorted({16, 32, 64, 128, 256, 512, nlist // 8} & set(range(1, nlist + 1))):
+        for rerank in (128, 512):
+            ms, res = time_queries(lambda q: reg.search(q, 1, params={"nprobe": nprobe, "rerank": rerank}), queries)
+            print(f"| {nprobe} | {rerank} | {(top1_rows(res) == ref).mean():.3f} | {pct(ms, 50):.2f} | "
+                  f"{pct(ms, 99):.2f} |", flush=True)
+
+
+def hnsw_compare(data: Synthetic, queries: np.ndarray, ref: np.ndarray) -> list[str]:
+    gc.collect()
+    before = rss()
+    reg, add_s, build_s = build_registry(data, index="HNSW32")
+    per = (rss() - before) / data.n
+    rows = []
+    for ef in (64, 128, 256, 512):
+        ms, res = time_queries(lambda q: reg.search(q, 1, params={"efSearch": ef, "rerank": 1}), queries)
+        rows.append(f"| HNSW32 efSearch={ef} | {data.model} | {data.n:,} | {add_s + build_s:.1f} | {per:,.0f} | "
+                    f"{pct(ms, 50):.2f} | {pct(ms, 99):.2f} | {(top1_rows(res) == ref).mean():.3f} |")
+    del reg
+    gc.collect()
+    return rows
+
+
+def run_size(n: int, model: str, args, tmp: Path) -> dict:
+    """Registry first (memory measured alone), saved and freed; then the exact baseline over the
+    same vectors (freed); then the registry loaded back and searched."""
+    reset_peak()
+    data = Synthetic(n, args.dim, args.centres, model)
+    g = np.random.default_rng(7)
+    half = args.queries // 2
+    src = g.integers(0, n, half)
+    gc.collect()
+    before = rss()
+    reg, add_s, build_s = build_registry(data, src)
+    per = (rss() - before) / n
+    in_use = reg.index_in_use
+    print(f"[{n:,} {model}] add_many {add_s:.1f}s, index build {build_s:.1f}s -> {in_use}", flush=True)
+    queries = make_queries(data, src, args.queries - half, seed=7)
+    check = queries[:: max(1, len(queries) // 20)]
+    expected = reg.search(check, 10)
+    path = tmp / f"reg-{n}"
+    t = time.perf_counter()
+    reg.save(path)
+    save_s = time.perf_counter() - t
+    disk = sum(f.stat().st_size for f in path.iterdir())
+    del reg
+    gc.collect()
+
+    t = time.perf_counter()
+    ref, exact_ms, exact_batch_s, src_top1, stats = exact_phase(data, queries, src, seed=7)
+    print(f"[{n:,} {model}] exact phase {time.perf_counter() - t:.1f}s (batched exact search of {len(queries)} "
+          f"queries {exact_batch_s:.1f}s); data: median cosine of random prototype pairs {stats[0]:.2f}, of "
+          f"a near query and its class's prototype {stats[1]:.2f}; {src_top1}/{half} near queries have "
+          f"their class as exact top-1", flush=True)
+
+    t = time.perf_counter()
+    reg = Registry.load(path)
+    load_s = time.perf_counter() - t
+    got = reg.search(check, 10)
+    same = got.labels == expected.labels and np.array_equal(got.scores, expected.scores)
+    assert reg.index_in_use == in_use
+    ms1, res1 = time_queries(lambda q: reg.search(q, 1), queries)
+    ms100, _ = time_queries(lambda q: reg.search(q, 100), queries[:: max(1, len(queries) // 200)])
+    recall = top1_rows(res1) == ref
+    if args.sweep:
+        pick = np.linspace(0, len(queries) - 1, min(len(queries), args.sweep_queries)).astype(int)  # both halves
+        param_sweep(reg, queries[pick], ref[pick], model)
+    del reg
+    gc.collect()
+    shutil.rmtree(path)
+    hnsw = hnsw_compare(data, queries, ref) if args.hnsw_at == n else []
+    return dict(n=n, model=model, in_use=in_use, add_s=add_s, build_s=build_s, per=per, p50=pct(ms1, 50),
+                p99=pct(ms1, 99), p50_100=pct(ms100, 50), p99_100=pct(ms100, 99), recall=recall.mean(),
+                recall_near=recall[:half].mean(), recall_novel=recall[half:].mean(),
+                exact_p50=pct(exact_ms, 50), exact_n=len(exact_ms), save_s=save_s, load_s=load_s,
+                disk=disk, same=same, peak=peak_rss(), hnsw=hnsw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--dim", type=int, default=1280)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--centres", type=int, default=10_000)
+    ap.add_argument("--data", nargs="+", choices=sorted(MODELS), default=["lite0", "clustered"],
+                    help="synthetic data: lite0 (calibrated on real embeddings, hard) and/or clustered (easy)")
+    ap.add_argument("--sweep", action="store_true", help="recall/latency over nprobe x rerank")
+    ap.add_argument("--sweep-queries", type=int, default=400)
+    ap.add_argument("--flat-sweep", action="store_true", help="exact latency by size (the auto threshold)")
+    ap.add_argument("--hnsw-at", type=int, default=0, help="also build HNSW32 at this size (slow)")
+    ap.add_argument("--tmp", default=None, help="where to save registries (default: system temp)")
+    args = ap.parse_args()
+
+    print(f"# Registry scale benchmark: dim {args.dim}, {args.queries} queries, {args.centres:,} centres")
+    print(f"cores: {os.cpu_count()}, faiss threads: {faiss.omp_get_max_threads()}, load average at start: "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}, memory: "
+          f"{gib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))}\n", flush=True)
+    print("data: " + "; ".join(f"{m}: {MODELS[m]}" for m in args.data) + " (slopes, variances; see Synthetic)")
+    if args.flat_sweep:
+        flat_sweep(args.dim, [1000, 2000, 4000, AUTO_FLAT_FLOATS // args.dim, 10000, 20000, 50000])
+    tmp = Path(tempfile.mkdtemp(prefix="fewshot-scale-", dir=args.tmp))
+    results = []
+    try:
+        for n in args.sizes:
+            for model in args.data:
+                need = n * args.dim * 4 * 1.25
+                avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+                if need > 0.8 * avail:
+                    print(f"[{n:,}] skipped: needs ~{gib(need)} resident, {gib(avail)} free now")
+                    continue
+                results.append(run_size(n, model, args, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\n### Registry (index='auto'), dim {args.dim}; exact = FAISS flat over the same vectors\n")
+    print("| prototypes | data | index in use | add_many s | index build s | bytes/prototype | p50 ms k=1 | "
+          "p99 ms k=1 | p50 ms k=100 | exact p50 ms | speedup | recall@1 (near / novel) | save s | "
+          "load s | on disk | peak RSS |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['n']:,} | {r['model']} | {r['in_use']} | {r['add_s']:.1f} | {r['build_s']:.1f} | {r['per']:,.0f} "
+              f"({r['per'] / (4 * args.dim):.2f}x 4*dim) | {r['p50']:.2f} | {r['p99']:.2f} | {r['p50_100']:.2f} | "
+              f"{r['exact_p50']:.1f} | {r['exact_p50'] / r['p50']:.0f}x | {r['recall']:.3f} "
+              f"({r['recall_near']:.3f} / {r['recall_novel']:.3f}) | {r['save_s']:.1f} | {r['load_s']:.1f} | "
+              f"{gib(r['disk'])} | {gib(r['peak'])} |")
+    for r in results:
+        if not r["same"]:
+            print(f"WARNING: the loaded {r['n']:,} registry answered differently")
+    hnsw = [row for r in results for row in r["hnsw"]]
+    if hnsw:
+        print("\n### Alternative: HNSW32 (efConstruction 40; plain top-1, no re-scoring), same queries\n")
+        print("| index | data | prototypes | build s | bytes/prototype | p50 ms k=1 | p99 ms k=1 | recall@1 |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print("\n".join(hnsw))
+    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
