@@ -180,7 +180,10 @@ def spawn(args, row: str, episodes: int, reps: int) -> dict:
         command += ["--features", str(args.features), "--labels", str(args.labels)]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if args.threads:  # numpy's BLAS (the Gram matrix of evaluate_batch) gets the same thread count as torch
+        env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(args.threads)
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:
         return {"row": row, "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -175,7 +175,8 @@ def _batch_predictions(x: torch.Tensor, batch: EpisodeBatch, metric: str) -> np.
     support = batch.support.reshape(len(batch), ways, shots)
     # A GEMM costs ~0.02 ns per multiply-add here, gathering rows ~3 ns per float: Gram when cheaper.
     if n <= _GRAM_MAX_ITEMS and n * n <= 50 * len(batch) * (batch.support.shape[1] + batch.query.shape[1]):
-        g = _symmetric_gram(x).numpy().ravel()
+        rows = x.numpy()
+        g = (rows @ rows.T).ravel()  # numpy sees x @ x.T and computes one triangle (BLAS syrk): half the work
         qp = torch.from_numpy(g[batch.query[:, :, None, None] * n + support[:, None]].mean(axis=3))  # (E, Q, W)
         pp = torch.from_numpy(g[support[..., :, None] * n + support[..., None, :]].mean(axis=(2, 3)))  # (E, W)
     else:
@@ -191,20 +192,6 @@ def _batch_predictions(x: torch.Tensor, batch: EpisodeBatch, metric: str) -> np.
     else:  # squared L2 without |q|^2, which is the same for every class
         logits = 2 * qp - pp[:, None, :]
     return logits.argmax(dim=2).numpy()
-
-
-def _symmetric_gram(x: torch.Tensor, blocks: int = 3) -> torch.Tensor:
-    """x @ x.T computing only the blocks on and below the diagonal (2/3 of the work for 3 blocks)."""
-    n = len(x)
-    step = -(-n // blocks)
-    g = torch.empty(n, n, dtype=x.dtype)
-    for i in range(0, n, step):
-        for j in range(0, i + 1, step):
-            block = x[i:i + step] @ x[j:j + step].T
-            g[i:i + step, j:j + step] = block
-            if i != j:
-                g[j:j + step, i:i + step] = block.T
-    return g
 
 
 def _prototype_scorer(embedded: torch.Tensor, metric: str):
