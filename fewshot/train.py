@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .episodes import EpisodeSampler
-from .heads._base import Head, prototype_logits
+from .evaluate import evaluate_episodes
+from .heads._base import Head
 
 
 @dataclass
@@ -59,25 +60,23 @@ def _episode_tensors(episode):
             torch.from_numpy(np.asarray(episode.query_labels, dtype=np.int64)))
 
 
-def _validate(head: Head, x: torch.Tensor, episodes: list) -> float:
+def _validate(head: Head, x: torch.Tensor, labels: np.ndarray, episodes: list) -> float:
     """Mean query accuracy of ``head`` over fixed ``episodes`` (eval mode)."""
     head.eval()
-    accuracies = []
     with torch.no_grad():
-        # Heads using the default nearest-prototype logits embed each item independently in eval
-        # mode, so every validation item is embedded once instead of once per episode.
-        fast = not head.adapts and type(head).episode_logits is Head.episode_logits
-        z = torch.cat([head(chunk) for chunk in x.split(1024)]) if fast else None
-        for episode in episodes:
-            s, sl, q, ql = _episode_tensors(episode)
-            ways = len(episode.classes)
-            if fast:
-                logits = prototype_logits(z[s], sl, z[q], ways, head.metric, head.cosine_scale())
-            else:
-                logits = head.episode_logits(x[s], sl, x[q], ways)
-            accuracies.append((logits.argmax(1) == ql).float().mean().item())
+        if not head.adapts and type(head).episode_logits is Head.episode_logits:
+            # Default nearest-prototype logits: embed every item once, then score all episodes batched.
+            z = torch.cat([head(chunk) for chunk in x.split(1024)]).numpy()
+            accuracy = evaluate_episodes(z, labels, episodes, metric=head.metric, progress=False).accuracy
+        else:
+            accuracies = []
+            for episode in episodes:
+                s, sl, q, ql = _episode_tensors(episode)
+                logits = head.episode_logits(x[s], sl, x[q], len(episode.classes))
+                accuracies.append((logits.argmax(1) == ql).float().mean().item())
+            accuracy = float(np.mean(accuracies))
     head.train()
-    return float(np.mean(accuracies))
+    return accuracy
 
 
 def train_head(head: Head, features, labels, *, groups=None, ways: int = 20, shots: int = 1, queries: int = 5,
@@ -170,7 +169,7 @@ def train_head(head: Head, features, labels, *, groups=None, ways: int = 20, sho
                              "train_accuracy": correct / seen if seen else None, "val_accuracy": None}
                     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
                     if val_set:
-                        acc = _validate(head, val_x, val_set)
+                        acc = _validate(head, val_x, val_codes, val_set)
                         point["val_accuracy"] = acc
                         if best_acc is None or acc > best_acc:
                             best_acc, best_episode, stale = acc, run, 0
