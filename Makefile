@@ -25,6 +25,13 @@ test: $(STAMP) $(L2L_STAMP)
 clean:
 	rm -rf demo-output .pytest_cache
 
+# Durability under stress (issue #5): the crash tests with 2000 random SIGKILLs instead of 200, and
+# ten times the bit flips and truncations of the fuzz test (about 24,000 mutated registries).
+.PHONY: stress
+stress: $(STAMP)
+	FEWSHOT_STRESS_KILLS=2000 FEWSHOT_STRESS_FUZZ=10 $(BIN)/python -m pytest -q -s \
+		tests/test_crash_safety.py tests/test_integrity_fuzz.py tests/test_concurrency.py
+
 # learn2learn 0.2.0 ships only an sdist whose generated C does not compile on Python >= 3.11:
 # regenerate its three Cython modules with Cython 3, then install without its heavy declared
 # dependencies (qpth pins numpy<2; gsutil is large); `gym` and `requests` are all it needs to import.

@@ -57,7 +57,8 @@ class EmbeddingCache:
                       f"Delete the file or set FEWSHOT_CACHE_DIR to fix this.", RuntimeWarning, stacklevel=3)
 
     def get_many(self, encoder_id: str, digests: list[str], *, dim: int) -> dict[str, np.ndarray]:
-        """Cached vectors for the digests that are present (entries of the wrong size are ignored)."""
+        """Cached vectors for the digests that are present (entries of the wrong size or with NaN or
+        infinity, e.g. a tampered file, are ignored: those images are embedded again)."""
         found: dict[str, np.ndarray] = {}
         with self._lock:
             conn = self._connect()
@@ -69,9 +70,11 @@ class EmbeddingCache:
                     marks = ",".join("?" * len(chunk))
                     query = f"SELECT digest, vector FROM embeddings WHERE encoder = ? AND digest IN ({marks})"
                     rows = conn.execute(query, [encoder_id, *chunk])
-                    for digest, blob in rows:
+                    for digest, blob in rows:  # anything but dim finite float32s is ignored
                         if isinstance(blob, bytes) and len(blob) == 4 * dim:
-                            found[digest] = np.frombuffer(blob, dtype="<f4").copy()
+                            vector = np.frombuffer(blob, dtype="<f4")
+                            if np.isfinite(vector).all():
+                                found[digest] = vector.copy()
             except sqlite3.Error as exc:
                 self._disable(exc)
         return found

@@ -19,7 +19,7 @@ from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder,
 from .errors import EncoderMismatchError, ImageError, WeightsError
 from .data import class_folders
 from .heads import Head, load_head
-from .registry import Registry
+from .registry import MANIFEST, Registry, _check_label, _lock_dir
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
 # squared L2 distances are already on a large scale.
@@ -64,7 +64,8 @@ class FewShotClassifier:
     stages: intermediate feature stages (see ``create_encoder``). metric: "cosine" or "l2" (squared).
     head: a trained head (``fewshot train-head``), as a path or a ``Head``: images are embedded by the
     encoder it was trained on, then mapped by the head; the head's metric is used.
-    index: FAISS factory string for the prototype index ("Flat" is exact). temperature: softmax
+    index: "auto" (exact search while the registry is small, an approximate index with exact
+    re-scoring once it is large; see ``Registry``) or a FAISS factory string ("Flat" is always exact). temperature: softmax
     temperature (default per metric). unknown_threshold: below this top-1 probability, the label
     is None ("unknown"). store_examples: keep every example embedding, not only prototypes.
     cache: True (default location), a path, or False for no embedding cache.
@@ -72,7 +73,7 @@ class FewShotClassifier:
 
     def __init__(self, encoder: str | Encoder = DEFAULT_ENCODER, *, weights: str | os.PathLike | None = None,
                  stages=None, head: str | os.PathLike | Head | None = None, metric: str = "cosine",
-                 index: str = "Flat", temperature: float | None = None, unknown_threshold: float | None = None,
+                 index: str = "auto", temperature: float | None = None, unknown_threshold: float | None = None,
                  store_examples: bool = False, cache: bool | str | os.PathLike = True,
                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None):
         self.encoder = encoder
@@ -138,12 +139,16 @@ class FewShotClassifier:
     def _embed(self, images) -> Embeddings:
         result = self.encoder_.embed_batch(images, batch_size=self.batch_size, cache=self._embedding_cache(),
                                            progress=self.progress)
-        if self.head_ is None:
-            return result
-        vectors = np.full((len(result.errors), self.head_.out_dim), np.nan, dtype=np.float32)
-        if result.ok.any():
-            vectors[result.ok] = self.head_.transform(result.vectors[result.ok])
-        return Embeddings(vectors=vectors, sources=result.sources, errors=result.errors)
+        vectors = result.vectors
+        if self.head_ is not None:
+            vectors = np.full((len(result.errors), self.head_.out_dim), np.nan, dtype=np.float32)
+            if result.ok.any():
+                vectors[result.ok] = self.head_.transform(result.vectors[result.ok])
+        # A NaN or infinite embedding (broken weights or head) fails its image alone, like a bad file.
+        errors = [err if err or np.isfinite(v).all() else
+                  f"{src}: its embedding is not finite (NaN or infinity); check the encoder weights and head"
+                  for src, err, v in zip(result.sources, result.errors, vectors)]
+        return Embeddings(vectors=vectors, sources=result.sources, errors=errors)
 
     # -- registering ----------------------------------------------------------------------------
     def register(self, label: str, images) -> RegisterReport:
@@ -151,8 +156,11 @@ class FewShotClassifier:
 
         A new label creates the class; an existing one gains examples (its prototype is a running
         mean, so this is cheap). Bad images fail alone and are listed in the report; if none of the
-        images could be used, ``ImageError`` is raised and nothing changes.
+        images could be used (or none were given), ``ImageError`` is raised and nothing changes.
+        Labels are any text up to 1024 characters without NUL ("/" and ".." are fine: labels are never
+        file names). Opened with ``FewShotClassifier.open``, the change is saved before this returns.
         """
+        _check_label(label)  # before the (slow) embedding
         result = self._embed(images)
         failures = [e for e in result.errors if e]
         if not len(result.errors):
@@ -160,18 +168,32 @@ class FewShotClassifier:
         if not result.ok.any():
             raise ImageError(f"none of the {len(result.errors)} images for class {label!r} could be used:\n  "
                              + "\n  ".join(failures))
+        self._store_settings()
         self.registry_.add(label, result.vectors[result.ok])
-        return RegisterReport(label=label, added=int(result.ok.sum()), total=self.registry_.counts[label],
+        return RegisterReport(label=label, added=int(result.ok.sum()), total=self.registry_.count(label),
                               errors=failures)
 
     def register_folder(self, root: str | os.PathLike) -> list[RegisterReport]:
-        """Register one class per subfolder of ``root`` (the subfolder's name is the label)."""
-        return [self.register(label, paths) for label, paths in class_folders(root).items()]
+        """Register one class per subfolder of ``root`` (the subfolder's name is the label).
+
+        All or nothing when opened with ``FewShotClassifier.open``: saved once at the end, and a
+        folder that fails (e.g. no usable image) undoes the others."""
+        folders = class_folders(root)
+        for label in folders:
+            try:
+                _check_label(label)
+            except ValueError:
+                raise ValueError(f"{Path(root) / label}: the folder name {label!r} cannot be a class label "
+                                 "(not valid Unicode text); rename the folder") from None
+        with self.registry_.batch():
+            return [self.register(label, paths) for label, paths in folders.items()]
 
     def remove(self, label: str) -> None:
+        self._store_settings()
         self.registry_.remove(label)
 
     def rename(self, old: str, new: str) -> None:
+        self._store_settings()
         self.registry_.rename(old, new)
 
     @property
@@ -184,10 +206,13 @@ class FewShotClassifier:
 
     # -- predicting -----------------------------------------------------------------------------
     def predict(self, images, top_k: int = 5) -> list[Prediction]:
-        """One ``Prediction`` per input (folders expand to their images), in input order."""
+        """One ``Prediction`` per input (folders expand to their images), in input order.
+
+        ``top_k`` must be a positive integer (else ``ValueError``); more than the number of classes
+        gives them all. An input that cannot be used gets a Prediction with ``error`` set."""
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        if not self.classes:
+        if not len(self.registry_):  # not self.classes: that copies every label, per call
             raise ValueError("no classes registered yet; call register(label, images) first")
         result = self._embed(images)
         predictions: list[Prediction | None] = [
@@ -223,15 +248,57 @@ class FewShotClassifier:
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Save atomically to the directory ``path`` (a crash leaves the old or the new registry)."""
-        registry = self.registry_
-        registry.metadata["classifier"] = {
+        self._store_settings()
+        self.registry_.save(path)
+
+    def _store_settings(self) -> None:
+        """Record what ``load`` needs to rebuild this classifier in the registry's metadata."""
+        self.registry_.metadata["classifier"] = {
             "temperature": self.temperature,
             "unknown_threshold": self.unknown_threshold,
             "weights": str(Path(self.weights).resolve()) if self.weights else None,
             "head": str(Path(self.head).resolve()) if self.head is not None and not isinstance(self.head, Head)
             else None,
         }
-        registry.save(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, encoder: str | Encoder | None = None,
+             weights: str | os.PathLike | None = None, head: str | os.PathLike | Head | None = None,
+             **options) -> "FewShotClassifier":
+        """Open the classifier saved at directory ``path`` for writing, creating it if there is none.
+
+        ``register``, ``register_folder``, ``remove`` and ``rename`` then save (atomically, synced to
+        disk) before they return: what returned survives a crash. The registry's writer lock is held
+        until ``close()`` or the end of a ``with`` block; another writer gets ``RegistryLockedError``
+        at once, while readers (``load``, ``fewshot predict``) need no lock. An existing registry is
+        loaded as ``load`` does (``metric``, ``index`` and ``store_examples`` only apply to a new one).
+        """
+        path = Path(path)
+        lock = _lock_dir(path)
+        try:
+            if (path / MANIFEST).is_file():
+                kept = {k: v for k, v in options.items() if k not in ("metric", "index", "store_examples")}
+                classifier = cls.load(path, encoder=encoder, weights=weights, head=head, **kept)
+            else:
+                classifier = cls(encoder if encoder is not None else DEFAULT_ENCODER, weights=weights, head=head,
+                                 **options)
+            classifier._store_settings()
+            classifier.registry_._bind(path, lock)
+        except BaseException:
+            lock.release()
+            raise
+        return classifier
+
+    def close(self) -> None:
+        """Release the registry's writer lock (``open``); everything that returned is saved already."""
+        if self._registry is not None:
+            self._registry.close()
+
+    def __enter__(self) -> "FewShotClassifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, encoder: str | Encoder | None = None,

@@ -22,6 +22,9 @@ class UsageError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 must not crash a print
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `register REG --class NAME PATH...`: argparse hands paths after an option back as extras.
@@ -51,12 +54,11 @@ def cmd_register(args) -> int:
         raise UsageError("--class NAME needs at least one image or folder path")
     if args.folder and args.paths:
         raise UsageError("--folder DIR takes no extra paths")
-    classifier = _open_or_create(args)
-    if args.folder:
-        reports = classifier.register_folder(args.folder)
-    else:
-        reports = [classifier.register(args.class_name, args.paths)]
-    classifier.save(args.registry)
+    with _open_for_writing(args) as classifier:  # each change is saved before it returns
+        if args.folder:
+            reports = classifier.register_folder(args.folder)
+        else:
+            reports = [classifier.register(args.class_name, args.paths)]
     failures = 0
     for report in reports:
         print(f"{report.label}: +{report.added} image(s), {report.total} in total")
@@ -100,17 +102,15 @@ def cmd_classes(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    classifier = _load(args, need_encoder=False)
-    classifier.registry_.remove(args.class_name)
-    classifier.registry_.save(args.registry)
-    print(f"removed {args.class_name!r}; {len(classifier.registry_)} classes left")
+    with _open_registry(args) as registry:  # saved before remove returns
+        registry.remove(args.class_name)
+    print(f"removed {args.class_name!r}; {len(registry)} classes left")
     return 0
 
 
 def cmd_rename(args) -> int:
-    classifier = _load(args, need_encoder=False)
-    classifier.registry_.rename(args.old, args.new)
-    classifier.registry_.save(args.registry)
+    with _open_registry(args) as registry:
+        registry.rename(args.old, args.new)
     print(f"renamed {args.old!r} to {args.new!r}")
     return 0
 
@@ -207,15 +207,26 @@ def _registry_exists(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def _open_or_create(args):
+def _open_for_writing(args):
+    """The classifier at args.registry (created if absent), holding its writer lock."""
     from .classifier import FewShotClassifier
 
     if _registry_exists(args.registry):
-        return _load(args)
+        return FewShotClassifier.open(args.registry, encoder=args.encoder, weights=args.weights, head=args.head,
+                                      cache=not args.no_cache)
     encoder = None if args.head else _encoder(args)
-    return FewShotClassifier(encoder or "efficientnet_lite0", head=args.head, weights=args.weights,
-                             metric=args.metric, index=args.index, store_examples=args.store_examples,
-                             cache=not args.no_cache)
+    return FewShotClassifier.open(args.registry, encoder=encoder or "efficientnet_lite0", head=args.head,
+                                  weights=args.weights, metric=args.metric, index=args.index,
+                                  store_examples=args.store_examples, cache=not args.no_cache)
+
+
+def _open_registry(args):
+    """The registry at args.registry, for writing without an encoder (remove, rename)."""
+    from .registry import Registry
+
+    if not _registry_exists(args.registry):
+        _load(args, need_encoder=False)  # raises the usual "no registry" error
+    return Registry.open(args.registry)
 
 
 def _encoder(args):
@@ -308,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", metavar="DIR", help="register one class per subfolder of DIR")
     p.add_argument("paths", nargs="*", help="images or folders of images (with --class)")
     p.add_argument("--metric", choices=["cosine", "l2"], default="cosine", help="for a new registry")
-    p.add_argument("--index", default="Flat", help="FAISS factory string for a new registry (default Flat)")
+    p.add_argument("--index", default="auto", help="FAISS factory string for a new registry (default auto: exact "
+                   "search while small, an approximate index with exact re-scoring once large)")
     p.add_argument("--store-examples", action="store_true", help="keep every example embedding (new registry)")
     p.set_defaults(run=cmd_register)
 

@@ -20,6 +20,7 @@ and one stream's decoding overlaps the other's network. Per image only the PIL p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -211,14 +212,18 @@ class Encoder:
     def _run_streams(self, items: list, todo: list[int], vectors: np.ndarray, errors: list, batch_size: int,
                      workers: int | None, bar) -> None:
         """Embed ``items[todo]`` into ``vectors`` with parallel single-threaded streams of whole batches."""
-        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-        total_threads = max(1, torch.get_num_threads())
+        with _torch_threads_kept() as total_threads:
+            self._run_chunks(items, [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)], vectors,
+                             errors, batch_size, workers, bar, total_threads)
+
+    def _run_chunks(self, items: list, chunks: list[list[int]], vectors: np.ndarray, errors: list,
+                    batch_size: int, workers: int | None, bar, total_threads: int) -> None:
         planned = workers or min(total_threads, _MAX_STREAMS)
         streams = max(1, min(planned, len(chunks)))
         # A small call (fewer batches than streams) gives its streams more threads each; inductor bakes the
         # thread count into its kernels, so there it stays fixed and one compile serves every call.
         per_stream = max(1, total_threads // (planned if self.compile == "inductor" else streams))
-        network = self._network(len(todo), batch_size, per_stream)
+        network = self._network(sum(map(len, chunks)), batch_size, per_stream)
         lock, stop = threading.Lock(), threading.Event()
         queue = iter(chunks)
 
@@ -232,8 +237,7 @@ class Encoder:
                 with lock:
                     bar.update(done)
 
-        before = torch.get_num_threads()
-        if streams == 1 and per_stream == before:  # e.g. one image to predict: no thread pool to start
+        if streams == 1 and per_stream == torch.get_num_threads():  # e.g. one image: no thread pool to start
             stream()
             return
         pool = ThreadPoolExecutor(streams, thread_name_prefix="fewshot-embed", initializer=torch.set_num_threads,
@@ -245,7 +249,6 @@ class Encoder:
         finally:
             stop.set()  # on error or interrupt: the other streams finish their batch and stop
             pool.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(before)  # a worker's setting also becomes torch's default for new threads
 
     def _embed_rows(self, items: list, rows: list[int], vectors: np.ndarray, errors: list, network) -> int:
         """Decode, preprocess and embed one batch of rows (in a stream's thread); returns rows handled."""
@@ -326,6 +329,31 @@ class Encoder:
             else:
                 todo.append(i)
         return todo
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_before = 1
+
+
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """Yield torch's thread setting from before any embedding call began, and restore it when the last
+    concurrent call ends. A stream's ``torch.set_num_threads(1)`` becomes the default of threads started
+    later, so each call restoring what it saw itself could leave a lowered setting behind."""
+    global _threads_users, _threads_before
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_before = max(1, torch.get_num_threads())
+        _threads_users += 1
+        threads = _threads_before
+    try:
+        yield threads
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_before)
 
 
 # -- features and compilation -----------------------------------------------------------------

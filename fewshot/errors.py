@@ -36,6 +36,10 @@ class RegistrySaveError(RegistryError, OSError):
     """Saving a registry failed; the previously saved registry is left intact."""
 
 
+class RegistryLockedError(RegistryError):
+    """Another writer (a process, or another open registry object) has the registry open for writing."""
+
+
 class HeadFormatError(FewShotError, ValueError):
     """A saved head is missing, corrupt, tampered with, or from an unsupported format version."""
 

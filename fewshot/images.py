@@ -20,6 +20,7 @@ Conversion rules (always the same, so embeddings are reproducible):
   float -> assumed in [0, 1], * 255 and clipped (NaN/inf rejected); other integers clipped to 0..255.
 * Only the decoders behind ``IMAGE_EXTENSIONS`` are used (JPEG, PNG, BMP, GIF, TIFF, WebP, PPM/PGM/PBM),
   whatever the file name says: exotic Pillow plugins (EPS runs Ghostscript) never see untrusted files.
+* Paths must be regular files (symlinks are followed): a FIFO or a device is refused, never read.
 * Decompression-bomb protection stays on: an image with more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels
   is refused before its pixels are decoded. Truncated files fail (LOAD_TRUNCATED_IMAGES is not set).
 """
@@ -30,6 +31,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -128,8 +130,7 @@ def content_digest(item: ImageInput) -> str:
     label, h = describe(item), hashlib.sha256()
     try:
         if isinstance(item, _PATHS):
-            _refuse_directory(item, label)
-            with open(item, "rb") as f:
+            with _open_file(item, label) as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
         elif isinstance(item, _BYTES):
@@ -165,8 +166,7 @@ def load_image(item: ImageInput, *, min_size: int | None = None) -> Image.Image:
     label = describe(item)
     try:
         if isinstance(item, _PATHS):
-            _refuse_directory(item, label)
-            with open(item, "rb") as f:
+            with _open_file(item, label) as f:
                 return _decode(f, label, min_size)
         if isinstance(item, _BYTES):
             return _decode(io.BytesIO(item), label, min_size)
@@ -266,6 +266,18 @@ def _to_uint8(arr: np.ndarray, label: str) -> np.ndarray:
 def _check_min_size(min_size: Any) -> None:
     if min_size is not None and (isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1):
         raise ValueError(f"min_size must be a positive integer or None, got {min_size!r}")
+
+
+def _open_file(path: Any, label: str):
+    """Open a path for reading if it is a regular file (following symlinks). A FIFO named x.jpg
+    would block the reader forever, and /dev/zero would feed it forever: both are refused."""
+    _refuse_directory(path, label)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise ImageError(f"{label}: not a regular file (a device, FIFO or socket); pass image files")
+    return f
 
 
 def _refuse_directory(path: Any, label: str) -> None:

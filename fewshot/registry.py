@@ -3,9 +3,11 @@
 The registry knows nothing of images or encoders: it takes and returns numpy arrays and keeps an
 opaque JSON-able ``fingerprint`` of the encoder that produced them. It holds work users cannot
 easily redo, so saving is crash-safe (generation-numbered data files, then an atomically replaced
-manifest) and loading is paranoid (sizes and sha256 checked before any data file is parsed).
-Nothing is ever unpickled: the formats are JSON, ``.npy`` with ``allow_pickle=False`` and
-``faiss.serialize_index`` bytes.
+manifest, fsynced in that order) and loading is paranoid (sizes and sha256 checked before any data
+file is parsed; the manifest checks itself). ``Registry.open`` binds a registry to its directory:
+each change is saved before it returns, under a writer lock (``fewshot.locking``) that keeps a
+second writer out while readers go on. Nothing is ever unpickled: the formats are JSON, ``.npy``
+read without pickle, and ``faiss.serialize_index`` bytes.
 
 Scale: prototypes live in one growable ``(capacity, dim)`` float32 array (measured ~1.1x
 ``4 * dim`` bytes per class at 1M x 1280, index included), so a million classes load and save in
@@ -23,12 +25,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import hashlib
 import io
 import json
 import math
 import os
 import re
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -44,9 +48,12 @@ from .errors import (
     RegistrySaveError,
     UnknownClassError,
 )
+from .locking import LOCK_FILE, WriterLock
 
 METRICS = ("cosine", "l2")  # "l2" = squared Euclidean
-FORMAT_VERSION = 2  # 2: "index_in_use" / "auto_threshold" fields; IVF indexes keep their own ids
+# 2: "index_in_use" / "auto_threshold" fields; IVF indexes keep their own ids.
+# 3: "manifest_sha256", the manifest's checksum of itself (see _seal).
+FORMAT_VERSION = 3
 FORMAT_NAME = "fewshot-registry"
 MANIFEST = "manifest.json"
 MAX_DIM = 65536
@@ -55,6 +62,8 @@ MAX_MANIFEST_BYTES = 256 * 2**20  # a hostile manifest must not be able to exhau
 _MAX_INT = 2**62  # upper bound for ids, counts and generations read from disk
 _DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids)-(\d+)\.(npy|faiss)$")
 _TMP_PREFIX, _TMP_SUFFIX = ".fewshot-", ".tmp"
+_LOAD_ATTEMPTS = 10  # reads racing a writer's saves retry this often before giving up
+_MAX_FACTORY_NUMBER = 2**22  # e.g. IVF lists: 4M lists would already suit billions of classes
 _MISMATCH_HINT = ("load it with the encoder it was built with (FewShotClassifier.load picks it "
                   "automatically) or re-register the classes with this encoder")
 
@@ -85,10 +94,22 @@ class SearchResult:
 # ---------------------------------------------------------------- validation helpers
 
 def _check_label(label) -> str:
-    if not isinstance(label, str) or not label or "\0" in label or len(label) > MAX_LABEL_LEN:
+    """Labels are any non-empty text of at most MAX_LABEL_LEN characters without NUL, valid Unicode
+    (no lone surrogates, such as an undecodable folder name gives). They are never used as file names,
+    so "/", ".." or newlines are just characters."""
+    if (not isinstance(label, str) or not label or "\0" in label or len(label) > MAX_LABEL_LEN
+            or not _is_unicode(label)):
         raise ValueError(f"invalid class label {label!r}: a label must be a non-empty string of at "
-                         f"most {MAX_LABEL_LEN} characters without NUL")
+                         f"most {MAX_LABEL_LEN} characters without NUL or lone surrogates")
     return label
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _chunk_rows(dim: int) -> int:
@@ -226,6 +247,26 @@ _PARAMS = {"flat": {}, "ivf": {"nprobe": 1, "max_codes": 0, "rerank": 1},
 
 # ---------------------------------------------------------------- the registry
 
+def _saved(method):
+    """Mark a mutating method: on a registry opened with ``Registry.open``, the change is saved
+    before the call returns (once, by the outermost call or batch). Each method checks its arguments
+    before it changes anything, so a call that raises has changed nothing and there is nothing to save."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self._path is None:
+            return method(self, *args, **kwargs)
+        with self._lock:
+            self._depth += 1
+            try:
+                result = method(self, *args, **kwargs)
+            finally:
+                self._depth -= 1
+            if self._depth == 0:
+                self._persist()
+            return result
+    return wrapper
+
+
 class Registry:
     """Named classes -> prototype vectors, searchable by nearest prototype.
 
@@ -239,6 +280,11 @@ class Registry:
     store_examples: keep every raw example vector, not only the running means.
 
     Thread-safe: every method takes the registry's lock; searches see a consistent registry.
+    ``Registry.open(path, dim, ...)`` gives a registry that saves each change before returning.
+
+    Labels are any non-empty text of at most ``MAX_LABEL_LEN`` characters without NUL; vectors must
+    be finite, of dimension ``dim`` (and not zero for cosine); ``search`` k must be >= 1 (more than
+    the number of classes returns them all). Anything else raises ``ValueError`` and changes nothing.
     """
 
     def __init__(self, dim: int, *, metric: str = "cosine", index: str = AUTO,
@@ -265,8 +311,8 @@ class Registry:
             self._threshold = None
             try:  # fail now on a bad factory string, not at the first search
                 self._param_kind = _kind(faiss.index_factory(self._dim, index, self._faiss_metric))
-            except (RuntimeError, TypeError) as e:
-                raise ValueError(f"invalid FAISS index factory string {index!r}: {e}") from None
+            except (RuntimeError, TypeError, MemoryError) as e:  # MemoryError: e.g. IVF999999999
+                raise ValueError(f"invalid FAISS index factory string {index!r}: {e or 'out of memory'}") from None
         self._fingerprint = _json_copy(fingerprint or {}, "fingerprint")
         self._store_examples = bool(store_examples)
         self.metadata = copy.deepcopy(metadata) if metadata is not None else {}
@@ -291,6 +337,10 @@ class Registry:
         self._stale = True  # index must be (re)built from the prototypes before use
         self._fallback = False  # index is an exact flat stand-in for an untrainable one
         self._lock = threading.RLock()
+        # Bound mode (Registry.open): the directory every change is saved to, and its writer lock.
+        self._path: Path | None = None
+        self._writer_lock: WriterLock | None = None
+        self._depth = 0  # nesting of mutating calls and batches; the outermost one saves
 
     # -- read-only properties
     dim = property(lambda self: self._dim)
@@ -388,6 +438,7 @@ class Registry:
         unit = _normalise(raw, f"class {label!r}") if self._metric == "cosine" else raw
         return raw, unit
 
+    @_saved
     def add(self, label: str, vectors) -> None:
         """Create the class if new, else add examples to it."""
         _check_label(label)  # before the dict lookup, which an unhashable label would break
@@ -397,6 +448,7 @@ class Registry:
             else:
                 self.add_class(label, vectors)
 
+    @_saved
     def add_class(self, label: str, vectors) -> None:
         raw, x = self._prepare(label, vectors)
         with self._lock:
@@ -408,6 +460,7 @@ class Registry:
                               len(x), [raw])
             self._index_add(rows)
 
+    @_saved
     def add_many(self, labels, vectors) -> None:
         """Add ``len(labels)`` new classes at once, one vector each (row i of ``vectors`` is the
         single example of ``labels[i]``): the bulk-load path, vectorised, one FAISS add.
@@ -461,6 +514,7 @@ class Registry:
             self._commit_rows(rows, labels, None, 1, raw)
             self._index_add(rows)
 
+    @_saved
     def add_examples(self, label: str, vectors) -> None:
         raw, x = self._prepare(label, vectors)
         with self._lock:
@@ -477,6 +531,7 @@ class Registry:
             if self._index_remove(cid):
                 self._index_add(np.array([row], np.int64))
 
+    @_saved
     def remove(self, label: str) -> None:
         with self._lock:
             row = self._get(label)
@@ -489,6 +544,7 @@ class Registry:
             self._free.append(row)
             self._index_remove(cid)
 
+    @_saved
     def rename(self, old: str, new: str) -> None:
         _check_label(new)
         with self._lock:
@@ -726,48 +782,163 @@ class Registry:
             return False
         return True
 
+    # -- bound mode: every change saved before it returns
+    @classmethod
+    def open(cls, path, dim: int | None = None, **options) -> "Registry":
+        """Open the registry at directory ``path`` for writing, creating it if there is none yet
+        (``dim`` and ``options`` as for ``Registry(...)``; an existing registry is loaded as saved, and
+        ``dim``, ``metric`` and ``fingerprint``, if given, must match it).
+
+        Every change (add, add_class, add_many, add_examples, remove, rename) is saved atomically
+        before the call returns, so a change that returned survives a crash or a kill. If that save
+        fails, ``RegistrySaveError`` is raised and the change is undone in memory too (reloaded from
+        ``path``). ``with reg.batch():`` saves several changes once. The registry holds ``path``'s
+        writer lock until ``close()`` (or the end of a ``with Registry.open(...)`` block, or the
+        process's death); another writer gets ``RegistryLockedError`` at once. Readers
+        (``Registry.load``) take no lock and see the last completed save.
+        """
+        path = Path(path)
+        lock = _lock_dir(path)
+        try:
+            if (path / MANIFEST).is_file():
+                reg = cls.load(path, expected_fingerprint=options.get("fingerprint"))
+                for name, value in (("dim", dim), ("metric", options.get("metric"))):
+                    if value is not None and value != getattr(reg, name):
+                        raise ValueError(f"the registry at {path} has {name} {getattr(reg, name)!r}, not "
+                                         f"{value!r}; open it without {name}= or use another path")
+            elif dim is None:
+                raise RegistryFormatError(f"no registry at {path}; pass dim (and options) to create one")
+            else:
+                reg = cls(dim, **options)
+        except BaseException:
+            lock.release()
+            raise
+        reg._bind(path, lock)
+        return reg
+
+    def _bind(self, path: Path, lock: WriterLock) -> None:
+        with self._lock:
+            if self._path is not None:
+                lock.release()
+                raise ValueError(f"this registry is already open for writing at {self._path}")
+            self._path, self._writer_lock = Path(path), lock
+
+    @property
+    def path(self) -> Path | None:
+        """The directory this registry saves every change to (``Registry.open``), else None."""
+        return self._path
+
+    def close(self) -> None:
+        """Release the writer lock; changes are no longer saved automatically (the registry stays
+        usable in memory). Everything that returned has been saved already."""
+        with self._lock:
+            if self._writer_lock is not None:
+                self._writer_lock.release()
+            self._path, self._writer_lock = None, None
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Group changes of a registry opened with ``Registry.open``: they are saved once, when the
+        block ends, and if the block raises they are all undone (the last save is reloaded). Nested
+        batches join the outermost one. On other registries this does nothing."""
+        if self._path is None:
+            yield self
+            return
+        with self._lock:
+            self._depth += 1
+            try:
+                yield self
+            except BaseException:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._revert()
+                raise
+            self._depth -= 1
+            if self._depth == 0:
+                self._persist()
+
+    def _persist(self) -> None:
+        try:
+            self.save(self._path)
+        except BaseException:
+            self._revert()  # what returned must be what is on disk, so a failed change is undone
+            raise
+
+    def _revert(self) -> None:
+        """Make the registry in memory the one saved at self._path again."""
+        path = self._path
+        try:
+            if (path / MANIFEST).is_file():
+                fresh = type(self).load(path)
+            else:  # never saved: back to empty
+                fresh = type(self)(self._dim, metric=self._metric, index=self._factory,
+                                   auto_threshold=self._threshold if self._auto else None,
+                                   fingerprint=self._fingerprint, store_examples=self._store_examples,
+                                   metadata=self.metadata)
+        except Exception as e:
+            self.close()
+            raise RegistrySaveError(f"a change to the registry at {path} failed and reloading it failed "
+                                    f"too ({e}); the registry was closed: open it again") from e
+        keep = {"_lock", "_path", "_writer_lock", "_depth"}
+        self.__dict__.update({k: v for k, v in fresh.__dict__.items() if k not in keep})
+
     # -- persistence
     def save(self, path) -> None:
-        """Write the registry to directory `path`; a crash leaves the old or the new one loadable."""
+        """Write the registry to directory `path`; a crash leaves the old or the new one loadable.
+
+        Takes `path`'s writer lock for the duration (``RegistryLockedError`` if another writer has
+        it open). Raises ``RegistrySaveError`` (disk full, I/O error, ...) with the previously saved
+        registry there unchanged, and no temporary files left behind."""
         path = Path(path)
         with self._lock:
             self._ensure_index()
             header = {"fingerprint": self._fingerprint,
                       "metadata": _json_copy(self.metadata, "metadata")}  # check before any write
-            gen = max(self._generation, _prepare_dir(path)) + 1
-            written: list[Path] = []
-            try:
-                rows = self._ordered_rows()
-                files = self._write_data(path, gen, rows, written)
-                _fsync_dir(path)  # data file names are durable before the manifest points at them
-                ids, counts = self._ids[rows].tolist(), self._counts[rows].tolist()
-                manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                            "generation": gen, "dim": self._dim, "metric": self._metric,
-                            "index_factory": self._factory, "index_in_use": self._in_use,
-                            "auto_threshold": self._threshold, "store_examples": self._store_examples,
-                            **header, "next_id": self._next_id,
-                            "classes": [{"label": lb, "id": i, "count": c}
-                                        for lb, i, c in zip(self._row_of, ids, counts)],
-                            "files": files}
-                # Large registries: no indentation (a million classes: ~50 MB instead of ~70 MB).
-                text = json.dumps(manifest, indent=1 if len(rows) <= 10000 else None,
-                                  allow_nan=False).encode()
-                _write_atomic(path, MANIFEST, lambda f: f.write(text), [])
-            except BaseException as e:
-                for p in written:  # manifest.json untouched: the old registry stays current
-                    _unlink_quietly(p)
-                if not isinstance(e, Exception):
-                    raise
-                hint = "disk full? " if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else ""
-                raise RegistrySaveError(f"could not save the registry to {path}: {hint}{e}; the "
-                                        "previously saved registry there is unchanged") from e
-            self._generation = gen
-            try:
-                _fsync_dir(path)
-            except OSError as e:
-                raise RegistrySaveError(f"saved the registry to {path}, but syncing the directory "
-                                        f"failed ({e}); it may not survive a power loss") from e
-            _remove_other_generations(path, gen)
+            mine = self._path is not None and _same_dir(path, self._path)
+            with contextlib.nullcontext() if mine else _lock_dir(path):
+                self._save_locked(path, header)
+
+    def _save_locked(self, path: Path, header: dict) -> None:
+        gen = max(self._generation, _saved_generation(path) or 0) + 1
+        written: list[Path] = []
+        try:
+            rows = self._ordered_rows()
+            files = self._write_data(path, gen, rows, written)
+            _fsync_dir(path)  # data file names are durable before the manifest points at them
+            ids, counts = self._ids[rows].tolist(), self._counts[rows].tolist()
+            manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                        "generation": gen, "dim": self._dim, "metric": self._metric,
+                        "index_factory": self._factory, "index_in_use": self._in_use,
+                        "auto_threshold": self._threshold, "store_examples": self._store_examples,
+                        **header, "next_id": self._next_id,
+                        "classes": [{"label": lb, "id": i, "count": c}
+                                    for lb, i, c in zip(self._row_of, ids, counts)],
+                        "files": files}
+            # Large registries: no indentation (a million classes: ~50 MB instead of ~70 MB).
+            text = _seal(manifest, indent=1 if len(rows) <= 10000 else None)
+            _write_atomic(path, MANIFEST, lambda f: f.write(text), [])
+        except BaseException as e:
+            for p in written:  # manifest.json untouched: the old registry stays current
+                _unlink_quietly(p)
+            if not isinstance(e, Exception):
+                raise
+            hint = {errno.ENOSPC: "disk full? ", errno.EDQUOT: "disk quota exceeded? ",
+                    errno.EFBIG: "file size limit reached? "}.get(getattr(e, "errno", None), "")
+            raise RegistrySaveError(f"could not save the registry to {path}: {hint}{e}; the "
+                                    "previously saved registry there is unchanged") from e
+        self._generation = gen
+        try:
+            _fsync_dir(path)
+        except OSError as e:
+            raise RegistrySaveError(f"saved the registry to {path}, but syncing the directory "
+                                    f"failed ({e}); it may not survive a power loss") from e
+        _remove_other_generations(path, gen)
 
     def _write_data(self, path: Path, gen: int, rows: np.ndarray, written: list) -> dict:
         g = f"{gen:06d}"
@@ -791,14 +962,30 @@ class Registry:
 
     @classmethod
     def load(cls, path, *, expected_fingerprint: dict | None = None) -> "Registry":
+        """Read the registry saved at directory ``path`` (no lock needed: a save in progress is not
+        seen). Every file is checked (size, sha256, the manifest's own checksum, shapes, ids) before it
+        is parsed; any problem raises ``RegistryFormatError`` naming the file."""
         path = Path(path)
         mpath = path / MANIFEST
-        if not mpath.is_file():
-            raise RegistryFormatError(f"no registry at {path} ({mpath} not found); "
-                                      "create one with fewshot register")
-        m = _parse_manifest(mpath)
-        if expected_fingerprint is not None:
-            _check_fingerprint(path, m["fingerprint"], _json_copy(expected_fingerprint, "expected_fingerprint"))
+        for attempt in range(_LOAD_ATTEMPTS):
+            if not mpath.is_file():
+                raise RegistryFormatError(f"no registry at {path} ({mpath} not found); "
+                                          "create one with fewshot register")
+            m = _parse_manifest(mpath)
+            if expected_fingerprint is not None:
+                _check_fingerprint(path, m["fingerprint"], _json_copy(expected_fingerprint, "expected_fingerprint"))
+            try:
+                return cls._from_manifest(path, m)
+            except RegistryFormatError:
+                # A writer may have saved a new generation, deleting this one's files, while we read
+                # them: then read the new one. A file that is bad for good is reported.
+                if attempt + 1 == _LOAD_ATTEMPTS or _manifest_digest(mpath) == m["_digest"]:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _from_manifest(cls, path: Path, m: dict) -> "Registry":
+        mpath = path / MANIFEST
         try:
             reg = cls(m["dim"], metric=m["metric"], index=m["index_factory"], fingerprint=m["fingerprint"],
                       auto_threshold=m.get("auto_threshold"), store_examples=m["store_examples"],
@@ -829,6 +1016,8 @@ class Registry:
         if reg._sparse_ids():  # renumber; the next search rebuilds the index with the new ids
             reg._index, reg._stale = None, True
             reg._compact_ids()
+        else:
+            _check_flat_vectors(path / m["files"]["index"]["name"], reg)
         return reg
 
 
@@ -901,36 +1090,50 @@ def _unlink_quietly(p: Path) -> None:
 
 
 def _is_ours(name: str) -> bool:
-    return bool(_DATA_RE.match(name)) or (name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX))
+    return (bool(_DATA_RE.match(name)) or name == LOCK_FILE
+            or (name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX)))
 
 
-def _prepare_dir(path: Path) -> int:
-    """Refuse to clobber user data; create the dir; return the generation already saved there."""
+def _lock_dir(path: Path) -> WriterLock:
+    """Create the registry directory if needed (never in a folder of user data) and take its
+    writer lock."""
     refuse = RegistrySaveError(f"{path} is not a fewshot registry; choose another path")
     try:
         if path.exists() and not path.is_dir():
             raise refuse
-        if not path.is_dir():
-            path.mkdir(parents=True, exist_ok=True)
-            return 0
+        path.mkdir(parents=True, exist_ok=True)
         names = os.listdir(path)
-        if MANIFEST not in names:
-            # Leftovers of a crashed first save are ours; anything else is the user's.
-            if not all(_is_ours(n) for n in names):
-                raise refuse
-            return 0
-        try:
-            old = json.loads(_read_bounded(path / MANIFEST, MAX_MANIFEST_BYTES))
-        except (ValueError, RecursionError):
-            old = None
-        if not isinstance(old, dict) or old.get("format") != FORMAT_NAME:
-            raise refuse  # someone else's manifest.json: never overwrite it
-        gen = old.get("generation")
-        return gen if isinstance(gen, int) and not isinstance(gen, bool) and 0 <= gen < _MAX_INT else 0
+        # Without a manifest, leftovers of a crashed first save are ours; anything else is the user's.
+        if (not all(_is_ours(n) for n in names) if MANIFEST not in names
+                else _saved_generation(path) is None):
+            raise refuse  # user data, or someone else's manifest.json: never overwrite it
+        return WriterLock(path)
     except RegistrySaveError:
         raise
     except OSError as e:
         raise RegistrySaveError(f"could not prepare {path} for saving: {e}") from e
+
+
+def _saved_generation(path: Path) -> int | None:
+    """The generation of the registry saved at path (0: none), or None if its manifest.json is not
+    a fewshot registry's."""
+    try:
+        old = json.loads(_read_bounded(path / MANIFEST, MAX_MANIFEST_BYTES))
+    except FileNotFoundError:
+        return 0
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(old, dict) or old.get("format") != FORMAT_NAME:
+        return None
+    gen = old.get("generation")
+    return gen if isinstance(gen, int) and not isinstance(gen, bool) and 0 <= gen < _MAX_INT else 0
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _remove_other_generations(path: Path, gen: int) -> None:
@@ -940,7 +1143,7 @@ def _remove_other_generations(path: Path, gen: int) -> None:
         return
     for name in names:
         m = _DATA_RE.match(name)
-        if (m and int(m.group(2)) != gen) or (not m and _is_ours(name)):
+        if (m and int(m.group(2)) != gen) or (not m and _is_ours(name) and name != LOCK_FILE):
             _unlink_quietly(path / name)
 
 
@@ -956,12 +1159,51 @@ def _npy_chunks(shape: tuple, dtype, chunks):
 
 # ---------------------------------------------------------------- loading helpers
 
+def _open_regular(fpath: Path):
+    """Open a file for reading, refusing anything but a regular file: a FIFO or a device planted in
+    a registry must neither hang the loader nor feed it endless data. (Symlinks are followed: what
+    they point to is checked like any file.)"""
+    fd = os.open(fpath, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise RegistryFormatError(f"{fpath}: not a regular file")
+    return f
+
+
 def _read_bounded(fpath: Path, limit: int) -> bytes:
-    with open(fpath, "rb") as f:
+    with _open_regular(fpath) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise RegistryFormatError(f"{fpath}: larger than {limit} bytes; refusing to read it")
     return data
+
+
+def _seal(manifest: dict, indent: int | None) -> bytes:
+    """The manifest's JSON text, its first field the sha256 of the text without that field, so that
+    a flipped bit in a label or a count is caught like one in a data file."""
+    body = json.dumps(manifest, indent=indent, allow_nan=False).encode()
+    return b'{"manifest_sha256": "%s",%s' % (hashlib.sha256(body).hexdigest().encode(), body[1:])
+
+
+def _check_seal(mpath: Path, raw: bytes, m: dict) -> None:
+    if "manifest_sha256" not in m:
+        if m["format_version"] >= 3:
+            raise RegistryFormatError(f"{mpath}: missing field 'manifest_sha256'")
+        return  # formats 1 and 2 had no checksum
+    digest = m["manifest_sha256"]
+    prefix = b'{"manifest_sha256": "%s",' % str(digest).encode()
+    body = hashlib.sha256(b"{")
+    body.update(memoryview(raw)[len(prefix):])
+    if not (isinstance(digest, str) and raw.startswith(prefix) and body.hexdigest() == digest):
+        raise RegistryFormatError(f"{mpath}: checksum mismatch (corrupted, or edited by hand?)")
+
+
+def _manifest_digest(mpath: Path) -> str | None:
+    try:
+        return hashlib.sha256(_read_bounded(mpath, MAX_MANIFEST_BYTES)).hexdigest()
+    except (OSError, RegistryFormatError):
+        return None
 
 
 def _field(obj: dict, key: str, types, where: Path):
@@ -982,7 +1224,8 @@ def _int_field(obj: dict, key: str, lo: int, hi: int, where: Path) -> int:
 
 def _parse_manifest(mpath: Path) -> dict:
     try:
-        m = json.loads(_read_bounded(mpath, MAX_MANIFEST_BYTES))
+        raw = _read_bounded(mpath, MAX_MANIFEST_BYTES)
+        m = json.loads(raw)
     except (ValueError, RecursionError) as e:
         if isinstance(e, RegistryFormatError):
             raise
@@ -994,13 +1237,15 @@ def _parse_manifest(mpath: Path) -> dict:
     version = _int_field(m, "format_version", 1, _MAX_INT, mpath)
     if version > FORMAT_VERSION:
         raise RegistryFormatError(f"{mpath}: written by a newer fewshot (format {version}); upgrade fewshot")
+    _check_seal(mpath, raw, m)
+    m["_digest"] = hashlib.sha256(raw).hexdigest()
     _int_field(m, "generation", 0, _MAX_INT, mpath)
     _int_field(m, "dim", 1, MAX_DIM, mpath)
     if _field(m, "metric", str, mpath) not in METRICS:
         raise RegistryFormatError(f"{mpath}: unknown metric {m['metric']!r}")
-    _field(m, "index_factory", str, mpath)
+    _check_factory(_field(m, "index_factory", str, mpath), mpath)
     if version >= 2:
-        _field(m, "index_in_use", str, mpath)
+        _check_factory(_field(m, "index_in_use", str, mpath), mpath)
         if m.get("auto_threshold") is not None:
             _field(m, "auto_threshold", int, mpath)
     store = _field(m, "store_examples", bool, mpath)
@@ -1018,13 +1263,20 @@ def _parse_manifest(mpath: Path) -> dict:
         entry = _field(files, key, dict, mpath)
         name = _field(entry, "name", str, mpath)
         if (not name or name in (".", "..", MANIFEST) or "/" in name or "\\" in name
-                or "\0" in name or os.path.basename(name) != name):
+                or "\0" in name or os.path.basename(name) != name or not _is_unicode(name)):
             raise RegistryFormatError(f"{mpath}: file name {name!r} is not a plain file name in the registry")
         digest = _field(entry, "sha256", str, mpath)
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise RegistryFormatError(f"{mpath}: bad sha256 for {name!r}")
         _int_field(entry, "bytes", 0, _MAX_INT, mpath)
     return m
+
+
+def _check_factory(factory: str, mpath: Path) -> None:
+    """FAISS allocates what a factory string asks for ("IVF999999999,Flat": ~50 GB of empty lists)
+    before anything can be checked against the data, so a manifest's must ask for a plausible size."""
+    if len(factory) > 200 or any(int(n) > _MAX_FACTORY_NUMBER for n in re.findall(r"\d+", factory)):
+        raise RegistryFormatError(f"{mpath}: implausible index factory string {factory[:200]!r}")
 
 
 def _classes_fast(entries: list, next_id: int):
@@ -1040,7 +1292,8 @@ def _classes_fast(entries: list, next_id: int):
     if not (all(type(v) is str for v in labels) and all(type(v) is int for v in ids)
             and all(type(v) is int for v in counts)):
         return None
-    if any(not v or len(v) > MAX_LABEL_LEN or "\0" in v for v in labels) or len(set(labels)) != len(labels):
+    if (any(not v or len(v) > MAX_LABEL_LEN or "\0" in v for v in labels) or len(set(labels)) != len(labels)
+            or not _is_unicode("".join(labels))):
         return None
     try:
         id_arr, count_arr = np.array(ids, dtype=np.int64), np.array(counts, dtype=np.int64)
@@ -1093,7 +1346,7 @@ def _read_verified_into(path: Path, entry: dict, split) -> list[np.ndarray]:
     writable buffers that together take the whole file (so big arrays are read in place)."""
     fpath = path / entry["name"]
     try:
-        with open(fpath, "rb") as f:
+        with _open_regular(fpath) as f:
             size = os.fstat(f.fileno()).st_size
             if size != entry["bytes"]:
                 raise RegistryFormatError(f"{fpath}: size is {size} bytes, manifest says {entry['bytes']} "
@@ -1131,16 +1384,16 @@ def _load_npy(path: Path, entry: dict, shape: tuple, dtype) -> np.ndarray:
     fpath = path / entry["name"]
     dtype = np.dtype(dtype)
     data_bytes = math.prod(shape) * dtype.itemsize
-    arr = np.empty(shape, dtype)
 
     bad = f"{fpath}: expected {dtype} array of shape {shape}"
 
-    def split(size):
+    def split(size):  # called once the file's size is known: nothing bigger than it is allocated
         if not 10 <= size - data_bytes <= 2**16:  # magic + header, then exactly the data
             raise RegistryFormatError(f"{bad}, but the file has {size} bytes")
-        return [np.empty(size - data_bytes, np.uint8), arr]
+        return [np.empty(size - data_bytes, np.uint8), np.empty(shape, dtype)]
 
     buffers = _read_verified_into(path, entry, split)
+    arr = buffers[1]
     header = io.BytesIO(buffers[0].tobytes())
     try:
         version = np.lib.format.read_magic(header)
@@ -1210,6 +1463,26 @@ def _load_index(path: Path, m: dict, reg: Registry):
     return index
 
 
+def _check_flat_vectors(fpath: Path, reg: Registry) -> None:
+    """A flat index scores queries with its own copies of the prototypes: they must be exactly the
+    prototypes, or a query would get the wrong class at a perfect score (an index out of step with
+    its metadata, mem0#7117). Approximate indexes need no check: their candidates are re-scored
+    against the prototypes."""
+    if reg._stale or not isinstance(reg._index, faiss.IndexIDMap2):
+        return
+    inner = faiss.downcast_index(reg._index.index)
+    if not isinstance(inner, faiss.IndexFlat):
+        return
+    n = inner.ntotal
+    stored = faiss.rev_swig_ptr(inner.get_xb(), n * reg.dim).reshape(n, reg.dim) if n else None
+    rows = reg._row_of_id[faiss.vector_to_array(reg._index.id_map)]
+    step = _chunk_rows(reg.dim)
+    for a in range(0, n, step):
+        if not np.array_equal(stored[a:a + step], reg._searched(rows[a:a + step])):
+            raise RegistryFormatError(f"{fpath}: the index's vectors are not the prototypes of "
+                                      f"{MANIFEST} and the prototypes file")
+
+
 def _same_type(a, b) -> bool:
     return type(a) is type(b) or (isinstance(a, faiss.IndexFlat) and isinstance(b, faiss.IndexFlat))
 
@@ -1222,8 +1495,8 @@ def _index_in_use(mpath: Path, m: dict, reg: Registry) -> tuple[str, bool]:
     def built(factory):
         try:
             return faiss.index_factory(reg.dim, factory, reg._faiss_metric)
-        except (RuntimeError, TypeError) as e:
-            raise RegistryFormatError(f"{mpath}: invalid index_in_use {factory!r}: {e}") from None
+        except (RuntimeError, TypeError, MemoryError) as e:
+            raise RegistryFormatError(f"{mpath}: invalid index_in_use {factory!r}: {e or 'out of memory'}") from None
 
     in_use = m.get("index_in_use")
     if in_use is None:  # format 1: the factory asked for, or its flat stand-in

@@ -19,7 +19,8 @@ from fewshot.errors import (
     RegistrySaveError,
     UnknownClassError,
 )
-from fewshot.registry import Registry, SearchResult
+from fewshot.locking import LOCK_FILE
+from fewshot.registry import Registry, SearchResult, _seal
 
 DIM = 16
 
@@ -206,7 +207,7 @@ def test_save_load_round_trip(tmp_path):
     loaded.add("extra", queries[0])
     loaded.save(tmp_path / "reg")
     assert loaded.generation == 2 and Registry.load(tmp_path / "reg").generation == 2
-    assert sorted(os.listdir(tmp_path / "reg")) == ["index-000002.faiss", "manifest.json",
+    assert sorted(os.listdir(tmp_path / "reg")) == [LOCK_FILE, "index-000002.faiss", "manifest.json",
                                                     "prototypes-000002.npy"]
 
 
@@ -254,7 +255,9 @@ def manifest(path):
 
 
 def write_manifest(path, m):
-    (path / "manifest.json").write_text(json.dumps(m))
+    """Write an edited manifest with a valid checksum, so the checks behind the checksum are reached."""
+    m = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    (path / "manifest.json").write_bytes(_seal(m, indent=1))
 
 
 def test_load_refuses_truncated_prototypes(saved):
