@@ -31,7 +31,6 @@ import hashlib
 import io
 import os
 import re
-import stat
 import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .files import open_regular
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -269,13 +269,10 @@ def _check_min_size(min_size: Any) -> None:
 
 
 def _open_file(path: Any, label: str):
-    """Open a path for reading if it is a regular file (following symlinks). A FIFO named x.jpg
-    would block the reader forever, and /dev/zero would feed it forever: both are refused."""
+    """Open an image path for reading; a FIFO or a device is refused (see ``fewshot.files``)."""
     _refuse_directory(path, label)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
+    f = open_regular(path)
+    if f is None:
         raise ImageError(f"{label}: not a regular file (a device, FIFO or socket); pass image files")
     return f
 

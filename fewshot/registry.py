@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from .errors import (
     RegistrySaveError,
     UnknownClassError,
 )
+from .files import open_regular
 from .locking import LOCK_FILE, WriterLock
 
 METRICS = ("cosine", "l2")  # "l2" = squared Euclidean
@@ -1160,13 +1160,9 @@ def _npy_chunks(shape: tuple, dtype, chunks):
 # ---------------------------------------------------------------- loading helpers
 
 def _open_regular(fpath: Path):
-    """Open a file for reading, refusing anything but a regular file: a FIFO or a device planted in
-    a registry must neither hang the loader nor feed it endless data. (Symlinks are followed: what
-    they point to is checked like any file.)"""
-    fd = os.open(fpath, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
+    """Open a registry file for reading, refusing anything but a regular file (see ``fewshot.files``)."""
+    f = open_regular(fpath)
+    if f is None:
         raise RegistryFormatError(f"{fpath}: not a regular file")
     return f
 
