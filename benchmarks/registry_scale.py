@@ -223,20 +223,49 @@ def flat_sweep(dim: int, sizes: list[int]) -> None:
     print(f"\n'auto' threshold = AUTO_FLAT_FLOATS // dim = {AUTO_FLAT_FLOATS // dim:,} prototypes at dim {dim}")
 
 
-def param_sweep(reg: Registry, queries: np.ndarray, ref: np.ndarray, data_name: str) -> None:
+def param_sweep(reg: Registry, queries: np.ndarray, ref: np.ndarray, data_name: str) -> list[tuple]:
+    """Recall@1 and p50 ms over nprobe x rerank; returns (nprobe, rerank, recall, p50) rows."""
     if not reg.index_in_use.startswith("IVF"):
         print(f"\n(no parameter sweep at {len(reg):,} prototypes: the index in use is exact)")
-        return
+        return []
     print(f"\n#### Search parameters at {len(reg):,} prototypes, {data_name} data ({reg.index_in_use}), "
           f"{len(queries)} queries, k=1\n")
     print("| nprobe | rerank | recall@1 | p50 ms | p99 ms |")
     print("|---:|---:|---:|---:|---:|")
     nlist = int(reg.index_in_use.split(",")[0][3:])
+    rows = []
     for nprobe in sorted({16, 32, 64, 128, 256, 512, nlist // 8} & set(range(1, nlist + 1))):
         for rerank in (128, 512):
             ms, res = time_queries(lambda q: reg.search(q, 1, params={"nprobe": nprobe, "rerank": rerank}), queries)
-            print(f"| {nprobe} | {rerank} | {(top1_rows(res) == ref).mean():.3f} | {pct(ms, 50):.2f} | "
-                  f"{pct(ms, 99):.2f} |", flush=True)
+            recall = float((top1_rows(res) == ref).mean())
+            rows.append((nprobe, rerank, recall, pct(ms, 50)))
+            print(f"| {nprobe} | {rerank} | {recall:.3f} | {pct(ms, 50):.2f} | {pct(ms, 99):.2f} |", flush=True)
+    return rows
+
+
+def plot_sweeps(sweeps: dict, path: Path) -> None:
+    """Recall@1 against p50 latency, one line per (size, data, rerank): the trade-off nprobe buys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (n, model), rows in sweeps.items():
+        for rerank in sorted({r[1] for r in rows}):
+            line = [r for r in rows if r[1] == rerank]
+            ax.plot([r[3] for r in line], [r[2] for r in line], marker="o",
+                    label=f"{n:,} {model}, rerank {rerank}")
+    ax.axhline(0.99, color="grey", linestyle=":", linewidth=1)
+    ax.axvline(2.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("p50 single-query search (ms); points: nprobe 16, 32, 64, ...")
+    ax.set_ylabel("recall@1 vs exact search")
+    ax.set_title("Registry index='auto': recall against latency", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"\nplot: {path}")
 
 
 def hnsw_compare(data: Synthetic, queries: np.ndarray, ref: np.ndarray) -> list[str]:
@@ -297,7 +326,7 @@ def run_size(n: int, model: str, args, tmp: Path) -> dict:
     recall = top1_rows(res1) == ref
     if args.sweep:
         pick = np.linspace(0, len(queries) - 1, min(len(queries), args.sweep_queries)).astype(int)  # both halves
-        param_sweep(reg, queries[pick], ref[pick], model)
+        sweep = param_sweep(reg, queries[pick], ref[pick], model)
     del reg
     gc.collect()
     shutil.rmtree(path)
@@ -306,7 +335,7 @@ def run_size(n: int, model: str, args, tmp: Path) -> dict:
                 p99=pct(ms1, 99), p50_100=pct(ms100, 50), p99_100=pct(ms100, 99), recall=recall.mean(),
                 recall_near=recall[:half].mean(), recall_novel=recall[half:].mean(),
                 exact_p50=pct(exact_ms, 50), exact_n=len(exact_ms), save_s=save_s, load_s=load_s,
-                disk=disk, same=same, peak=peak_rss(), hnsw=hnsw)
+                disk=disk, same=same, peak=peak_rss(), hnsw=hnsw, sweep=sweep if args.sweep else [])
 
 
 def main() -> None:
@@ -317,7 +346,9 @@ def main() -> None:
     ap.add_argument("--centres", type=int, default=10_000)
     ap.add_argument("--data", nargs="+", choices=sorted(MODELS), default=["lite0", "clustered"],
                     help="synthetic data: lite0 (calibrated on real embeddings, hard) and/or clustered (easy)")
-    ap.add_argument("--sweep", action="store_true", help="recall/latency over nprobe x rerank")
+    ap.add_argument("--sweep", action="store_true", help="recall/latency over nprobe x rerank (and a PNG plot)")
+    ap.add_argument("--plot", type=Path, default=Path(__file__).parent / "results" / "registry_recall_latency.png",
+                    help="where --sweep writes its recall/latency plot")
     ap.add_argument("--sweep-queries", type=int, default=400)
     ap.add_argument("--flat-sweep", action="store_true", help="exact latency by size (the auto threshold)")
     ap.add_argument("--hnsw-at", type=int, default=0, help="also build HNSW32 at this size (slow)")
@@ -365,6 +396,10 @@ def main() -> None:
         print("| index | data | prototypes | build s | bytes/prototype | p50 ms k=1 | p99 ms k=1 | recall@1 |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         print("\n".join(hnsw))
+    sweeps = {(r["n"], r["model"]): r["sweep"] for r in results if r["sweep"]}
+    if sweeps:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_sweeps(sweeps, args.plot)
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
