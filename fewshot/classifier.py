@@ -145,9 +145,10 @@ class FewShotClassifier:
             if result.ok.any():
                 vectors[result.ok] = self.head_.transform(result.vectors[result.ok])
         # A NaN or infinite embedding (broken weights or head) fails its image alone, like a bad file.
-        errors = [err if err or np.isfinite(v).all() else
+        finite = np.isfinite(vectors).all(axis=1)
+        errors = [err if err or ok else
                   f"{src}: its embedding is not finite (NaN or infinity); check the encoder weights and head"
-                  for src, err, v in zip(result.sources, result.errors, vectors)]
+                  for src, err, ok in zip(result.sources, result.errors, finite)]
         return Embeddings(vectors=vectors, sources=result.sources, errors=errors)
 
     # -- registering ----------------------------------------------------------------------------

@@ -202,28 +202,25 @@ class Encoder:
         todo = self._fill_from_cache(cache, digests, vectors)
         show = progress if progress is not None else len(todo) >= _PROGRESS_MIN_ITEMS
         if todo:
-            with tqdm(total=len(todo), desc="embedding", unit="img", disable=not show or None, leave=False) as bar:
-                self._run_streams(items, todo, vectors, errors, batch_size, workers, bar)
+            with (tqdm(total=len(todo), desc="embedding", unit="img", disable=not show or None, leave=False) as bar,
+                  _torch_threads_kept() as threads):
+                self._run_streams(items, todo, vectors, errors, batch_size, workers, bar, threads)
         if cache is not None:
             fresh = {digests[i]: vectors[i] for i in todo if errors[i] is None and digests[i]}
             cache.put_many(self.fingerprint_id, fresh)
         return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors)
 
     def _run_streams(self, items: list, todo: list[int], vectors: np.ndarray, errors: list, batch_size: int,
-                     workers: int | None, bar) -> None:
-        """Embed ``items[todo]`` into ``vectors`` with parallel single-threaded streams of whole batches."""
-        with _torch_threads_kept() as total_threads:
-            self._run_chunks(items, [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)], vectors,
-                             errors, batch_size, workers, bar, total_threads)
-
-    def _run_chunks(self, items: list, chunks: list[list[int]], vectors: np.ndarray, errors: list,
-                    batch_size: int, workers: int | None, bar, total_threads: int) -> None:
+                     workers: int | None, bar, total_threads: int) -> None:
+        """Embed ``items[todo]`` into ``vectors`` with parallel single-threaded streams of whole batches,
+        sharing ``total_threads`` torch threads."""
+        chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         planned = workers or min(total_threads, _MAX_STREAMS)
         streams = max(1, min(planned, len(chunks)))
         # A small call (fewer batches than streams) gives its streams more threads each; inductor bakes the
         # thread count into its kernels, so there it stays fixed and one compile serves every call.
         per_stream = max(1, total_threads // (planned if self.compile == "inductor" else streams))
-        network = self._network(sum(map(len, chunks)), batch_size, per_stream)
+        network = self._network(len(todo), batch_size, per_stream)
         lock, stop = threading.Lock(), threading.Event()
         queue = iter(chunks)
 
