@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/fewshot demo --out demo-output
 
 test: $(STAMP) $(L2L_STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

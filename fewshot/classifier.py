@@ -65,8 +65,8 @@ class FewShotClassifier:
     head: a trained head (``fewshot train-head``), as a path or a ``Head``: images are embedded by the
     encoder it was trained on, then mapped by the head; the head's metric is used.
     index: "auto" (exact search while the registry is small, an approximate index with exact
-    re-scoring once it is large; see ``Registry``) or a FAISS factory string ("Flat" is always exact). temperature: softmax
-    temperature (default per metric). unknown_threshold: below this top-1 probability, the label
+    re-scoring once it is large; see ``Registry``) or a FAISS factory string ("Flat" is always exact).
+    temperature: softmax temperature (default per metric). unknown_threshold: below this top-1 probability, the label
     is None ("unknown"). store_examples: keep every example embedding, not only prototypes.
     cache: True (default location), a path, or False for no embedding cache.
     """

@@ -171,7 +171,7 @@ def _zip_images(path: Path, layout: str) -> list[tuple[tuple[str, ...], NamedByt
         if len(tops) == 1 and _is_wrapper(members, layout):
             members = [(parts[1:], info) for parts, info in members]
         seen: set[tuple[str, ...]] = set()
-        for parts, info in members:
+        for parts, _info in members:
             if parts in seen:
                 raise ValueError(f"{path} holds {'/'.join(parts)} twice; rebuild the zip without duplicates")
             seen.add(parts)

@@ -948,7 +948,7 @@ class Registry:
         index_bytes = faiss.serialize_index(self._index)  # uint8 array, written without a copy
         files = {"prototypes": _write_atomic(path, f"prototypes-{g}.npy", means, written),
                  "index": _write_atomic(path, f"index-{g}.faiss",
-                                        lambda f: f.write(memoryview(index_bytes)), written)}
+                                        lambda f: f.write(memoryview(index_bytes)), written)}  # noqa: F821
         del index_bytes
         if self._store_examples:
             per_class = [self._examples[i] for i in self._ids[rows].tolist()]

@@ -176,7 +176,8 @@ def cases(bases: dict, seed: int, flips_per_file: int, cuts_per_file: int, value
         yield case("older manifest.json (its files are gone)", False,
                    {**files, "manifest.json": older["manifest.json"]})
         for name in names:  # odd things where a file should be
-            for what, thing in (("symlink to a copy outside", ("copy", name)), ("symlink to /dev/zero", ("link", "/dev/zero")),
+            for what, thing in (("symlink to a copy outside", ("copy", name)),
+                                ("symlink to /dev/zero", ("link", "/dev/zero")),
                                 ("symlink to /dev/urandom", ("link", "/dev/urandom")),
                                 ("symlink to /etc/passwd", ("link", "/etc/passwd")), ("FIFO", ("fifo",)),
                                 ("directory", ("dir",)), ("dangling symlink", ("link", "/nonexistent/x")),

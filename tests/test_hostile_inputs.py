@@ -146,7 +146,7 @@ def test_cli_register_and_predict_with_odd_images(tmp_path, capsys, odd_images):
     code = main(["predict", str(reg), *paths, "--json", "--top-k", "1000000"])
     results = json.loads(capsys.readouterr().out)
     assert code == 1 and [r["input"] for r in results] == paths
-    for r, (name, (_, expect)) in zip(results, odd_images.items()):
+    for r, (_name, (_, expect)) in zip(results, odd_images.items()):
         if expect:
             assert r["label"] is None and expect in r["error"]
         else:

@@ -93,7 +93,7 @@ def test_a_plain_learn2learn_maml_loop_trains_on_fewshot_tasks():
     optimizer = torch.optim.Adam(maml.parameters(), lr=0.01)
     before = [p.detach().clone() for p in maml.parameters()]
     accuracies = []
-    for step in range(30):  # the loop of learn2learn's examples, unchanged
+    for _step in range(30):  # the loop of learn2learn's examples, unchanged
         data, labels = taskset.sample()
         n_support = ways * shots  # support items come first in every task
         learner = maml.clone()

@@ -74,7 +74,7 @@ def test_registry_files(saved_registry, marker):
     files = {n: (path / n).read_bytes() for n in os.listdir(path) if not n.startswith(".")}
     planted = 0
     for name in files:
-        for kind, payload in payloads(marker).items():
+        for _kind, payload in payloads(marker).items():
             # checksums fixed up, so that the payload reaches the parser
             mutated = ({**files, MANIFEST: payload} if name == MANIFEST else resealed_file(files, name, payload))
             for n, data in mutated.items():
