@@ -9,10 +9,12 @@ had it open would let two writers in at once. On platforms without ``fcntl`` the
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
-from .errors import RegistryLockedError
+from .errors import RegistryFormatError, RegistryLockedError
 
 try:
     import fcntl
@@ -34,7 +36,7 @@ class WriterLock:
         self._fd = None
         if fcntl is None:
             return
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_lock_file(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -68,6 +70,29 @@ class WriterLock:
 
     def __del__(self):
         self.release()
+
+
+def open_lock_file(path: Path, flags: int) -> int:
+    """A descriptor of the lock file ``path``, which must be a regular file of its own.
+
+    A registry unpacked from an archive or kept in a shared folder may hold a symlink, a hard link to
+    someone's file, or a FIFO under the lock file's name; writing a PID into it would truncate a file
+    outside the registry, and a FIFO would block. Symlinks are not followed, the open never blocks,
+    and anything but a singly-linked regular file is refused with ``RegistryFormatError``.
+    """
+    refused = RegistryFormatError(f"{path} is not a regular file (a symlink, hard link, FIFO or device); "
+                                  "the registry may have been tampered with: delete that entry, then try again")
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
+            raise refused from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise refused
+    return fd
 
 
 def _holder(fd: int) -> str:
