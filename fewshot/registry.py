@@ -47,7 +47,7 @@ from .errors import (
     RegistrySaveError,
     UnknownClassError,
 )
-from .files import open_regular
+from .files import honour_umask, open_regular
 from .locking import LOCK_FILE, WriterLock
 
 METRICS = ("cosine", "l2")  # "l2" = squared Euclidean
@@ -1061,6 +1061,7 @@ def _write_atomic(directory: Path, name: str, write, written: list) -> dict:
     """Write via a temp file in the same dir, fsync, rename; return {"name", "sha256", "bytes"}."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{_TMP_PREFIX}{name}-", suffix=_TMP_SUFFIX)
     try:
+        honour_umask(tmp)
         with os.fdopen(fd, "wb") as f:
             hw = _HashingWriter(f)
             write(hw)

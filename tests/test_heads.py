@@ -280,3 +280,16 @@ def test_heads_work_without_learn2learn_and_maml_says_how_to_get_it():
     """)
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_head_honours_the_umask(tmp_path, umask):
+    """Another user of a shared machine can read a head made under umask 022 (and cannot under 077)."""
+    old = os.umask(umask)
+    try:
+        saved = save_head(create_head("protonet", 4, seed=1), tmp_path / "head")
+    finally:
+        os.umask(old)
+    assert saved.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in saved.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name

@@ -731,3 +731,18 @@ def test_save_load_other_indexes(tmp_path, factory):
     np.testing.assert_array_equal(after.scores, before.scores)
     loaded.remove("c3")
     assert all("c3" not in row for row in loaded.search(q, 5).labels)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_honour_the_umask(tmp_path, umask):
+    """A registry saved under umask 022 can be read by other users (and under 077 cannot)."""
+    reg = Registry(4, store_examples=True)
+    reg.add("a", np.ones((2, 4), np.float32))
+    old = os.umask(umask)
+    try:
+        reg.save(tmp_path / "reg")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "reg").stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in (tmp_path / "reg").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name

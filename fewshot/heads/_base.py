@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HeadFormatError
+from ..files import honour_umask
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainResult
@@ -272,6 +273,7 @@ def save_head(head: Head, path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = None
     try:
+        honour_umask(tmp, directory=True)
         _fsync_write(tmp / WEIGHTS_FILE, weights)
         _fsync_write(tmp / CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         if path.exists():
