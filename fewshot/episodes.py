@@ -353,11 +353,8 @@ def load_episodes(path: str | os.PathLike, dataset: ImageDataset) -> list[Episod
         classes = _indices(row["classes"], class_index, where, dataset.source)
         support = _indices(row["support"], item_index, where, dataset.source)
         query = _indices(row["query"], item_index, where, dataset.source)
-        try:
-            support_labels = np.array(row["support_labels"], dtype=np.int64)
-            query_labels = np.array(row["query_labels"], dtype=np.int64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: support_labels and query_labels must be lists of integers") from None
+        support_labels = _label_array(row["support_labels"], where)
+        query_labels = _label_array(row["query_labels"], where)
         if support_labels.shape != support.shape or query_labels.shape != query.shape:
             raise ValueError(f"{where}: support/query and their labels differ in length")
         for items, lab in [(support, support_labels), (query, query_labels)]:
@@ -368,8 +365,39 @@ def load_episodes(path: str | os.PathLike, dataset: ImageDataset) -> list[Episod
                 i = items[wrong[0]]
                 raise ValueError(f"{where}: {dataset.names[i]!r} is class {dataset.classes[dataset.labels[i]]!r} in "
                                  f"{dataset.source}, not {dataset.classes[classes[lab[wrong[0]]]]!r}; the data differ")
+        _check_measurable(where, row, support, support_labels, query)
         out.append(Episode(classes, support, support_labels, query, query_labels))
     return out
+
+
+def _label_array(values, where: str) -> np.ndarray:
+    """Episode labels as int64; anything but a list of plain integers that fit is refused (no silent
+    truncation of 1.5, no overflow traceback for 10**30)."""
+    if (not isinstance(values, list) or not all(type(v) is int for v in values)
+            or not all(-2**63 <= v < 2**63 for v in values)):
+        raise ValueError(f"{where}: support_labels and query_labels must be lists of integers")
+    return np.array(values, dtype=np.int64)
+
+
+def _check_measurable(where: str, row: dict, support: np.ndarray, support_labels: np.ndarray,
+                      query: np.ndarray) -> None:
+    """Refuse an episode whose score would mean nothing: no support or no query, a class listed twice
+    or without a support image, or a query image that is also in the support set (it would match itself)."""
+    if not len(support):
+        raise ValueError(f"{where}: no support images; every episode needs a support set to learn from")
+    if not len(query):
+        raise ValueError(f"{where}: no query images; every episode needs queries to score")
+    if len(set(row["classes"])) != len(row["classes"]):
+        raise ValueError(f"{where}: a class is listed more than once; re-save the episodes")
+    bare = sorted(set(range(len(row["classes"]))) - set(support_labels.tolist()))
+    if bare:
+        raise ValueError(f"{where}: class {row['classes'][bare[0]]!r} has no support image; every class of an "
+                         "episode needs at least one")
+    shared = np.intersect1d(support, query)
+    if len(shared):
+        name = row["support"][int(np.flatnonzero(support == shared[0])[0])]
+        raise ValueError(f"{where}: query image {name!r} is also in the support set, so it would be scored "
+                         "against itself; support and query must not share images")
 
 
 def _ints(values) -> list[int]:
