@@ -351,6 +351,8 @@ def load_episodes(path: str | os.PathLike, dataset: ImageDataset) -> list[Episod
         if missing:
             raise ValueError(f"{where}: missing {missing[0]!r}")
         classes = _indices(row["classes"], class_index, where, dataset.source)
+        if len(np.unique(classes)) != len(classes):
+            raise ValueError(f"{where}: a class is listed more than once; re-save the episodes")
         support = _indices(row["support"], item_index, where, dataset.source)
         query = _indices(row["query"], item_index, where, dataset.source)
         support_labels = _label_array(row["support_labels"], where)
@@ -381,14 +383,12 @@ def _label_array(values, where: str) -> np.ndarray:
 
 def _check_measurable(where: str, row: dict, support: np.ndarray, support_labels: np.ndarray,
                       query: np.ndarray) -> None:
-    """Refuse an episode whose score would mean nothing: no support or no query, a class listed twice
-    or without a support image, or a query image that is also in the support set (it would match itself)."""
+    """Refuse an episode whose score would mean nothing: no support or no query, a class without a
+    support image, or a query image that is also in the support set (it would match itself)."""
     if not len(support):
         raise ValueError(f"{where}: no support images; every episode needs a support set to learn from")
     if not len(query):
         raise ValueError(f"{where}: no query images; every episode needs queries to score")
-    if len(set(row["classes"])) != len(row["classes"]):
-        raise ValueError(f"{where}: a class is listed more than once; re-save the episodes")
     bare = sorted(set(range(len(row["classes"]))) - set(support_labels.tolist()))
     if bare:
         raise ValueError(f"{where}: class {row['classes'][bare[0]]!r} has no support image; every class of an "
