@@ -201,19 +201,26 @@ class Encoder:
         digests = self._digests(items, errors)
         todo = self._fill_from_cache(cache, digests, vectors)
         show = progress if progress is not None else len(todo) >= _PROGRESS_MIN_ITEMS
+        writer = cache.writer(self.fingerprint_id) if cache is not None else None
+
+        def done(rows: list[int]) -> None:  # a batch is embedded: hand its good rows to the cache
+            if writer is not None:
+                writer.add({digests[i]: vectors[i].copy() for i in rows if errors[i] is None and digests[i]})
+
         if todo:
-            with (tqdm(total=len(todo), desc="embedding", unit="img", disable=not show or None, leave=False) as bar,
-                  _torch_threads_kept() as threads):
-                self._run_streams(items, todo, vectors, errors, batch_size, workers, bar, threads)
-        if cache is not None:
-            fresh = {digests[i]: vectors[i] for i in todo if errors[i] is None and digests[i]}
-            cache.put_many(self.fingerprint_id, fresh)
+            try:
+                with (tqdm(total=len(todo), desc="embedding", unit="img", disable=not show or None,
+                           leave=False) as bar, _torch_threads_kept() as threads):
+                    self._run_streams(items, todo, vectors, errors, batch_size, workers, bar, threads, done)
+            finally:  # also on Ctrl-C: keep every batch that was finished
+                if writer is not None:
+                    writer.flush()
         return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors)
 
     def _run_streams(self, items: list, todo: list[int], vectors: np.ndarray, errors: list, batch_size: int,
-                     workers: int | None, bar, total_threads: int) -> None:
+                     workers: int | None, bar, total_threads: int, done: Callable[[list[int]], None]) -> None:
         """Embed ``items[todo]`` into ``vectors`` with parallel single-threaded streams of whole batches,
-        sharing ``total_threads`` torch threads."""
+        sharing ``total_threads`` torch threads; ``done(rows)`` is called after each batch."""
         chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         planned = workers or min(total_threads, _MAX_STREAMS)
         streams = max(1, min(planned, len(chunks)))
@@ -230,9 +237,10 @@ class Encoder:
                     rows = next(queue, None)
                 if rows is None:
                     return
-                done = self._embed_rows(items, rows, vectors, errors, network)
+                handled = self._embed_rows(items, rows, vectors, errors, network)
                 with lock:
-                    bar.update(done)
+                    bar.update(handled)
+                    done(rows)
 
         if streams == 1 and per_stream == torch.get_num_threads():  # e.g. one image: no thread pool to start
             stream()

@@ -250,3 +250,25 @@ def test_inductor_matches_eager_without_recompiling_for_partial_batches():
     np.testing.assert_allclose(again, first[:5], rtol=1e-5, atol=1e-5)
     assert compiled.fingerprint == eager.fingerprint
     assert weights_digest(compiled.model) == compiled.fingerprint["weights_sha256"]  # freezing left the weights be
+
+
+def test_cache_keeps_what_was_embedded_before_an_interrupt(encoder, tmp_path, monkeypatch):
+    """Ctrl-C part way through a long embedding run keeps the batches already embedded in the cache,
+    so running it again starts where it stopped."""
+    images = [np.full((24, 24, 3), v, np.uint8) for v in range(0, 240, 8)]  # 30 distinct images
+    cache = EmbeddingCache(tmp_path / "c.sqlite")
+    real, calls = encoder._embed_rows, []
+
+    def interrupted_after_four_batches(*args, **kwargs):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "_embed_rows", interrupted_after_four_batches)
+    with pytest.raises(KeyboardInterrupt):
+        encoder.embed(images, batch_size=3, cache=cache, workers=1)
+    monkeypatch.undo()
+    assert len(cache) == 12  # four batches of three
+    again = encoder.embed_batch(images, batch_size=3, cache=cache, workers=1)
+    assert np.isfinite(again.vectors).all() and len(cache) == 30
