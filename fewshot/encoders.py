@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .cache import EmbeddingCache
 from .errors import ImageError, WeightsError
-from .images import _load_one, content_digest, describe, expand_inputs
+from .images import _load_one, content_digest, describe, expand_inputs, limit_aspect
 
 DEFAULT_ENCODER = "efficientnet_lite0"
 
@@ -114,7 +114,8 @@ class Encoder:
         if input_size is not None:
             self.data_config["input_size"] = (3, int(input_size), int(input_size))
         self.transform = timm.data.create_transform(**self.data_config)
-        self._image_step, self._batch_step = _split_transform(self.transform, self.data_config["input_size"][1:])
+        image_step, self._batch_step = _split_transform(self.transform, self.data_config["input_size"][1:])
+        self._image_step = lambda image: image_step(limit_aspect(image))  # resize work bounded by output size
         self.compile = _check_compile(compile)
         self._compiled: dict[tuple, Callable | None] = {}  # (mode, batch size, threads) -> module or None
         self._compile_lock = threading.Lock()

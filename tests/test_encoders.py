@@ -272,3 +272,12 @@ def test_cache_keeps_what_was_embedded_before_an_interrupt(encoder, tmp_path, mo
     assert len(cache) == 12  # four batches of three
     again = encoder.embed_batch(images, batch_size=3, cache=cache, workers=1)
     assert np.isfinite(again.vectors).all() and len(cache) == 30
+
+
+def test_cropping_long_strips_leaves_what_the_network_sees(encoder):
+    """Strips longer than 8:1 are centre-cropped before resizing (to bound the work); preprocessing
+    only ever looks at their centre, so the embedding is the one the uncropped strip gives."""
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 480, 3), dtype=np.uint8))
+    uncropped = encoder._forward(encoder.transform(strip)[None]).numpy()[0]
+    got = encoder.embed([strip], workers=1)[0]
+    assert float(np.dot(got, uncropped) / np.linalg.norm(got) / np.linalg.norm(uncropped)) > 0.999
