@@ -9,9 +9,11 @@ had it open would let two writers in at once. On platforms without ``fcntl`` the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import RegistryFormatError, RegistryLockedError
@@ -22,6 +24,10 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 LOCK_FILE = ".fewshot-writer.lock"
+# Readers hold a shared lock on this file while they read the manifest and open the data files it
+# names; a writer deletes old generations only under an exclusive lock on it (never waiting for it),
+# so a reader always gets every file of the generation it read, however big and however often saved.
+READERS_LOCK_FILE = ".fewshot-readers.lock"
 
 
 class WriterLock:
@@ -70,6 +76,50 @@ class WriterLock:
 
     def __del__(self):
         self.release()
+
+
+@contextlib.contextmanager
+def reader_pin(directory: str | os.PathLike) -> Iterator[None]:
+    """Within this block, no writer removes a generation's files (readers share this lock; nothing
+    to hold where the registry has no readers' lock file yet, or the platform has no ``fcntl``)."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = open_lock_file(Path(directory) / READERS_LOCK_FILE, os.O_RDONLY)
+        except FileNotFoundError:
+            pass  # saved by an older fewshot, or never saved: nothing to pin
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # a writer holds it exclusively only while it unlinks files
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def create_readers_lock(directory: str | os.PathLike) -> None:
+    """Make sure ``directory`` has the readers' lock file (writers call this before saving)."""
+    if fcntl is not None:
+        os.close(open_lock_file(Path(directory) / READERS_LOCK_FILE, os.O_RDONLY | os.O_CREAT))
+
+
+@contextlib.contextmanager
+def no_readers(directory: str | os.PathLike) -> Iterator[bool]:
+    """Yield True while no reader is between reading the manifest and opening its files (and none can
+    start), False if some are: then the caller must leave every generation's files in place."""
+    if fcntl is None:
+        yield True  # no way to know: readers retry instead
+        return
+    fd = open_lock_file(Path(directory) / READERS_LOCK_FILE, os.O_RDONLY | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def open_lock_file(path: Path, flags: int) -> int:

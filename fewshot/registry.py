@@ -48,7 +48,7 @@ from .errors import (
     UnknownClassError,
 )
 from .files import honour_umask, open_regular
-from .locking import LOCK_FILE, WriterLock
+from .locking import LOCK_FILE, READERS_LOCK_FILE, WriterLock, create_readers_lock, no_readers, reader_pin
 
 METRICS = ("cosine", "l2")  # "l2" = squared Euclidean
 # 2: "index_in_use" / "auto_threshold" fields; IVF indexes keep their own ids.
@@ -908,6 +908,7 @@ class Registry:
         gen = max(self._generation, _saved_generation(path) or 0) + 1
         written: list[Path] = []
         try:
+            create_readers_lock(path)
             rows = self._ordered_rows()
             files = self._write_data(path, gen, rows, written)
             _fsync_dir(path)  # data file names are durable before the manifest points at them
@@ -968,23 +969,37 @@ class Registry:
         path = Path(path)
         mpath = path / MANIFEST
         for attempt in range(_LOAD_ATTEMPTS):
-            if not mpath.is_file():
-                raise RegistryFormatError(f"no registry at {path} ({mpath} not found); "
-                                          "create one with fewshot register")
-            m = _parse_manifest(mpath)
-            if expected_fingerprint is not None:
-                _check_fingerprint(path, m["fingerprint"], _json_copy(expected_fingerprint, "expected_fingerprint"))
+            m, opened = None, {}
             try:
-                return cls._from_manifest(path, m)
+                # No writer deletes a generation's files between our reading its manifest and opening
+                # them; once open, they stay readable whatever the writer does next.
+                with reader_pin(path):
+                    m = _read_manifest(path)
+                    opened = _open_generation(path, m)
+                if expected_fingerprint is not None:
+                    _check_fingerprint(path, m["fingerprint"],
+                                       _json_copy(expected_fingerprint, "expected_fingerprint"))
+                return cls._from_manifest(path, m, opened)
             except RegistryFormatError:
-                # A writer may have saved a new generation, deleting this one's files, while we read
-                # them: then read the new one. A file that is bad for good is reported.
-                if attempt + 1 == _LOAD_ATTEMPTS or _manifest_digest(mpath) == m["_digest"]:
+                # Without the readers' lock (an older writer, no fcntl) a writer may have deleted this
+                # generation's files: then read the new one. A file that is bad for good is reported.
+                if m is None or attempt + 1 == _LOAD_ATTEMPTS or _manifest_digest(mpath) == m["_digest"]:
                     raise
+            finally:
+                for f in opened.values():
+                    f.close()
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def saved_counts(path) -> dict[str, int]:
+        """``{label: count}`` of the registry saved at directory ``path``, read from its manifest alone
+        (checked by the manifest's own checksum): listing a big registry's classes reads no prototypes."""
+        with reader_pin(Path(path)):
+            m = _read_manifest(Path(path))
+        return dict(zip(m["_labels"], m["_counts"].tolist()))
+
     @classmethod
-    def _from_manifest(cls, path: Path, m: dict) -> "Registry":
+    def _from_manifest(cls, path: Path, m: dict, opened: dict) -> "Registry":
         mpath = path / MANIFEST
         try:
             reg = cls(m["dim"], metric=m["metric"], index=m["index_factory"], fingerprint=m["fingerprint"],
@@ -993,7 +1008,7 @@ class Registry:
         except ValueError as e:
             raise RegistryFormatError(f"{mpath}: {e}") from None
         C, dim, labels = len(m["classes"]), m["dim"], m["_labels"]
-        protos = _load_npy(path, m["files"]["prototypes"], (C, dim), np.float32)
+        protos = _load_npy(path, m["files"]["prototypes"], (C, dim), np.float32, opened)
         if not _all_finite(protos):
             raise RegistryFormatError(f"{path / m['files']['prototypes']['name']}: non-finite prototype")
         ids = np.array(m["_ids"], dtype=np.int64)
@@ -1008,8 +1023,8 @@ class Registry:
             reg._row_of_id = np.full(max(1024, m["next_id"]), -1, np.int64)
             reg._row_of_id[ids] = np.arange(C)
         if reg._store_examples:
-            _load_examples(path, m, reg)
-        reg._index = _load_index(path, m, reg)
+            _load_examples(path, m, reg, opened)
+        reg._index = _load_index(path, m, reg, opened)
         reg._in_use, reg._fallback = _index_in_use(mpath, m, reg)
         reg._exact, reg._built_n = _kind(reg._index) == "flat", C
         reg._stale, reg._generation = False, m["generation"]
@@ -1091,7 +1106,7 @@ def _unlink_quietly(p: Path) -> None:
 
 
 def _is_ours(name: str) -> bool:
-    return (bool(_DATA_RE.match(name)) or name == LOCK_FILE
+    return (bool(_DATA_RE.match(name)) or name in (LOCK_FILE, READERS_LOCK_FILE)
             or (name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX)))
 
 
@@ -1138,14 +1153,19 @@ def _same_dir(a: Path, b: Path) -> bool:
 
 
 def _remove_other_generations(path: Path, gen: int) -> None:
+    """Delete the files of older generations, unless a reader may still be opening them (then a later
+    save deletes them)."""
     try:
-        names = os.listdir(path)
-    except OSError:
-        return
-    for name in names:
-        m = _DATA_RE.match(name)
-        if (m and int(m.group(2)) != gen) or (not m and _is_ours(name) and name != LOCK_FILE):
-            _unlink_quietly(path / name)
+        with no_readers(path) as alone:
+            if not alone:
+                return
+            for name in os.listdir(path):
+                m = _DATA_RE.match(name)
+                if (m and int(m.group(2)) != gen) or (not m and _is_ours(name)
+                                                      and name not in (LOCK_FILE, READERS_LOCK_FILE)):
+                    _unlink_quietly(path / name)
+    except (OSError, RegistryFormatError):
+        return  # best effort: leftovers are harmless, the manifest decides what is current
 
 
 def _npy_chunks(shape: tuple, dtype, chunks):
@@ -1337,37 +1357,66 @@ def _check_fingerprint(path: Path, stored: dict, expected: dict) -> None:
 _READ_CHUNK = 64 * 2**20
 
 
-def _read_verified_into(path: Path, entry: dict, split) -> list[np.ndarray]:
-    """Read a data file into buffers after checking its size, hashing as it streams in, and check
-    the sha256 against the manifest before anything in it is parsed. ``split(size)`` returns the
-    writable buffers that together take the whole file (so big arrays are read in place)."""
+def _read_manifest(path: Path) -> dict:
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise RegistryFormatError(f"no registry at {path} ({mpath} not found); create one with fewshot register")
+    return _parse_manifest(mpath)
+
+
+def _open_generation(path: Path, m: dict) -> dict:
+    """{file name: open file} for every data file the manifest ``m`` names."""
+    keys = ("prototypes", "index") + (("examples", "example_class_ids") if m["store_examples"] else ())
+    opened: dict = {}
+    try:
+        for key in keys:
+            name = m["files"][key]["name"]
+            if name in opened:
+                continue
+            try:
+                opened[name] = _open_regular(path / name)
+            except FileNotFoundError:
+                raise RegistryFormatError(f"{path / name}: referenced by the manifest but missing") from None
+            except OSError as e:
+                raise RegistryFormatError(f"{path / name}: cannot be read ({e})") from None
+    except BaseException:
+        for f in opened.values():
+            f.close()
+        raise
+    return opened
+
+
+def _read_verified_into(path: Path, entry: dict, split, opened: dict) -> list[np.ndarray]:
+    """Read a data file (already open, in ``opened``) into buffers after checking its size, hashing as
+    it streams in, and check the sha256 against the manifest before anything in it is parsed.
+    ``split(size)`` returns the writable buffers that together take the whole file (so big arrays are
+    read in place)."""
     fpath = path / entry["name"]
     try:
-        with _open_regular(fpath) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != entry["bytes"]:
-                raise RegistryFormatError(f"{fpath}: size is {size} bytes, manifest says {entry['bytes']} "
-                                          "(truncated or replaced?)")
-            buffers = split(size)
-            digest = hashlib.sha256()
-            for buf in buffers:
-                view = memoryview(buf.reshape(-1).view(np.uint8))
-                for a in range(0, len(view), _READ_CHUNK):
-                    part = view[a:a + _READ_CHUNK]
-                    got = f.readinto(part)
-                    while got and got < len(part):  # short reads
-                        more = f.readinto(part[got:])
-                        if not more:
-                            break
-                        got += more
-                    if got != len(part):
-                        raise RegistryFormatError(f"{fpath}: shorter than the {size} bytes it had "
-                                                  "(changed while reading?)")
-                    digest.update(part)
-            if f.read(1):
-                raise RegistryFormatError(f"{fpath}: longer than the manifest says (changed while reading?)")
-    except FileNotFoundError:
-        raise RegistryFormatError(f"{fpath}: referenced by the manifest but missing") from None
+        f = opened[entry["name"]]
+        f.seek(0)
+        size = os.fstat(f.fileno()).st_size
+        if size != entry["bytes"]:
+            raise RegistryFormatError(f"{fpath}: size is {size} bytes, manifest says {entry['bytes']} "
+                                      "(truncated or replaced?)")
+        buffers = split(size)
+        digest = hashlib.sha256()
+        for buf in buffers:
+            view = memoryview(buf.reshape(-1).view(np.uint8))
+            for a in range(0, len(view), _READ_CHUNK):
+                part = view[a:a + _READ_CHUNK]
+                got = f.readinto(part)
+                while got and got < len(part):  # short reads
+                    more = f.readinto(part[got:])
+                    if not more:
+                        break
+                    got += more
+                if got != len(part):
+                    raise RegistryFormatError(f"{fpath}: shorter than the {size} bytes it had "
+                                              "(changed while reading?)")
+                digest.update(part)
+        if f.read(1):
+            raise RegistryFormatError(f"{fpath}: longer than the manifest says (changed while reading?)")
     except OSError as e:
         raise RegistryFormatError(f"{fpath}: cannot be read ({e})") from None
     if digest.hexdigest() != entry["sha256"]:
@@ -1376,7 +1425,7 @@ def _read_verified_into(path: Path, entry: dict, split) -> list[np.ndarray]:
     return buffers
 
 
-def _load_npy(path: Path, entry: dict, shape: tuple, dtype) -> np.ndarray:
+def _load_npy(path: Path, entry: dict, shape: tuple, dtype, opened: dict) -> np.ndarray:
     """The array of an .npy file, read straight into its final (owned, writable) array."""
     fpath = path / entry["name"]
     dtype = np.dtype(dtype)
@@ -1389,7 +1438,7 @@ def _load_npy(path: Path, entry: dict, shape: tuple, dtype) -> np.ndarray:
             raise RegistryFormatError(f"{bad}, but the file has {size} bytes")
         return [np.empty(size - data_bytes, np.uint8), np.empty(shape, dtype)]
 
-    buffers = _read_verified_into(path, entry, split)
+    buffers = _read_verified_into(path, entry, split, opened)
     arr = buffers[1]
     header = io.BytesIO(buffers[0].tobytes())
     try:
@@ -1408,11 +1457,11 @@ def _load_npy(path: Path, entry: dict, shape: tuple, dtype) -> np.ndarray:
     return arr
 
 
-def _load_examples(path: Path, m: dict, reg: Registry) -> None:
+def _load_examples(path: Path, m: dict, reg: Registry, opened: dict) -> None:
     files, dim = m["files"], reg.dim
     counts, ids = m["_counts"], m["_ids"]
-    owner = _load_npy(path, files["example_class_ids"], (int(counts.sum()),), np.int64)
-    ex = _load_npy(path, files["examples"], (len(owner), dim), np.float32)
+    owner = _load_npy(path, files["example_class_ids"], (int(counts.sum()),), np.int64, opened)
+    ex = _load_npy(path, files["examples"], (len(owner), dim), np.float32, opened)
     fname = path / files["examples"]["name"]
     if not _all_finite(ex):
         raise RegistryFormatError(f"{fname}: non-finite example")
@@ -1442,9 +1491,9 @@ def _index_ids(index) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def _load_index(path: Path, m: dict, reg: Registry):
+def _load_index(path: Path, m: dict, reg: Registry, opened: dict):
     fpath = path / m["files"]["index"]["name"]
-    (data,) = _read_verified_into(path, m["files"]["index"], lambda size: [np.empty(size, np.uint8)])
+    (data,) = _read_verified_into(path, m["files"]["index"], lambda size: [np.empty(size, np.uint8)], opened)
     try:
         index = faiss.deserialize_index(data)
     except Exception as e:  # noqa: BLE001 - any parse failure is a format error
