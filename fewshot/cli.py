@@ -91,8 +91,7 @@ def _format_prediction(p) -> str:
 
 
 def cmd_classes(args) -> int:
-    classifier = _load(args, need_encoder=False)
-    counts = classifier.counts
+    counts = _saved_counts(args)
     if args.json:
         print(json.dumps([{"label": k, "count": v} for k, v in counts.items()], indent=2, ensure_ascii=False))
     else:
@@ -262,6 +261,15 @@ def _load(args, need_encoder: bool = True):
     return FewShotClassifier.load(args.registry, encoder=getattr(args, "encoder", None),
                                   weights=getattr(args, "weights", None), head=getattr(args, "head", None),
                                   cache=not args.no_cache)
+
+
+def _saved_counts(args) -> dict[str, int]:
+    """A registry's classes and counts from its manifest alone: listing reads no prototypes."""
+    from .registry import Registry
+
+    if not _registry_exists(args.registry):
+        return _load(args, need_encoder=False).counts  # raises the usual "no registry" error
+    return Registry.saved_counts(args.registry)
 
 
 def _positive_int(text: str) -> int:

@@ -98,3 +98,19 @@ def test_console_script_runs_and_debug_shows_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr
     done = subprocess.run([sys.executable, "-m", "fewshot", "info"], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "efficientnet_lite0" in done.stdout and "torch threads" in done.stdout
+
+
+def test_classes_lists_from_the_manifest_without_reading_prototypes(tmp_path, capsys):
+    """`fewshot classes` on a big registry must not load every prototype: it works with the data
+    files unreadable, and lists exactly what was saved."""
+    import numpy as np
+
+    from fewshot.registry import Registry
+
+    reg = Registry(8)
+    reg.add_many([f"c{i}" for i in range(5)], np.eye(5, 8, dtype=np.float32))
+    reg.save(tmp_path / "r")
+    for data in (tmp_path / "r").glob("*-0*.*"):
+        data.write_bytes(b"garbage")
+    assert main(["classes", str(tmp_path / "r"), "--json"]) == 0
+    assert [row["label"] for row in json.loads(capsys.readouterr().out)] == [f"c{i}" for i in range(5)]
