@@ -293,3 +293,47 @@ def test_saved_head_honours_the_umask(tmp_path, umask):
     assert saved.stat().st_mode & 0o777 == 0o777 & ~umask
     for f in saved.iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def _edit_config(path: Path, reseal: bool, **changes) -> None:
+    """Change config.json's head config; with ``reseal`` also recompute its fingerprint (as an attacker
+    who knows the format would), so only the limits can catch it."""
+    import hashlib
+
+    from fewshot.heads._base import canonical_json
+
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"].update(changes)
+    if reseal:
+        digest = hashlib.sha256(canonical_json(meta["config"]).encode())
+        digest.update((path / "weights.safetensors").read_bytes())
+        meta["fingerprint"]["sha256"] = digest.hexdigest()
+    (path / "config.json").write_text(json.dumps(meta))
+
+
+def test_head_config_is_covered_by_the_checksum(tmp_path):
+    saved = save_head(create_head("protonet", 4, seed=1, hidden=8, out_dim=4), tmp_path / "head")
+    _edit_config(saved, reseal=False, dropout=0.5)  # same shapes, so the weights still fit
+    with pytest.raises(HeadFormatError, match="checksum"):
+        load_head(saved)
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("maml", {"inner_steps": 10**12}),
+    ("protonet", {"hidden": 10**9}),
+    ("protonet", {"arch": "conv", "in_shape": [1, 2, 2], "channels": 10**9}),
+    ("protonet", {"in_dim": 10**12}),
+    ("protonet", {"seed": 2**70}),
+])
+def test_resealed_head_config_with_absurd_sizes_is_refused_before_building(tmp_path, name, changes):
+    """A config that asks for endless inner steps or a billion channels is refused with a clear error
+    (never a raw traceback, never minutes of work or gigabytes of memory)."""
+    import time
+
+    params = {"hidden": 8, "out_dim": 4} | ({"ways": 3, "inner_steps": 1} if name == "maml" else {})
+    saved = save_head(create_head(name, 4, seed=1, **params), tmp_path / "head")
+    _edit_config(saved, reseal=True, **changes)
+    start = time.monotonic()
+    with pytest.raises(HeadFormatError, match=next(iter(changes)) if "in_shape" not in changes else "channels"):
+        load_head(saved)
+    assert time.monotonic() - start < 5
