@@ -32,6 +32,14 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "fewshot-episodes", 1
+# Limits on sizes a protocol file (or a caller) may ask for, far above any benchmark (they use 100 to
+# 10,000 episodes of at most a few hundred items) but low enough that a hostile or mistyped file cannot
+# make fewshot allocate without end: the episodes drawn are held in memory (~1 KB each).
+MAX_EPISODES = 100_000
+MAX_WAYS = 10_000
+MAX_ITEMS_PER_CLASS = 10_000  # shots, queries
+MAX_SUPPORT = 1_000_000
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -114,11 +122,12 @@ class EpisodeSampler:
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0:
             raise ValueError(f"labels must be a non-empty 1-D array (one label per item), got shape {labels.shape}")
-        for name, value in [("shots", shots), ("queries", queries), ("min_ways", min_ways),
-                            ("max_ways", max_ways), ("max_support", max_support)]:
-            _check_int(name, value, 1)
+        for name, value, high in [("shots", shots, MAX_ITEMS_PER_CLASS), ("queries", queries, MAX_ITEMS_PER_CLASS),
+                                  ("min_ways", min_ways, MAX_WAYS), ("max_ways", max_ways, MAX_WAYS),
+                                  ("max_support", max_support, MAX_SUPPORT)]:
+            _check_int(name, value, 1, high)
         if ways is not None:
-            _check_int("ways", ways, 1)
+            _check_int("ways", ways, 1, MAX_WAYS)
         if variable and max_ways < min_ways:
             raise ValueError(f"max_ways={max_ways} is below min_ways={min_ways}; raise max_ways or lower min_ways")
         self.ways, self.shots, self.queries = ways, shots, queries
@@ -193,12 +202,12 @@ class EpisodeSampler:
 
     def sample_many(self, n: int) -> list[Episode]:
         """The next ``n`` episodes (the same as calling ``sample()`` n times)."""
-        _check_int("n", n, 0)
+        _check_int("n", n, 0, MAX_EPISODES)
         return [self.sample() for _ in range(n)]
 
     def sample_batch(self, n: int) -> EpisodeBatch:
         """``n`` episodes drawn at once as arrays; fixed ways and shots only."""
-        _check_int("n", n, 1)
+        _check_int("n", n, 1, MAX_EPISODES)
         if self.variable:
             raise ValueError("variable episodes differ in shape and cannot form a batch; use sample_many()")
         if self.within_group and self.ways is None and len({len(p) for p in self._usable}) > 1:
@@ -282,9 +291,11 @@ def _pad(pools: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _check_int(name: str, value, low: int) -> None:
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be at most {high}, got {value!r}")
 
 
 # --- manifests ----------------------------------------------------------------------------------
@@ -476,6 +487,11 @@ _TYPES = {"name": str, "description": str, "dataset": str, "ways": int, "shots":
           "max_ways": int, "max_support": int, "split": dict, "runs": str}
 
 
+_LIMITS = [("ways", 1, MAX_WAYS), ("shots", 1, MAX_ITEMS_PER_CLASS), ("queries", 1, MAX_ITEMS_PER_CLASS),
+           ("episodes", 1, MAX_EPISODES), ("min_ways", 1, MAX_WAYS), ("max_ways", 1, MAX_WAYS),
+           ("max_support", 1, MAX_SUPPORT), ("seed", 0, MAX_SEED)]
+
+
 def load_protocol(path: str | os.PathLike) -> Protocol:
     """Read a protocol TOML file; unknown keys and bad values are errors naming the file and key."""
     path = Path(path)
@@ -498,9 +514,11 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
             hint = ' (or "all")' if key == "ways" else ""
             raise ValueError(f"{path}: {key} must be {kind.__name__}{hint}, got {value!r}")
         values[key] = value
-    for key in ("ways", "shots", "queries", "episodes", "min_ways", "max_ways", "max_support"):
-        if values.get(key) is not None and values[key] < 1:
-            raise ValueError(f"{path}: {key} must be >= 1, got {values[key]}")
+    for key, low, high in _LIMITS:
+        value = values.get(key)
+        if value is not None and not low <= value <= high:
+            bound = f">= {low}" if value < low else f"at most {high}"
+            raise ValueError(f"{path}: {key} must be {bound}, got {value}")
     values.setdefault("name", path.stem)
     values["split"] = _check_split(values.get("split", {}), path)
     return Protocol(**values)
@@ -522,8 +540,8 @@ def _check_split(split: dict, path: Path) -> dict:
         raise ValueError(f"{path}: split.test must be a list of names or a count"
                          f"{' or a fraction in (0, 1)' if split['by'] == 'class' else ''}, got {test!r}")
     seed = split.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"{path}: split.seed must be an integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{path}: split.seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
     return dict(split)
 
 

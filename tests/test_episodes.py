@@ -441,3 +441,31 @@ def test_replay_manifest_that_cannot_measure_anything_is_refused(tmp_path, edit,
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=rf"episode 1: .*{message}"):
         load_episodes(path, ds)
+
+
+@pytest.mark.parametrize("line, key", [
+    ("episodes = 1000000000000", "episodes"),
+    ("ways = 1000000000", "ways"),
+    ("shots = 1000000000", "shots"),
+    ("queries = 1000000000", "queries"),
+    ("max_support = 1000000000000", "max_support"),
+    ("seed = -1", "seed"),
+    ("seed = 1000000000000000000000", "seed"),
+])
+def test_protocol_sizes_beyond_sane_limits_are_refused_naming_file_and_key(tmp_path, line, key):
+    """A protocol file chooses how much work and memory an evaluation takes: `episodes = 10**12`
+    grew memory without end. Each number must lie within limits, checked when the file is read."""
+    path = tmp_path / "hostile.toml"
+    path.write_text(f'description = "x"\n{line}\n')
+    with pytest.raises(ValueError, match=rf"{path}.*{key}"):
+        load_protocol(path)
+
+
+def test_sampler_refuses_episode_counts_beyond_the_limit():
+    from fewshot.episodes import MAX_EPISODES
+
+    sampler = EpisodeSampler(user_labels(), ways=2, shots=1, queries=1, seed=0)
+    with pytest.raises(ValueError, match="at most"):
+        sampler.sample_many(MAX_EPISODES + 1)
+    with pytest.raises(ValueError, match="at most"):
+        sampler.sample_batch(10**12)

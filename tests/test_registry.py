@@ -19,7 +19,7 @@ from fewshot.errors import (
     RegistrySaveError,
     UnknownClassError,
 )
-from fewshot.locking import LOCK_FILE
+from fewshot.locking import LOCK_FILE, READERS_LOCK_FILE
 from fewshot.registry import Registry, SearchResult, _seal
 
 DIM = 16
@@ -207,8 +207,8 @@ def test_save_load_round_trip(tmp_path):
     loaded.add("extra", queries[0])
     loaded.save(tmp_path / "reg")
     assert loaded.generation == 2 and Registry.load(tmp_path / "reg").generation == 2
-    assert sorted(os.listdir(tmp_path / "reg")) == [LOCK_FILE, "index-000002.faiss", "manifest.json",
-                                                    "prototypes-000002.npy"]
+    assert sorted(os.listdir(tmp_path / "reg")) == [READERS_LOCK_FILE, LOCK_FILE, "index-000002.faiss",
+                                                    "manifest.json", "prototypes-000002.npy"]
 
 
 def test_remove_rename_persist(tmp_path):
