@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from .cache import EmbeddingCache
-from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder, create_encoder,
-                       describe_fingerprint, encoder_from_fingerprint)
-from .errors import EncoderMismatchError, ImageError, WeightsError
+from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder, check_fingerprint,
+                       check_weights_file, create_encoder, describe_fingerprint, encoder_from_fingerprint)
+from .errors import EncoderMismatchError, ImageError, RegistryFormatError, WeightsError
 from .data import class_folders
 from .heads import Head, load_head
 from .registry import MANIFEST, Registry, _check_label, _lock_dir
@@ -308,9 +308,10 @@ class FewShotClassifier:
         """Load a saved classifier. The encoder (and head) it was built with are re-created from the
         registry's fingerprint unless given; different ones are refused with ``EncoderMismatchError``."""
         registry = Registry.load(path)
-        saved = registry.metadata.get("classifier", {})
+        saved = _saved_settings(path, registry)
         fingerprint = registry.fingerprint
-        weights = weights or saved.get("weights")
+        if weights is None and saved.get("weights") is not None:
+            weights = check_weights_file(saved["weights"])
         head = head if head is not None else _saved_head(fingerprint, saved.get("head"), path)
         options.setdefault("temperature", saved.get("temperature"))
         options.setdefault("unknown_threshold", saved.get("unknown_threshold"))
@@ -326,6 +327,33 @@ class FewShotClassifier:
                 f"built with, or register its classes again with this one")
         classifier._registry = registry
         return classifier
+
+
+def _saved_settings(path, registry: Registry) -> dict:
+    """The classifier settings a registry's manifest records, checked (types and sizes) before anything
+    is created from them: the manifest's checksum catches damage, not someone who re-seals it."""
+    def refuse(problem: str):
+        return RegistryFormatError(f"{Path(path) / MANIFEST}: {problem}; this registry was not saved by "
+                                   "fewshot as it is, or was tampered with: re-create it with fewshot register")
+
+    try:
+        check_fingerprint(registry.fingerprint)
+    except ValueError as e:
+        raise refuse(str(e)) from None
+    head = registry.fingerprint.get("head")
+    if head is not None and not isinstance(head, dict):
+        raise refuse("the head fingerprint must be an object")
+    saved = registry.metadata.get("classifier", {})
+    if not isinstance(saved, dict):
+        raise refuse("metadata 'classifier' must be an object")
+    for key in ("weights", "head"):
+        if saved.get(key) is not None and (not isinstance(saved[key], str) or not saved[key] or "\0" in saved[key]):
+            raise refuse(f"saved {key} must be a file path, got {str(saved[key])[:100]!r}")
+    for key in ("temperature", "unknown_threshold"):
+        value = saved.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise refuse(f"saved {key} must be a number, got {str(value)[:100]!r}")
+    return saved
 
 
 def head_encoder(head: Head, *, weights=None) -> Encoder:

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import stat
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,10 @@ _AUTO_MIN_IMAGES = 256
 
 # Parallel embedding streams are capped: each holds a batch of activations in memory.
 _MAX_STREAMS = 8
+# Input resolutions beyond this are refused: memory grows with its square (20000 px took 8 GB before
+# the first image), and no model here is trained above 1024.
+MAX_INPUT_SIZE = 1024
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class Encoder:
         self.pool = _check_pool(pool)
         self.data_config = timm.data.resolve_data_config({}, model=model)
         if input_size is not None:
+            _check_size(input_size, "input_size")
             self.data_config["input_size"] = (3, int(input_size), int(input_size))
         self.transform = timm.data.create_transform(**self.data_config)
         image_step, self._batch_step = _split_transform(self.transform, self.data_config["input_size"][1:])
@@ -532,9 +538,60 @@ def create_encoder(
     return Encoder(model, name=name, stages=stages, pool=pool, input_size=input_size, compile=compile)
 
 
+def check_fingerprint(fingerprint) -> None:
+    """Raise ValueError naming the field unless ``fingerprint`` (read from a file: a registry manifest,
+    a head's metadata) has the types and sane sizes ``encoder_from_fingerprint`` relies on; checked
+    before anything is created from it."""
+    if not isinstance(fingerprint, dict):
+        raise ValueError(f"the encoder fingerprint must be an object, got {type(fingerprint).__name__}")
+    name = fingerprint.get("name", DEFAULT_ENCODER)
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise ValueError(f"encoder name must be a model name, got {str(name)[:200]!r}")
+    features, preprocess = fingerprint.get("features") or {}, fingerprint.get("preprocess") or {}
+    if not isinstance(features, dict) or not isinstance(preprocess, dict):
+        raise ValueError("encoder 'features' and 'preprocess' must be objects")
+    stages = features.get("stages")
+    if stages is not None and (not isinstance(stages, list) or not 0 < len(stages) <= 16
+                               or not all(type(s) is int and 0 <= s < 64 for s in stages)):
+        raise ValueError(f"encoder stages must be a list of stage indices, got {str(stages)[:200]!r}")
+    pool = features.get("pool", "avg")
+    if pool != "avg" and not (type(pool) is int and 1 <= pool <= 16):
+        raise ValueError(f"encoder pool must be 'avg' or a grid size 1..16, got {str(pool)[:200]!r}")
+    size = preprocess.get("input_size")
+    if size is not None:
+        if not isinstance(size, list) or len(size) != 3:
+            raise ValueError(f"encoder input_size must be [3, height, width], got {str(size)[:200]!r}")
+        for value in size:
+            _check_size(value, "input_size")
+
+
+def check_weights_file(path) -> Path:
+    """``path`` if it can be a weights file (a non-empty regular file named like one), else WeightsError:
+    a path recorded in a registry must not make fewshot read an arbitrary file such as /proc/self/status."""
+    path = Path(path)
+    if path.suffix.lower() not in WEIGHTS_SUFFIXES:
+        raise WeightsError(f"{path} is not named like a weights file ({', '.join(WEIGHTS_SUFFIXES)}); "
+                           "pass weights=FILE (CLI: --weights FILE) with the encoder's weights")
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise WeightsError(f"weights file {path} cannot be read ({exc.strerror or exc}); pass weights=FILE "
+                           "(CLI: --weights FILE) with the encoder's weights") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        raise WeightsError(f"{path} is not a weights file (not a regular, non-empty file)")
+    return path
+
+
+def _check_size(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_INPUT_SIZE:
+        raise ValueError(f"encoder {what} must be an integer in 1..{MAX_INPUT_SIZE}, got {str(value)[:50]!r}")
+
+
 def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weights=None,
                              compile: str = DEFAULT_COMPILE) -> Encoder:
-    """Re-create the encoder a fingerprint describes (the caller compares fingerprints after)."""
+    """Re-create the encoder a fingerprint describes (the caller compares fingerprints after); the
+    fingerprint is checked first (``check_fingerprint``)."""
+    check_fingerprint(fingerprint)
     features = fingerprint.get("features") or {}
     size = (fingerprint.get("preprocess") or {}).get("input_size")
     return create_encoder(name or fingerprint.get("name", DEFAULT_ENCODER), weights=weights,

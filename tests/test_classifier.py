@@ -116,3 +116,52 @@ def test_register_folder_and_caltech_one_shot(caltech_subset, encoder):
     folder_clf = FewShotClassifier(encoder)
     reports = folder_clf.register_folder(caltech_subset)
     assert sorted(r.label for r in reports) == sorted(support) and all(r.added == 6 for r in reports)
+
+
+LITE0_FINGERPRINT = {"name": "efficientnet_lite0", "architecture": "tf_efficientnet_lite0",
+                     "weights_sha256": "0" * 64, "features": {"stages": None, "pool": "avg", "dim": 1280},
+                     "preprocess": {"input_size": [3, 224, 224], "interpolation": "bicubic",
+                                    "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875}}
+
+
+def _resealed_registry(path, fingerprint: dict, settings: dict):
+    """A registry whose manifest an attacker rewrote and re-sealed (the checksum is no signature)."""
+    import numpy as np
+
+    from fewshot.registry import Registry
+
+    reg = Registry(1280, fingerprint=fingerprint, metadata={"classifier": settings})
+    reg.add("a", np.ones((1, 1280), np.float32))
+    reg.save(path)
+    return path
+
+
+@pytest.mark.parametrize("change, settings, message", [
+    (lambda fp: fp["preprocess"].update(input_size=[3, 20000, 20000]), {}, "input_size"),
+    (lambda fp: fp["preprocess"].update(input_size="big"), {}, "input_size"),
+    (lambda fp: fp["features"].update(stages="0,1"), {}, "stages"),
+    (lambda fp: fp["features"].update(pool=[1]), {}, "pool"),
+    (lambda fp: fp.update(name=["efficientnet_lite0"]), {}, "name"),
+    (lambda fp: None, {"weights": "/proc/self/status"}, "weights"),
+    (lambda fp: None, {"weights": 42}, "weights"),
+    (lambda fp: None, {"temperature": "hot"}, "temperature"),
+])
+def test_manifest_settings_are_checked_before_the_encoder_is_created(tmp_path, change, settings, message):
+    """Fields of a registry's manifest that drive encoder creation are validated first: input_size
+    20000 used to take 8 GB, wrong types gave a raw TypeError, and any file was read as weights."""
+    import copy
+    import resource
+    import time
+
+    from fewshot.errors import RegistryFormatError, WeightsError
+
+    fingerprint = copy.deepcopy(LITE0_FINGERPRINT)
+    change(fingerprint)
+    path = _resealed_registry(tmp_path / "r", fingerprint, settings)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(WeightsError if settings.get("weights") == "/proc/self/status" else RegistryFormatError,
+                       match=message):
+        FewShotClassifier.load(path)
+    assert time.monotonic() - start < 5
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 300
