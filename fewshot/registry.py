@@ -6,7 +6,10 @@ easily redo, so saving is crash-safe (generation-numbered data files, then an at
 manifest, fsynced in that order) and loading is paranoid (sizes and sha256 checked before any data
 file is parsed; the manifest checks itself). ``Registry.open`` binds a registry to its directory:
 each change is saved before it returns, under a writer lock (``fewshot.locking``) that keeps a
-second writer out while readers go on. Nothing is ever unpickled: the formats are JSON, ``.npy``
+second writer out while readers go on; readers pin the generation they read (a shared lock held only
+while they open its files) and writers delete older generations only when no reader is opening them,
+so a reader gets a complete generation however big the registry and however often it is saved.
+Nothing is ever unpickled: the formats are JSON, ``.npy``
 read without pickle, and ``faiss.serialize_index`` bytes.
 
 Scale: prototypes live in one growable ``(capacity, dim)`` float32 array (measured ~1.1x
@@ -963,9 +966,10 @@ class Registry:
 
     @classmethod
     def load(cls, path, *, expected_fingerprint: dict | None = None) -> "Registry":
-        """Read the registry saved at directory ``path`` (no lock needed: a save in progress is not
-        seen). Every file is checked (size, sha256, the manifest's own checksum, shapes, ids) before it
-        is parsed; any problem raises ``RegistryFormatError`` naming the file."""
+        """Read the registry saved at directory ``path`` (a save in progress is not seen, and no writer
+        deletes the files of the generation being read). Every file is checked (size, sha256, the
+        manifest's own checksum, shapes, ids) before it is parsed; any problem raises
+        ``RegistryFormatError`` naming the file."""
         path = Path(path)
         mpath = path / MANIFEST
         for attempt in range(_LOAD_ATTEMPTS):
