@@ -62,3 +62,21 @@ def test_fifo_lock_file_is_refused_without_leaking_a_descriptor(tmp_path):
     with Registry.open(reg_dir, dim=4) as reg:
         reg.add("a", np.ones((1, 4), np.float32))
     assert Registry.load(reg_dir).classes == ["a"]
+
+
+def test_symlinked_readers_lock_is_refused_by_readers_and_writers(tmp_path):
+    from fewshot.errors import RegistrySaveError
+    from fewshot.locking import READERS_LOCK_FILE
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep\n")
+    reg = Registry(4)
+    reg.add("a", np.ones((1, 4), np.float32))
+    reg.save(tmp_path / "reg")
+    os.unlink(tmp_path / "reg" / READERS_LOCK_FILE)
+    os.symlink(victim, tmp_path / "reg" / READERS_LOCK_FILE)
+    with pytest.raises(RegistryFormatError, match="regular file"):
+        Registry.load(tmp_path / "reg")
+    with pytest.raises(RegistrySaveError, match="regular file"):
+        reg.save(tmp_path / "reg")
+    assert victim.read_text() == "keep\n"
