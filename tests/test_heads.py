@@ -212,7 +212,10 @@ def test_a_planted_pickle_is_never_executed(tmp_path):
     meta = json.loads((path / "config.json").read_text())
     import hashlib
 
-    meta["weights_sha256"] = hashlib.sha256(payload).hexdigest()  # an attacker can fix up the hash
+    from fewshot.heads._base import canonical_json
+
+    meta["weights_sha256"] = hashlib.sha256(payload).hexdigest()  # an attacker can fix up the hashes
+    meta["fingerprint"]["sha256"] = hashlib.sha256(canonical_json(meta["config"]).encode() + payload).hexdigest()
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(HeadFormatError, match="weights.safetensors"):
         load_head(path)
@@ -235,10 +238,17 @@ def test_load_errors_are_typed_and_name_the_file(tmp_path):
     meta = json.loads(good)
     expect(json.dumps({**meta, "format_version": 99}), "version 99")
     expect(json.dumps({**meta, "config": {**meta["config"], "name": "nohead"}}), "unknown head 'nohead'")
-    # a config that does not describe these weights (hidden 8 -> 9): refused, never silently reshaped
-    expect(json.dumps({**meta, "config": {**meta["config"], "hidden": 9}}), "do not fit")
-    # nor does a hostile config get to allocate memory before the weights are checked against it
-    expect(json.dumps({**meta, "config": {**meta["config"], "hidden": 10**12}}), "do not fit")
+    # an edited config is caught by the checksum
+    expect(json.dumps({**meta, "config": {**meta["config"], "hidden": 9}}), "checksum mismatch")
+    # re-sealed, a config that does not describe these weights (hidden 8 -> 9): refused, never reshaped
+    config.write_text(good)
+    _edit_config(path, reseal=True, hidden=9)
+    with pytest.raises(HeadFormatError, match="do not fit"):
+        load_head(path)
+    # nor does a hostile config get to allocate memory: sizes have limits
+    _edit_config(path, reseal=True, hidden=10**12)
+    with pytest.raises(HeadFormatError, match="hidden must be at most"):
+        load_head(path)
     config.write_text(good)
     assert load_head(path).config["hidden"] == 8
 
