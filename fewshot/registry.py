@@ -9,8 +9,8 @@ each change is saved before it returns, under a writer lock (``fewshot.locking``
 second writer out while readers go on; readers pin the generation they read (a shared lock held only
 while they open its files) and writers delete older generations only when no reader is opening them,
 so a reader gets a complete generation however big the registry and however often it is saved.
-Nothing is ever unpickled: the formats are JSON, ``.npy``
-read without pickle, and ``faiss.serialize_index`` bytes.
+Nothing is ever unpickled: the formats are JSON, ``.npy`` read without pickle, and
+``faiss.serialize_index`` bytes.
 
 Scale: prototypes live in one growable ``(capacity, dim)`` float32 array (measured ~1.1x
 ``4 * dim`` bytes per class at 1M x 1280, index included), so a million classes load and save in
@@ -1080,8 +1080,8 @@ def _write_atomic(directory: Path, name: str, write, written: list) -> dict:
     """Write via a temp file in the same dir, fsync, rename; return {"name", "sha256", "bytes"}."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{_TMP_PREFIX}{name}-", suffix=_TMP_SUFFIX)
     try:
-        honour_umask(tmp)
         with os.fdopen(fd, "wb") as f:
+            honour_umask(tmp)
             hw = _HashingWriter(f)
             write(hw)
             f.flush()
