@@ -161,7 +161,7 @@ class FewShotClassifier:
         Labels are any text up to 1024 characters without NUL ("/" and ".." are fine: labels are never
         file names). Opened with ``FewShotClassifier.open``, the change is saved before this returns.
         """
-        _check_label(label)  # before the (slow) embedding
+        label = _check_label(label)  # before the (slow) embedding; labels are stored in Unicode NFC
         result = self._embed(images)
         failures = [e for e in result.errors if e]
         if not len(result.errors):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
+    except BrokenPipeError:  # `fewshot classes REG | head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
     except UsageError as exc:
         parser.error(str(exc))  # exits 2
     except (FewShotError, ValueError, OSError) as exc:
@@ -44,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that flushing it at exit raises no second broken-pipe error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -61,7 +72,7 @@ def cmd_register(args) -> int:
             reports = [classifier.register(args.class_name, args.paths)]
     failures = 0
     for report in reports:
-        print(f"{report.label}: +{report.added} image(s), {report.total} in total")
+        print(f"{display_label(report.label)}: +{report.added} image(s), {report.total} in total")
         for error in report.errors:
             print(f"fewshot: skipped {error}", file=sys.stderr)
         failures += len(report.errors)
@@ -84,10 +95,37 @@ def cmd_predict(args) -> int:
 
 def _format_prediction(p) -> str:
     if p.error:
-        return f"{p.input}\terror: {p.error}"
-    label = p.label if p.label is not None else "unknown"
-    others = ", ".join(f"{lab} {score:.3f}" for lab, score in p.top_k)
-    return f"{p.input}\t{label}\t{p.score:.3f}\t[{others}]"
+        return f"{escape_text(p.input)}\terror: {escape_text(p.error)}"
+    label = display_label(p.label) if p.label is not None else UNKNOWN_ANSWER
+    others = ", ".join(f"{display_label(lab)} {score:.3f}" for lab, score in p.top_k)
+    return f"{escape_text(p.input)}\t{label}\t{p.score:.3f}\t[{others}]"
+
+
+UNKNOWN_ANSWER = "unknown"  # text output's answer below the threshold; a class of that name is quoted
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def escape_text(text: str) -> str:
+    """``text`` with every non-printable character (newline, tab, ANSI/OSC escape, bidi control)
+    written as a backslash escape, so printed text cannot fake rows or drive the terminal."""
+    return text if text.isprintable() else "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+def display_label(label: str) -> str:
+    """A class label for text output: as is when plain, else quoted with backslash escapes. Quoted are
+    labels with non-printable characters, labels starting with a quote, and a class named like the
+    unknown answer, so that no label can pass for another one or for "unknown"."""
+    if label.isprintable() and label != UNKNOWN_ANSWER and not label.startswith('"'):
+        return label
+    quoted = label.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escape_text(quoted)}"'
+
+
+def _escape_char(ch: str) -> str:
+    code = ord(ch)
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def cmd_classes(args) -> int:
@@ -97,7 +135,7 @@ def cmd_classes(args) -> int:
         print(json.dumps([{"label": k, "count": v} for k, v in counts.items()], indent=2, ensure_ascii=False))
     else:
         for label, count in counts.items():
-            print(f"{label}\t{count}")
+            print(f"{display_label(label)}\t{count}")
     return 0
 
 

@@ -34,6 +34,7 @@ import os
 import re
 import tempfile
 import threading
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,12 +97,13 @@ class SearchResult:
 def _check_label(label) -> str:
     """Labels are any non-empty text of at most MAX_LABEL_LEN characters without NUL, valid Unicode
     (no lone surrogates, such as an undecodable folder name gives). They are never used as file names,
-    so "/", ".." or newlines are just characters."""
+    so "/", ".." or newlines are just characters. Returns the label in Unicode NFC form: "café" typed
+    and "café" from a folder name in decomposed form (macOS) are the same class."""
     if (not isinstance(label, str) or not label or "\0" in label or len(label) > MAX_LABEL_LEN
             or not _is_unicode(label)):
         raise ValueError(f"invalid class label {label!r}: a label must be a non-empty string of at "
                          f"most {MAX_LABEL_LEN} characters without NUL or lone surrogates")
-    return label
+    return unicodedata.normalize("NFC", label)
 
 
 def _is_unicode(text: str) -> bool:
@@ -378,7 +380,8 @@ class Registry:
         return len(self._row_of)
 
     def __contains__(self, label) -> bool:
-        return isinstance(label, str) and label in self._row_of
+        return isinstance(label, str) and (label in self._row_of
+                                           or unicodedata.normalize("NFC", label) in self._row_of)
 
     def __repr__(self) -> str:
         return (f"Registry(dim={self._dim}, metric={self._metric!r}, index={self._factory!r}, "
@@ -441,7 +444,7 @@ class Registry:
     @_saved
     def add(self, label: str, vectors) -> None:
         """Create the class if new, else add examples to it."""
-        _check_label(label)  # before the dict lookup, which an unhashable label would break
+        label = _check_label(label)  # before the dict lookup, which an unhashable label would break
         with self._lock:
             if label in self._row_of:
                 self.add_examples(label, vectors)
@@ -450,6 +453,7 @@ class Registry:
 
     @_saved
     def add_class(self, label: str, vectors) -> None:
+        label = _check_label(label)
         raw, x = self._prepare(label, vectors)
         with self._lock:
             if label in self._row_of:
@@ -471,9 +475,7 @@ class Registry:
         """
         if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
             raise ValueError("labels must be a list of class labels, one per row of vectors")
-        labels = list(labels)
-        for label in labels:
-            _check_label(label)
+        labels = [_check_label(label) for label in labels]
         x = _as_matrix(vectors, self._dim, "add_many", copy=False)
         if len(x) != len(labels):
             raise ValueError(f"add_many: {len(labels)} labels but {len(x)} vectors; give one vector per label")
@@ -516,6 +518,7 @@ class Registry:
 
     @_saved
     def add_examples(self, label: str, vectors) -> None:
+        label = _check_label(label)
         raw, x = self._prepare(label, vectors)
         with self._lock:
             row = self._get(label)
@@ -536,6 +539,7 @@ class Registry:
         with self._lock:
             row = self._get(label)
             cid = int(self._ids[row])
+            label = self._labels[row]
             del self._row_of[label]
             self._labels[row] = None
             self._row_of_id[cid] = -1
@@ -546,9 +550,10 @@ class Registry:
 
     @_saved
     def rename(self, old: str, new: str) -> None:
-        _check_label(new)
+        new = _check_label(new)
         with self._lock:
             row = self._get(old)
+            old = self._labels[row]
             if new == old:
                 return
             if new in self._row_of:
@@ -560,6 +565,10 @@ class Registry:
     def _get(self, label) -> int:
         try:
             return self._row_of[label]
+        except (KeyError, TypeError):
+            pass
+        try:
+            return self._row_of[unicodedata.normalize("NFC", label)]
         except (KeyError, TypeError):
             raise UnknownClassError(f"no class {label!r} in the registry; known classes: "
                                     f"{len(self._row_of)} (see Registry.classes)") from None

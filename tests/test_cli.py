@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fewshot.cli import main
@@ -98,3 +99,32 @@ def test_console_script_runs_and_debug_shows_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr
     done = subprocess.run([sys.executable, "-m", "fewshot", "info"], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "efficientnet_lite0" in done.stdout and "torch threads" in done.stdout
+
+
+def test_text_output_escapes_control_characters_and_marks_a_class_named_unknown(tmp_path, capsys, photos):
+    reg = tmp_path / "r"
+    hostile = "cat\nfake-class\t99\x1b]0;pwned\x07"
+    for label, photo in [(hostile, "chelsea"), ("unknown", "coffee")]:
+        assert run(capsys, "register", reg, "--class", label, photos[photo])[0] == 0
+    code, out, _ = run(capsys, "classes", reg)
+    assert code == 0 and "\x1b" not in out and "\x07" not in out
+    assert out.splitlines() == ['"cat\\nfake-class\\t99\\x1b]0;pwned\\x07"\t1', '"unknown"\t1']
+    code, out, _ = run(capsys, "predict", reg, photos["coffee"], photos["coffee"], "--threshold", "1.01")
+    fields = out.splitlines()[0].split("\t")
+    assert fields[1] == "unknown" and '"unknown" ' in fields[3]  # the answer vs the class of that name
+    code, out, _ = run(capsys, "predict", reg, photos["coffee"])
+    assert code == 0 and out.split("\t")[1] == '"unknown"' and "\x1b" not in out
+    assert run(capsys, "classes", reg, "--json")[1].count("\\u001b") == 1  # JSON keeps the exact label
+
+
+def test_classes_into_a_closed_pipe_exits_quietly(tmp_path):
+    from fewshot.registry import Registry
+
+    reg = Registry(4)
+    reg.add_many([f"class {i}" for i in range(20000)], np.ones((20000, 4), np.float32))
+    reg.save(tmp_path / "big.reg")
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot", "classes", str(tmp_path / "big.reg")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"class 0\t1\n"
+    proc.stdout.close()  # what `| head -1` does
+    assert proc.wait(timeout=60) == 0 and proc.stderr.read() == b""

@@ -731,3 +731,19 @@ def test_save_load_other_indexes(tmp_path, factory):
     np.testing.assert_array_equal(after.scores, before.scores)
     loaded.remove("c3")
     assert all("c3" not in row for row in loaded.search(q, 5).labels)
+
+
+def test_labels_are_unicode_nfc_normalised(tmp_path):
+    """A folder named café in decomposed form (macOS) and the café a user types are one class."""
+    decomposed, composed = "cafe\u0301", "caf\u00e9"
+    reg = Registry(4)
+    reg.add(decomposed, np.ones((1, 4), np.float32))
+    assert reg.classes == [composed] and composed in reg and decomposed in reg
+    reg.add(composed, np.ones((1, 4), np.float32))
+    assert reg.count(decomposed) == 2
+    reg.rename(composed, "the\u0301")
+    assert reg.classes == ["th\u00e9"]
+    reg.save(tmp_path / "r")
+    loaded = Registry.load(tmp_path / "r")
+    loaded.remove("the\u0301")
+    assert loaded.classes == []
