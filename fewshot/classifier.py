@@ -8,6 +8,7 @@ the negative distances (cosine: similarities) to the nearest prototypes, divided
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder,
                        describe_fingerprint, encoder_from_fingerprint)
 from .errors import EncoderMismatchError, ImageError, WeightsError
 from .data import class_folders
-from .heads import Head, load_head
+from .heads import Head, load_head, save_head
 from .registry import MANIFEST, Registry, _check_label, _lock_dir
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
@@ -92,6 +93,7 @@ class FewShotClassifier:
         self._head: Head | None = head if isinstance(head, Head) else None
         self._registry: Registry | None = None
         self._cache: EmbeddingCache | None = None
+        self._head_files: dict[str, bytes] | None = None  # the head's saved files, copied into registries
 
     # -- lazily built parts ---------------------------------------------------------------------
     @property
@@ -241,7 +243,8 @@ class FewShotClassifier:
 
     @property
     def temperature_(self) -> float:
-        temperature = self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[self.metric]
+        metric = self.head_.metric if self.head_ is not None else self.metric  # a head brings its metric
+        temperature = self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[metric]
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         return float(temperature)
@@ -261,6 +264,10 @@ class FewShotClassifier:
             "head": str(Path(self.head).resolve()) if self.head is not None and not isinstance(self.head, Head)
             else None,
         }
+        if self.head_ is not None:  # a registry carries its head: retraining or moving it breaks nothing
+            if self._head_files is None:
+                self._head_files = head_files(self.head_)
+            self.registry_.attachments.update(self._head_files)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, encoder: str | Encoder | None = None,
@@ -311,7 +318,8 @@ class FewShotClassifier:
         saved = registry.metadata.get("classifier", {})
         fingerprint = registry.fingerprint
         weights = weights or saved.get("weights")
-        head = head if head is not None else _saved_head(fingerprint, saved.get("head"), path)
+        if head is None:
+            head = head_from_files(registry.attachments) or _saved_head(fingerprint, saved.get("head"), path)
         options.setdefault("temperature", saved.get("temperature"))
         options.setdefault("unknown_threshold", saved.get("unknown_threshold"))
         classifier = cls(encoder if isinstance(encoder, Encoder) else DEFAULT_ENCODER, weights=weights, head=head,
@@ -342,8 +350,30 @@ def head_encoder(head: Head, *, weights=None) -> Encoder:
     return encoder
 
 
+_HEAD_PREFIX = "head-"  # attachment names of a head's files in a registry
+
+
+def head_files(head: Head) -> dict[str, bytes]:
+    """The files ``save_head`` writes for ``head``, as registry attachments (``head-<file name>``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_head(head, Path(tmp) / "head")
+        return {_HEAD_PREFIX + p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def head_from_files(attachments: dict[str, bytes]) -> Head | None:
+    """The head a registry carries (see ``head_files``), checked as ``load_head`` checks; None if none."""
+    files = {name[len(_HEAD_PREFIX):]: data for name, data in attachments.items() if name.startswith(_HEAD_PREFIX)}
+    if not files:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return load_head(tmp)
+
+
 def _saved_head(fingerprint: dict, saved_path: str | None, registry_path) -> str | None:
-    """The head a registry was built with, from where it was when the registry was saved."""
+    """The head a registry saved before heads were copied into registries was built with, from where
+    it was when the registry was saved."""
     if "head" not in fingerprint:
         return None
     if saved_path and Path(saved_path).is_dir():

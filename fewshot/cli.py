@@ -178,6 +178,9 @@ def cmd_train_head(args) -> int:
     from .heads import save_head
     from .workflows import resolve_dataset, train_head_on_dataset
 
+    if not args.force and Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise UsageError(f"--out {args.out} exists already; registries keep their own copy of a head, but pass "
+                         "--force to replace it, or choose another --out")
     protocol = load_protocol(args.protocol) if args.protocol else None
     dataset = resolve_dataset(args.data, protocol)
     if protocol is not None and protocol.split:
@@ -391,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset: folder or zip, one (group/)class folder per class")
     p.add_argument("--head", required=True, help="head to train: identity, protonet, metric, anil, maml")
     p.add_argument("--out", required=True, help="directory to save the trained head to")
+    p.add_argument("--force", action="store_true", help="replace the head already saved at --out")
     p.add_argument("--protocol", help="protocol file: train on the classes its test split leaves out")
     p.add_argument("--ways", type=_positive_int, default=20)
     p.add_argument("--shots", type=_positive_int, default=1)

@@ -62,6 +62,10 @@ MAX_LABEL_LEN = 1024
 MAX_MANIFEST_BYTES = 256 * 2**20  # a hostile manifest must not be able to exhaust memory
 _MAX_INT = 2**62  # upper bound for ids, counts and generations read from disk
 _DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids)-(\d+)\.(npy|faiss)$")
+# Attachments: small named files saved with the registry (e.g. a copy of its head), same checksums.
+_ATTACHMENT_RE = re.compile(r"^(attachment)-(\d+)-([a-z0-9][a-z0-9_.-]{0,63})$")
+_ATTACHMENT_KEY = "attachment:"
+MAX_ATTACHMENT_BYTES = 256 * 2**20
 _TMP_PREFIX, _TMP_SUFFIX = ".fewshot-", ".tmp"
 _LOAD_ATTEMPTS = 10  # reads racing a writer's saves retry this often before giving up
 _MAX_FACTORY_NUMBER = 2**22  # e.g. IVF lists: 4M lists would already suit billions of classes
@@ -318,6 +322,8 @@ class Registry:
         self._fingerprint = _json_copy(fingerprint or {}, "fingerprint")
         self._store_examples = bool(store_examples)
         self.metadata = copy.deepcopy(metadata) if metadata is not None else {}
+        # name -> bytes, saved beside the data with its checksum; names match _ATTACHMENT_RE's last group
+        self.attachments: dict[str, bytes] = {}
         # Per-class state lives in rows of growable arrays; a removed class's row is reused.
         self._row_of: dict[str, int] = {}  # label -> row; insertion order = class order
         self._labels: list[str | None] = []  # row -> label (None: free row)
@@ -909,6 +915,7 @@ class Registry:
             self._ensure_index()
             header = {"fingerprint": self._fingerprint,
                       "metadata": _json_copy(self.metadata, "metadata")}  # check before any write
+            _checked_attachments(self.attachments)
             mine = self._path is not None and _same_dir(path, self._path)
             with contextlib.nullcontext() if mine else _lock_dir(path):
                 self._save_locked(path, header)
@@ -967,6 +974,9 @@ class Registry:
             files["examples"] = _write_atomic(path, f"examples-{g}.npy", _npy(ex), written)
             files["example_class_ids"] = _write_atomic(path, f"example_class_ids-{g}.npy",
                                                        _npy(owner), written)
+        for name, data in self.attachments.items():
+            files[_ATTACHMENT_KEY + name] = _write_atomic(path, f"attachment-{g}-{name}",
+                                                          lambda f, data=data: f.write(data), written)
         return files
 
     @classmethod
@@ -1018,6 +1028,7 @@ class Registry:
             reg._row_of_id[ids] = np.arange(C)
         if reg._store_examples:
             _load_examples(path, m, reg)
+        reg.attachments = _load_attachments(path, m)
         reg._index = _load_index(path, m, reg)
         reg._in_use, reg._fallback = _index_in_use(mpath, m, reg)
         reg._exact, reg._built_n = _kind(reg._index) == "flat", C
@@ -1099,7 +1110,7 @@ def _unlink_quietly(p: Path) -> None:
 
 
 def _is_ours(name: str) -> bool:
-    return (bool(_DATA_RE.match(name)) or name == LOCK_FILE
+    return (bool(_DATA_RE.match(name) or _ATTACHMENT_RE.match(name)) or name == LOCK_FILE
             or (name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX)))
 
 
@@ -1151,7 +1162,7 @@ def _remove_other_generations(path: Path, gen: int) -> None:
     except OSError:
         return
     for name in names:
-        m = _DATA_RE.match(name)
+        m = _DATA_RE.match(name) or _ATTACHMENT_RE.match(name)
         if (m and int(m.group(2)) != gen) or (not m and _is_ours(name) and name != LOCK_FILE):
             _unlink_quietly(path / name)
 
@@ -1264,7 +1275,8 @@ def _parse_manifest(mpath: Path) -> dict:
         raise RegistryFormatError(f"{mpath}: invalid class table")
     m["_labels"], m["_ids"], m["_counts"] = fast
     files = _field(m, "files", dict, mpath)
-    for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()):
+    attached = tuple(k for k in files if isinstance(k, str) and k.startswith(_ATTACHMENT_KEY))
+    for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()) + attached:
         entry = _field(files, key, dict, mpath)
         name = _field(entry, "name", str, mpath)
         if (not name or name in (".", "..", MANIFEST) or "/" in name or "\\" in name
@@ -1382,6 +1394,29 @@ def _read_verified_into(path: Path, entry: dict, split) -> list[np.ndarray]:
         raise RegistryFormatError(f"{fpath}: sha256 mismatch (corrupted, or a file from "
                                   "another generation?)")
     return buffers
+
+
+def _checked_attachments(attachments) -> dict[str, bytes]:
+    if not isinstance(attachments, dict):
+        raise ValueError("attachments must be a dict of name -> bytes")
+    for name, data in attachments.items():
+        if not isinstance(name, str) or not _ATTACHMENT_RE.match(f"attachment-0-{name}"):
+            raise ValueError(f"attachment name {name!r}: use 1-64 of a-z 0-9 _ . - (starting with a letter or digit)")
+        if not isinstance(data, bytes) or len(data) > MAX_ATTACHMENT_BYTES:
+            raise ValueError(f"attachment {name!r} must be bytes of at most {MAX_ATTACHMENT_BYTES} bytes")
+    return attachments
+
+
+def _load_attachments(path: Path, m: dict) -> dict[str, bytes]:
+    out = {}
+    for key, entry in m["files"].items():
+        if not key.startswith(_ATTACHMENT_KEY):
+            continue
+        name = key[len(_ATTACHMENT_KEY):]
+        if not _ATTACHMENT_RE.match(f"attachment-0-{name}") or entry["bytes"] > MAX_ATTACHMENT_BYTES:
+            raise RegistryFormatError(f"{path / MANIFEST}: bad attachment {name!r}")
+        out[name] = _read_verified_into(path, entry, lambda size: [np.empty(size, np.uint8)])[0].tobytes()
+    return out
 
 
 def _load_npy(path: Path, entry: dict, shape: tuple, dtype) -> np.ndarray:

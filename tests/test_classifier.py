@@ -116,3 +116,45 @@ def test_register_folder_and_caltech_one_shot(caltech_subset, encoder):
     folder_clf = FewShotClassifier(encoder)
     reports = folder_clf.register_folder(caltech_subset)
     assert sorted(r.label for r in reports) == sorted(support) and all(r.added == 6 for r in reports)
+
+
+@pytest.fixture
+def saved_head(tmp_path, encoder):
+    from fewshot.heads import create_head, save_head
+
+    head = create_head("protonet", encoder.dim, seed=0)
+    head.metadata["encoder"] = encoder.fingerprint
+    return save_head(head, tmp_path / "head")
+
+
+def test_registry_keeps_its_own_copy_of_the_head(tmp_path, encoder, photos, saved_head):
+    """Retraining a head into the same folder (or deleting it) must not break registries built with it."""
+    import shutil
+
+    from fewshot.heads import create_head, save_head
+
+    clf = FewShotClassifier(encoder, head=saved_head)
+    for label in ["chelsea", "coffee", "rocket"]:
+        clf.register(label, photos[label])
+    clf.save(tmp_path / "shop.reg")
+    before = [p.top_k for p in clf.predict([photos["coffee"], photos["chelsea"]])]
+    retrained = create_head("protonet", encoder.dim, seed=1)
+    retrained.metadata["encoder"] = encoder.fingerprint
+    save_head(retrained, saved_head)  # a new head in the old head's folder
+    loaded = FewShotClassifier.load(tmp_path / "shop.reg", encoder=encoder)
+    assert [p.top_k for p in loaded.predict([photos["coffee"], photos["chelsea"]])] == before
+    shutil.rmtree(saved_head)
+    shutil.copytree(tmp_path / "shop.reg", tmp_path / "moved.reg")  # portable: works anywhere
+    assert FewShotClassifier.load(tmp_path / "moved.reg", encoder=encoder).predict(photos["rocket"])[0].label == "rocket"
+
+
+def test_registry_saved_with_only_a_head_path_still_loads(tmp_path, encoder, photos, saved_head):
+    from fewshot.registry import Registry
+
+    clf = FewShotClassifier(encoder, head=saved_head)
+    clf.register("coffee", photos["coffee"])
+    clf.save(tmp_path / "old.reg")
+    reg = Registry.load(tmp_path / "old.reg")
+    reg.attachments.clear()  # as registries saved before heads were copied into them
+    reg.save(tmp_path / "old.reg")
+    assert FewShotClassifier.load(tmp_path / "old.reg", encoder=encoder).predict(photos["coffee"])[0].label == "coffee"

@@ -128,3 +128,11 @@ def test_classes_into_a_closed_pipe_exits_quietly(tmp_path):
     assert proc.stdout.readline() == b"class 0\t1\n"
     proc.stdout.close()  # what `| head -1` does
     assert proc.wait(timeout=60) == 0 and proc.stderr.read() == b""
+
+
+def test_train_head_refuses_to_replace_a_head_without_force(tmp_path, capsys):
+    out = tmp_path / "heads" / "mine"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    code, _, err = run(capsys, "train-head", "--data", tmp_path / "nodata", "--head", "protonet", "--out", out)
+    assert code == 2 and "--force" in err and (out / "config.json").read_text() == "{}"

@@ -747,3 +747,21 @@ def test_labels_are_unicode_nfc_normalised(tmp_path):
     loaded = Registry.load(tmp_path / "r")
     loaded.remove("the\u0301")
     assert loaded.classes == []
+
+
+def test_attachments_are_saved_checksummed_and_replaced_by_generation(tmp_path):
+    reg = Registry(4)
+    reg.add("a", np.ones((1, 4), np.float32))
+    reg.attachments["head-config.json"] = b'{"x": 1}'
+    reg.save(tmp_path / "r")
+    reg.attachments["head-config.json"] = b'{"x": 2}'
+    reg.save(tmp_path / "r")
+    assert Registry.load(tmp_path / "r").attachments == {"head-config.json": b'{"x": 2}'}
+    stored = [p for p in (tmp_path / "r").iterdir() if p.name.startswith("attachment-")]
+    assert len(stored) == 1  # the previous generation's copy is gone
+    stored[0].write_bytes(b'{"x": 3}')
+    with pytest.raises(RegistryFormatError, match="sha256"):
+        Registry.load(tmp_path / "r")
+    reg.attachments["../escape"] = b""
+    with pytest.raises(ValueError, match="attachment name"):
+        reg.save(tmp_path / "r")
