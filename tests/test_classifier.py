@@ -145,7 +145,8 @@ def test_registry_keeps_its_own_copy_of_the_head(tmp_path, encoder, photos, save
     assert [p.top_k for p in loaded.predict([photos["coffee"], photos["chelsea"]])] == before
     shutil.rmtree(saved_head)
     shutil.copytree(tmp_path / "shop.reg", tmp_path / "moved.reg")  # portable: works anywhere
-    assert FewShotClassifier.load(tmp_path / "moved.reg", encoder=encoder).predict(photos["rocket"])[0].label == "rocket"
+    moved = FewShotClassifier.load(tmp_path / "moved.reg", encoder=encoder)
+    assert moved.predict(photos["rocket"])[0].label == "rocket"
 
 
 def test_registry_saved_with_only_a_head_path_still_loads(tmp_path, encoder, photos, saved_head):
