@@ -208,32 +208,50 @@ def cmd_train_head(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .episodes import load_protocol
     from .heads import load_head
     from .workflows import evaluate_protocol, evaluate_runs, resolve_dataset
 
-    if bool(args.runs) == bool(args.protocol):
-        raise UsageError("give either --data ROOT --protocol FILE, or --runs DIR")
-    if args.protocol and not args.data:
-        raise UsageError("--protocol needs --data ROOT (the dataset, or the folder holding it)")
+    if bool(args.runs) == bool(args.protocol or args.replay):
+        raise UsageError("give either --data ROOT --protocol FILE (or --replay MANIFEST), or --runs DIR")
+    protocol, data = (None, None) if args.runs else _protocol_and_data(args)  # before the slow part
     head = load_head(args.head) if args.head else None
     encoder = _head_or_plain_encoder(args, head)
     if args.runs:
         result = evaluate_runs(args.runs, encoder, head=head, cache=_cache(args))
         name = Path(args.runs).name
     else:
-        protocol = load_protocol(args.protocol)
-        result = evaluate_protocol(resolve_dataset(args.data, protocol), protocol, encoder, head=head,
+        result = evaluate_protocol(resolve_dataset(data, protocol), protocol, encoder, head=head,
                                    episodes=args.episodes, seed=args.seed, cache=_cache(args),
                                    save_episodes=args.save_episodes, replay=args.replay)
         name = protocol.name
-    paths = result.save(Path(args.out) if args.out else Path("evaluation") / name)
+    if head is not None:
+        result.provenance["head"]["path"] = str(Path(args.head).resolve())
+    # Results of raw features and of each head go to folders of their own: none overwrites another.
+    paths = result.save(Path(args.out) if args.out else Path("evaluation") / name / _result_folder(args.head))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:
         print(result.summary())
         print(f"wrote {paths['json']}, {paths['episodes']} and {paths['confusion']}")
     return 0
+
+
+def _protocol_and_data(args):
+    """The protocol and dataset of an evaluation: as given, else as the --replay manifest records them."""
+    from .episodes import load_protocol, manifest_origin
+
+    recorded_protocol, recorded_data = manifest_origin(args.replay) if args.replay else (None, None)
+    protocol = load_protocol(args.protocol) if args.protocol else recorded_protocol
+    if protocol is None:
+        raise UsageError(f"--replay {args.replay} records no protocol; add --protocol FILE")
+    data = args.data or recorded_data
+    if data is None:
+        raise UsageError("--protocol needs --data ROOT (the dataset, or the folder holding it)")
+    return protocol, data
+
+
+def _result_folder(head: str | None) -> str:
+    return Path(head).resolve().name if head else "raw"
 
 
 def cmd_demo(args) -> int:
@@ -423,9 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=_positive_int, help="override the protocol's number of episodes")
     p.add_argument("--seed", type=int, help="override the protocol's seed")
     p.add_argument("--save-episodes", metavar="FILE", help="write the sampled episodes to a manifest")
-    p.add_argument("--replay", metavar="FILE", help="evaluate the episodes of a manifest instead of sampling")
+    p.add_argument("--replay", metavar="FILE", help="evaluate the episodes of a manifest instead of sampling "
+                   "(its protocol and dataset are recorded: --data and --protocol are then optional)")
     p.add_argument("--out", help="folder for result.json, episodes.csv, confusion.png "
-                                 "(default evaluation/<protocol>)")
+                                 "(default evaluation/<protocol>/<head folder name, or raw>)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_evaluate)
 

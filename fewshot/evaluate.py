@@ -39,6 +39,8 @@ class EvaluationResult:
     class_names: list[str]
     confusion: scipy.sparse.csr_array  # (C, C) query counts, true x predicted dataset class; sparse: C may be 20k
     episode_classes: list[list[int]] = field(default_factory=list)
+    # Where the figures come from, written into result.json: encoder fingerprint, head, dataset, protocol.
+    provenance: dict = field(default_factory=dict)
 
     @property
     def episodes(self) -> int:
@@ -64,7 +66,7 @@ class EvaluationResult:
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "ci95": self.ci95, "error": self.error, "episodes": self.episodes,
                 "ways": self.ways, "shots": self.shots, "queries": self.queries,
-                "per_class_accuracy": self.per_class_accuracy()}
+                **self.provenance, "per_class_accuracy": self.per_class_accuracy()}
 
     def summary(self) -> str:
         return (f"{self.ways}-way {self.shots}-shot, {self.episodes} episodes: accuracy {self.accuracy:.2%} "

@@ -152,12 +152,32 @@ def evaluate_protocol(dataset: ImageDataset, protocol: Protocol, encoder: Encode
     features, test = embed_dataset(encoder, protocol.test_split(dataset), cache=cache, progress=progress)
     if replay is not None:
         sampled = load_episodes(replay, test)
+        _check_replay_fits(sampled, protocol, replay)
     else:
         sampled = protocol.sampler(test.labels, test.groups).sample_many(episodes or protocol.episodes)
     if save_episodes is not None:
         write_episodes(save_episodes, sampled, test, protocol=protocol.to_dict())
-    return evaluate_episodes(features, test.labels, sampled, head=head, class_names=test.classes,
-                             progress=progress)
+    result = evaluate_episodes(features, test.labels, sampled, head=head, class_names=test.classes,
+                               progress=progress)
+    result.provenance = provenance(encoder, head, dataset.source, protocol.to_dict())
+    return result
+
+
+def provenance(encoder: Encoder, head: Head | None, dataset: str, protocol: dict | None = None) -> dict:
+    """What an evaluation ran on, for result.json: encoder fingerprint, head, dataset and protocol."""
+    return {"encoder": encoder.fingerprint, "head": None if head is None else
+            {"name": head.name, "fingerprint": head.fingerprint}, "dataset": dataset, "protocol": protocol}
+
+
+def _check_replay_fits(episodes: list[Episode], protocol: Protocol, manifest) -> None:
+    """Replayed episodes must be the protocol's shape, or the result lands under the wrong setting."""
+    for what, want, got in [("shot", protocol.shots, {int(np.bincount(e.support_labels).max()) for e in episodes}),
+                            ("way", protocol.ways, {len(e.classes) for e in episodes})]:
+        if want is not None and not protocol.variable and got != {want}:
+            held = "/".join(f"{n}-{what}" for n in sorted(got))
+            raise ValueError(f"{manifest} holds {held} episodes, but protocol {protocol.name!r} is {want}-{what}; "
+                             f"replay it without --protocol (the manifest records its own protocol) or with the "
+                             f"protocol it was saved with")
 
 
 def evaluate_runs(root: str | os.PathLike, encoder: Encoder, *, head: Head | None = None,
@@ -168,7 +188,9 @@ def evaluate_runs(root: str | os.PathLike, encoder: Encoder, *, head: Head | Non
     result = encoder.embed_batch(items, cache=cache, progress=progress)
     if not result.ok.all():
         raise ValueError(f"fixed runs must be complete; could not read: {[e for e in result.errors if e][:3]}")
-    return evaluate_episodes(result.vectors, labels, episodes, head=head, class_names=names, progress=progress)
+    evaluation = evaluate_episodes(result.vectors, labels, episodes, head=head, class_names=names, progress=progress)
+    evaluation.provenance = provenance(encoder, head, str(root))
+    return evaluation
 
 
 def runs_as_episodes(runs: list[FixedRun]) -> tuple[list[str], np.ndarray, list[str], list[Episode]]:
