@@ -68,6 +68,7 @@ def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: st
     if augment not in (None, "rotations"):
         raise ValueError(f"augment must be None or 'rotations', got {augment!r}")
     train, val = split_validation(dataset, val_fraction, seed)
+    _check_measurable(val, within_group)
     if augment == "rotations":
         train = with_rotations(train)
     x_train, train = embed_dataset(encoder, train, cache=cache, progress=progress)
@@ -91,6 +92,15 @@ def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: st
                       f"the validation classes: this domain may need no head (use 'identity'), or more "
                       f"training classes", RuntimeWarning, stacklevel=2)
     return head, result
+
+
+def _check_measurable(val: ImageDataset, within_group: bool) -> None:
+    """A 1-way validation episode always scores 100%: such a report would be meaningless."""
+    if _max_ways(val, within_group) < 2:
+        where = " per group" if within_group and val.groups is not None else ""
+        raise ValueError(f"validation would hold only {_max_ways(val, within_group)} class{where}, so every "
+                         f"validation episode is 1-way and scores 100% whatever the head; raise --val-fraction "
+                         f"(val_fraction), or train on a dataset with more classes")
 
 
 def compare_with_raw_features(head: Head, features: np.ndarray, dataset: ImageDataset, *, ways: int, shots: int,

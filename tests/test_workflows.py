@@ -148,3 +148,10 @@ def test_replay_takes_everything_from_the_manifest_and_refuses_a_contradicting_p
     code, _, err = run(capsys, "evaluate", "--data", omniglot, "--protocol", five_shot, "--replay", manifest,
                        "--out", tmp_path / "c", *FEATURES)
     assert code == 1 and "1-shot" in err and "5-shot" in err and not (tmp_path / "c").exists()
+
+
+def test_train_head_refuses_a_validation_split_that_cannot_measure_anything(caltech_subset, tmp_path, capsys):
+    """One validation class gives 1-way episodes, where every head and raw features score 100%."""
+    code, _, err = run(capsys, "train-head", "--data", caltech_subset, "--head", "protonet", "--val-fraction", "0.1",
+                       "--out", tmp_path / "head", *FEATURES)
+    assert code == 1 and "--val-fraction" in err and "1 class" in err and not (tmp_path / "head").exists()
