@@ -379,14 +379,14 @@ def _saved_head(fingerprint: dict, saved_path: str | None, registry_path) -> str
     if saved_path and Path(saved_path).is_dir():
         return saved_path
     raise WeightsError(f"registry {registry_path} was built with head {fingerprint['head'].get('name')} "
-                       f"({saved_path or 'path unknown'}), which is not there; pass head=PATH (CLI: --head PATH)")
+                       f"({saved_path or 'path unknown'}), which is not there; give that head again (--head PATH; in Python, the head argument)")
 
 
 def _encoder_for(fingerprint: dict, *, name: str | None, weights) -> Encoder:
     """Re-create the encoder a registry was built with (or the one the user named)."""
     if weights is not None and not Path(weights).is_file():
         raise WeightsError(f"this registry was built with weights from {weights}, which is gone; "
-                           f"pass weights=FILE (CLI: --weights FILE) with the same weights")
+                           f"give the same weights file again (--weights FILE; in Python, the weights argument)")
     return encoder_from_fingerprint(fingerprint, name=name, weights=weights)
 
 

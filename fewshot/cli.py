@@ -59,9 +59,9 @@ def _silence_stdout() -> None:
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_register(args) -> int:
-    if bool(args.class_name) == bool(args.folder):
+    if (args.class_name is not None) == bool(args.folder):  # --class "" is a bad label, not a missing option
         raise UsageError("give either --class NAME PATH... or --folder DIR")
-    if args.class_name and not args.paths:
+    if args.class_name is not None and not args.paths:
         raise UsageError("--class NAME needs at least one image or folder path")
     if args.folder and args.paths:
         raise UsageError("--folder DIR takes no extra paths")
@@ -82,6 +82,9 @@ def cmd_register(args) -> int:
 
 def cmd_predict(args) -> int:
     classifier = _load(args)
+    if not len(classifier.registry_):
+        raise FewShotError(f"{args.registry} has no classes; add some with "
+                           f"`fewshot register {args.registry} --class NAME IMAGES...`")
     if args.threshold is not None:
         classifier.unknown_threshold = args.threshold
     predictions = classifier.predict(args.paths, top_k=args.top_k)
@@ -141,6 +144,7 @@ def cmd_classes(args) -> int:
 
 def cmd_remove(args) -> int:
     with _open_registry(args) as registry:  # saved before remove returns
+        _require_class(args, registry, args.class_name)
         registry.remove(args.class_name)
     print(f"removed {args.class_name!r}; {len(registry)} classes left")
     return 0
@@ -148,9 +152,16 @@ def cmd_remove(args) -> int:
 
 def cmd_rename(args) -> int:
     with _open_registry(args) as registry:
+        _require_class(args, registry, args.old)
         registry.rename(args.old, args.new)
     print(f"renamed {args.old!r} to {args.new!r}")
     return 0
+
+
+def _require_class(args, registry, label: str) -> None:
+    if label not in registry:
+        raise FewShotError(f"no class {label!r} in {args.registry}; `fewshot classes {args.registry}` lists its "
+                           f"{len(registry)} classes")
 
 
 def cmd_info(args) -> int:
@@ -219,6 +230,9 @@ def cmd_evaluate(args) -> int:
     if args.runs:
         result = evaluate_runs(args.runs, encoder, head=head, cache=_cache(args))
         name = Path(args.runs).name
+    elif protocol.runs:
+        result = evaluate_runs(_runs_folder(data, protocol), encoder, head=head, cache=_cache(args))
+        name = protocol.name
     else:
         result = evaluate_protocol(resolve_dataset(data, protocol), protocol, encoder, head=head,
                                    episodes=args.episodes, seed=args.seed, cache=_cache(args),
@@ -248,6 +262,14 @@ def _protocol_and_data(args):
     if data is None:
         raise UsageError("--protocol needs --data ROOT (the dataset, or the folder holding it)")
     return protocol, data
+
+
+def _runs_folder(data, protocol) -> Path:
+    runs = Path(data) / protocol.runs
+    if not runs.is_dir():
+        raise FewShotError(f"{runs}: no such folder; protocol {protocol.name!r} reads its fixed runs from "
+                           f"<--data ROOT>/{protocol.runs}: pass the ROOT that holds them")
+    return runs
 
 
 def _result_folder(head: str | None) -> str:
@@ -311,6 +333,9 @@ def _load(args, need_encoder: bool = True):
     from .classifier import FewShotClassifier
     from .registry import Registry
 
+    if not _registry_exists(args.registry) and Path(args.registry).exists():
+        raise FewShotError(f"{args.registry} is not a registry (it holds no manifest.json); the registry comes "
+                           f"first: fewshot {args.command} REGISTRY ...")
     if not _registry_exists(args.registry):
         raise FewShotError(f"no registry at {args.registry}; create one with "
                            f"`fewshot register {args.registry} --class NAME IMAGES...`")

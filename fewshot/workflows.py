@@ -30,15 +30,24 @@ from .train import TrainResult
 def resolve_dataset(data: str | os.PathLike, protocol: Protocol | None = None) -> ImageDataset:
     """``data`` is the dataset (folder or zip), or a root holding the protocol's ``dataset`` path."""
     data = Path(data)
-    if protocol is not None and protocol.dataset and (data / protocol.dataset).exists():
-        data = data / protocol.dataset
-    return load_dataset(data)
+    if protocol is None or not protocol.dataset:
+        return load_dataset(data)
+    if (data / protocol.dataset).exists():
+        return load_dataset(data / protocol.dataset)
+    try:
+        return load_dataset(data)
+    except ValueError as e:
+        raise ValueError(f"{data / protocol.dataset}: not found, and {data} is not a dataset either ({e}); pass "
+                         f"--data ROOT holding {protocol.dataset} (protocol {protocol.name!r}), or the dataset") from None
 
 
 def embed_dataset(encoder: Encoder, dataset: ImageDataset, *, cache: EmbeddingCache | None = None,
                   progress: bool | None = None) -> tuple[np.ndarray, ImageDataset]:
     """Embed every image once (cached); unreadable images are left out with a warning."""
     result = encoder.embed_batch(dataset.items, cache=cache, progress=progress)
+    if len(dataset) and not result.ok.any():
+        raise ImageError(f"none of the {len(dataset)} images of {dataset.source} could be read "
+                         f"(first: {result.errors[0]})")
     if not result.ok.all():
         failed = [e for e in result.errors if e]
         warnings.warn(f"{len(failed)} of {len(dataset)} images could not be read and are left out "
@@ -65,6 +74,9 @@ def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: st
     """Embed the dataset, hold out validation classes, train ``head_name`` episodically.
 
     ``augment="rotations"`` adds rotated copies of the training classes as new classes."""
+    if within_group and dataset.groups is None:
+        raise ValueError(f"--within-group needs a dataset of groups (group/class/image folders, like Omniglot's "
+                         f"alphabets), but {dataset.source} is flat: leave --within-group out (within_group=False)")
     if augment not in (None, "rotations"):
         raise ValueError(f"augment must be None or 'rotations', got {augment!r}")
     train, val = split_validation(dataset, val_fraction, seed)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +137,51 @@ def test_train_head_refuses_to_replace_a_head_without_force(tmp_path, capsys):
     (out / "config.json").write_text("{}")
     code, _, err = run(capsys, "train-head", "--data", tmp_path / "nodata", "--head", "protonet", "--out", out)
     assert code == 2 and "--force" in err and (out / "config.json").read_text() == "{}"
+
+
+def test_errors_name_cli_options_not_python_calls(reg, tmp_path, capsys, photos):
+    not_a_registry = tmp_path / "afile.txt"
+    not_a_registry.write_text("hello")
+    code, _, err = run(capsys, "predict", not_a_registry, photos["coffee"])
+    assert code == 1 and "not a registry" in err and "fewshot register" not in err
+    code, _, err = run(capsys, "register", reg, "--class", "", photos["coffee"])
+    assert code != 0 and "label" in err and "--folder" not in err
+    code, _, err = run(capsys, "remove", reg, "--class", "nope")
+    assert code == 1 and f"fewshot classes {reg}" in err and "Registry." not in err
+    for label in ["chelsea", "coffee", "rocket"]:
+        assert run(capsys, "remove", reg, "--class", label)[0] == 0
+    code, _, err = run(capsys, "predict", reg, photos["coffee"])
+    assert code == 1 and f"fewshot register {reg} --class" in err and "register(" not in err
+
+
+def test_registry_whose_weights_are_gone_names_the_option(tmp_path, capsys, photos, encoder):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, weights)
+    reg = tmp_path / "r"
+    assert run(capsys, "register", reg, "--class", "coffee", photos["coffee"], "--encoder", "tf_efficientnet_lite0",
+               "--weights", weights)[0] == 0
+    weights.unlink()
+    code, _, err = run(capsys, "predict", reg, photos["coffee"])
+    assert code == 1 and "--weights FILE" in err and "weights=" not in err
+
+
+def test_dataset_errors_say_what_is_missing(tmp_path, capsys):
+    repo = Path(__file__).resolve().parents[1]
+    code, _, err = run(capsys, "evaluate", "--data", tmp_path, "--protocol", repo / "episodes" / "omniglot-runs.toml")
+    assert code == 1 and str(tmp_path / "omniglot" / "runs") in err
+    for label in ["a", "b", "c"]:
+        (tmp_path / "junk" / label).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "junk" / label / f"{i}.png").write_bytes(b"not a png")
+    protocol = tmp_path / "p.toml"
+    protocol.write_text("ways = 2\nshots = 1\nqueries = 1\nepisodes = 2\n")
+    code, _, err = run(capsys, "evaluate", "--data", tmp_path / "junk", "--protocol", protocol)
+    assert code == 1 and "none of the 6 images" in err and "1-D" not in err
+
+
+def test_within_group_on_a_flat_dataset_names_the_option(caltech_subset, tmp_path, capsys):
+    code, _, err = run(capsys, "train-head", "--data", caltech_subset, "--head", "protonet", "--within-group",
+                       "--out", tmp_path / "h")
+    assert code == 1 and "--within-group" in err and "val_groups" not in err
