@@ -77,6 +77,7 @@ class FewShotClassifier:
                  index: str = "auto", temperature: float | None = None, unknown_threshold: float | None = None,
                  store_examples: bool = False, cache: bool | str | os.PathLike = True,
                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None):
+        _check_settings(metric, temperature, unknown_threshold)  # now, not at the first predict
         self.encoder = encoder
         self.weights = weights
         self.stages = stages
@@ -336,6 +337,16 @@ class FewShotClassifier:
         return classifier
 
 
+def _check_settings(metric, temperature, unknown_threshold) -> None:
+    if metric not in DEFAULT_TEMPERATURE:
+        raise ValueError(f"metric must be one of {', '.join(DEFAULT_TEMPERATURE)}, got {metric!r}")
+    if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0 (or None for the default), got {temperature!r}")
+    if unknown_threshold is not None and not (isinstance(unknown_threshold, (int, float))
+                                              and 0 <= unknown_threshold <= 1):
+        raise ValueError(f"unknown_threshold must be a probability in [0, 1] (or None), got {unknown_threshold!r}")
+
+
 def head_encoder(head: Head, *, weights=None) -> Encoder:
     """Re-create the encoder whose features ``head`` was trained on."""
     fingerprint = head.metadata.get("encoder")
@@ -379,7 +390,8 @@ def _saved_head(fingerprint: dict, saved_path: str | None, registry_path) -> str
     if saved_path and Path(saved_path).is_dir():
         return saved_path
     raise WeightsError(f"registry {registry_path} was built with head {fingerprint['head'].get('name')} "
-                       f"({saved_path or 'path unknown'}), which is not there; give that head again (--head PATH; in Python, the head argument)")
+                       f"({saved_path or 'path unknown'}), which is not there; give that head again (--head PATH; "
+                       f"in Python, the head argument)")
 
 
 def _encoder_for(fingerprint: dict, *, name: str | None, weights) -> Encoder:

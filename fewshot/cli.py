@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         args.paths += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    with warnings.catch_warnings():  # restores the usual display when main returns (tests, embedding)
+        warnings.showwarning = _one_line_warning
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args) -> int:
     try:
         return int(args.run(args) or 0)
     except BrokenPipeError:  # `fewshot classes REG | head`: the reader has all it wanted
@@ -50,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line for people, like errors: no Python source location or code line."""
+    print(f"fewshot: warning: {escape_text(str(message))}", file=file or sys.stderr)
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so that flushing it at exit raises no second broken-pipe error."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -65,7 +77,10 @@ def cmd_register(args) -> int:
         raise UsageError("--class NAME needs at least one image or folder path")
     if args.folder and args.paths:
         raise UsageError("--folder DIR takes no extra paths")
+    if _registry_exists(args.registry):
+        _refuse_feature_options(args)
     with _open_for_writing(args) as classifier:  # each change is saved before it returns
+        _refuse_new_registry_options(args, classifier.registry_)
         if args.folder:
             reports = classifier.register_folder(args.folder)
         else:
@@ -81,19 +96,56 @@ def cmd_register(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    _refuse_feature_options(args)
+    paths = _without_empty_folders(args.paths)
     classifier = _load(args)
     if not len(classifier.registry_):
         raise FewShotError(f"{args.registry} has no classes; add some with "
                            f"`fewshot register {args.registry} --class NAME IMAGES...`")
     if args.threshold is not None:
-        classifier.unknown_threshold = args.threshold
-    predictions = classifier.predict(args.paths, top_k=args.top_k)
+        classifier.unknown_threshold = args.threshold  # checked by _probability
+    predictions = classifier.predict(paths, top_k=args.top_k) if paths else []
     if args.json:
         print(json.dumps([p.to_dict() for p in predictions], indent=2, ensure_ascii=False))
     else:
         for p in predictions:
             print(_format_prediction(p))
-    return 1 if any(p.error for p in predictions) else 0
+    return 1 if any(p.error for p in predictions) or len(paths) < len(args.paths) else 0
+
+
+def _without_empty_folders(paths: list[str]) -> list[str]:
+    """``paths`` less the folders holding no image, each reported on stderr (the others still run)."""
+    from .images import IMAGE_EXTENSIONS, expand_inputs
+
+    kept = []
+    for path in paths:
+        if os.path.isdir(path) and not expand_inputs(path):
+            print(f"fewshot: error: {escape_text(path)}: no images in this folder "
+                  f"({', '.join(sorted(IMAGE_EXTENSIONS))})", file=sys.stderr)
+        else:
+            kept.append(path)
+    return kept
+
+
+def _refuse_feature_options(args) -> None:
+    """--stages, --pool and --input-size choose the features of a new registry or head; an existing
+    registry re-creates its own, so they would be ignored."""
+    given = [flag for flag, value in [("--stages", args.stages), ("--pool", args.pool),
+                                      ("--input-size", args.input_size)] if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: {args.registry} re-creates the features it was built with; "
+                         f"leave {'them' if len(given) > 1 else 'it'} out (they choose the features of a new "
+                         f"registry)")
+
+
+def _refuse_new_registry_options(args, registry) -> None:
+    """--metric, --index and --store-examples shape a new registry; an existing one keeps its own."""
+    for flag, given, actual in [("--metric", args.metric, registry.metric),
+                                ("--index", args.index, registry.index_factory),
+                                ("--store-examples", args.store_examples or None, registry.store_examples)]:
+        if given is not None and given != actual:
+            raise UsageError(f"{flag} applies to a new registry; {args.registry} exists with "
+                             f"{flag.lstrip('-').replace('-', '_')}={actual!r}: leave {flag} out")
 
 
 def _format_prediction(p) -> str:
@@ -297,7 +349,7 @@ def _open_for_writing(args):
                                       cache=not args.no_cache)
     encoder = None if args.head else _encoder(args)
     return FewShotClassifier.open(args.registry, encoder=encoder or "efficientnet_lite0", head=args.head,
-                                  weights=args.weights, metric=args.metric, index=args.index,
+                                  weights=args.weights, metric=args.metric or "cosine", index=args.index or "auto",
                                   store_examples=args.store_examples, cache=not args.no_cache)
 
 
@@ -314,7 +366,7 @@ def _encoder(args):
     from .encoders import create_encoder
 
     return create_encoder(args.encoder or "efficientnet_lite0", weights=args.weights, stages=args.stages,
-                          pool=args.pool, input_size=args.input_size)
+                          pool=args.pool if args.pool is not None else "avg", input_size=args.input_size)
 
 
 def _head_or_plain_encoder(args, head):
@@ -362,6 +414,13 @@ def _stages(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated stage indices like 2,3, got {text}") from None
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
 def _pool(text: str) -> str | int:
     return text if text == "avg" else _positive_int(text)
 
@@ -384,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--encoder", help="encoder name (default efficientnet_lite0, or any timm model)")
     encoder.add_argument("--weights", help="local weights file for the encoder (.safetensors or torch)")
     encoder.add_argument("--stages", type=_stages, help="intermediate feature stages, e.g. 2,3 (default: final)")
-    encoder.add_argument("--pool", type=_pool, default="avg", help="'avg' (global) or a grid size, e.g. 4")
+    encoder.add_argument("--pool", type=_pool, help="'avg' (global, the default) or a grid size, e.g. 4")
     encoder.add_argument("--input-size", type=_positive_int, help="input resolution (default: the model's)")
     encoder.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
     with_head = argparse.ArgumentParser(add_help=False)
@@ -402,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_name", metavar="NAME", help="class to add the images to")
     p.add_argument("--folder", metavar="DIR", help="register one class per subfolder of DIR")
     p.add_argument("paths", nargs="*", help="images or folders of images (with --class)")
-    p.add_argument("--metric", choices=["cosine", "l2"], default="cosine", help="for a new registry")
-    p.add_argument("--index", default="auto", help="FAISS factory string for a new registry (default auto: exact "
+    p.add_argument("--metric", choices=["cosine", "l2"], help="for a new registry (default cosine)")
+    p.add_argument("--index", help="FAISS factory string for a new registry (default auto: exact "
                    "search while small, an approximate index with exact re-scoring once large)")
     p.add_argument("--store-examples", action="store_true", help="keep every example embedding (new registry)")
     p.set_defaults(run=cmd_register)
@@ -412,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("registry")
     p.add_argument("paths", nargs="+", help="images or folders of images")
     p.add_argument("--top-k", type=_positive_int, default=5)
-    p.add_argument("--threshold", type=float, help="top-1 probability below which the answer is 'unknown'")
+    p.add_argument("--threshold", type=_probability, help="top-1 probability below which the answer is 'unknown'")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(run=cmd_predict)
 

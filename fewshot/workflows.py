@@ -38,7 +38,8 @@ def resolve_dataset(data: str | os.PathLike, protocol: Protocol | None = None) -
         return load_dataset(data)
     except ValueError as e:
         raise ValueError(f"{data / protocol.dataset}: not found, and {data} is not a dataset either ({e}); pass "
-                         f"--data ROOT holding {protocol.dataset} (protocol {protocol.name!r}), or the dataset") from None
+                         f"--data ROOT holding {protocol.dataset} (protocol {protocol.name!r}), or the dataset"
+                         ) from None
 
 
 def embed_dataset(encoder: Encoder, dataset: ImageDataset, *, cache: EmbeddingCache | None = None,

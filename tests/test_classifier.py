@@ -82,11 +82,11 @@ def test_remove_and_rename_persist(tmp_path, classifier, photos):
 
 
 def test_unknown_threshold_answers_none_and_persists(tmp_path, classifier, photos):
-    classifier.unknown_threshold = 1.01  # nothing is that sure
+    classifier.unknown_threshold = 1.0  # nothing is that sure
     prediction = classifier.predict([photos["coffee"]])[0]
     assert prediction.label is None and prediction.top_k[0][0] == "coffee"
     classifier.save(tmp_path / "r")
-    assert FewShotClassifier.load(tmp_path / "r").unknown_threshold == 1.01
+    assert FewShotClassifier.load(tmp_path / "r").unknown_threshold == 1.0
 
 
 def test_top_k_is_capped_and_validated(classifier, photos):
@@ -159,3 +159,10 @@ def test_registry_saved_with_only_a_head_path_still_loads(tmp_path, encoder, pho
     reg.attachments.clear()  # as registries saved before heads were copied into them
     reg.save(tmp_path / "old.reg")
     assert FewShotClassifier.load(tmp_path / "old.reg", encoder=encoder).predict(photos["coffee"])[0].label == "coffee"
+
+
+@pytest.mark.parametrize("setting", [{"metric": "dot"}, {"temperature": 0}, {"temperature": float("nan")},
+                                     {"unknown_threshold": 1.5}, {"unknown_threshold": float("nan")}])
+def test_bad_settings_are_refused_when_given(setting):
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        FewShotClassifier(**setting)

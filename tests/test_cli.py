@@ -54,7 +54,7 @@ def test_predict_json_schema(reg, capsys, photos, corrupt_jpeg):
 def test_predict_plain_text_and_threshold(reg, capsys, photos):
     code, out, _ = run(capsys, "predict", reg, photos["rocket"])
     assert code == 0 and out.split("\t")[1] == "rocket"
-    code, out, _ = run(capsys, "predict", reg, photos["rocket"], "--threshold", "1.01")
+    code, out, _ = run(capsys, "predict", reg, photos["astronaut"], "--threshold", "1")  # nothing is that sure
     assert code == 0 and out.split("\t")[1] == "unknown"
 
 
@@ -110,7 +110,7 @@ def test_text_output_escapes_control_characters_and_marks_a_class_named_unknown(
     code, out, _ = run(capsys, "classes", reg)
     assert code == 0 and "\x1b" not in out and "\x07" not in out
     assert out.splitlines() == ['"cat\\nfake-class\\t99\\x1b]0;pwned\\x07"\t1', '"unknown"\t1']
-    code, out, _ = run(capsys, "predict", reg, photos["coffee"], photos["coffee"], "--threshold", "1.01")
+    code, out, _ = run(capsys, "predict", reg, photos["astronaut"], "--threshold", "1")
     fields = out.splitlines()[0].split("\t")
     assert fields[1] == "unknown" and '"unknown" ' in fields[3]  # the answer vs the class of that name
     code, out, _ = run(capsys, "predict", reg, photos["coffee"])
@@ -185,3 +185,36 @@ def test_within_group_on_a_flat_dataset_names_the_option(caltech_subset, tmp_pat
     code, _, err = run(capsys, "train-head", "--data", caltech_subset, "--head", "protonet", "--within-group",
                        "--out", tmp_path / "h")
     assert code == 1 and "--within-group" in err and "val_groups" not in err
+
+
+def test_options_that_would_be_ignored_are_refused(reg, tmp_path, capsys, photos):
+    code, _, err = run(capsys, "predict", reg, photos["coffee"], "--stages", "2")
+    assert code == 2 and "--stages" in err
+    for option in (["--metric", "l2"], ["--index", "HNSW32"], ["--store-examples"]):
+        code, _, err = run(capsys, "register", reg, "--class", "coffee", photos["coffee"], *option)
+        assert code == 2 and option[0] in err
+    assert run(capsys, "register", reg, "--class", "coffee", photos["coffee"], "--metric", "cosine")[0] == 0
+    for threshold in ["1.5", "-0.1", "nan"]:
+        code, _, err = run(capsys, "predict", reg, photos["coffee"], "--threshold", threshold)
+        assert code == 2 and "--threshold" in err
+    (tmp_path / "empty").mkdir()
+    code, out, err = run(capsys, "predict", reg, tmp_path / "empty", photos["coffee"])
+    assert code == 1 and "no images" in err and str(tmp_path / "empty") in err and "coffee" in out
+
+
+def test_register_folder_follows_what_class_follows_and_says_what_it_skips(tmp_path, photos):
+    data = tmp_path / "data"
+    (data / "rocket").mkdir(parents=True)
+    (data / "rocket" / "r.jfif").write_bytes(photos["rocket"].read_bytes())  # a JPEG by another name
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "r2.jpg").write_bytes(photos["rocket"].read_bytes())
+    (data / "rocket" / "linked").symlink_to(tmp_path / "elsewhere")
+    (data / "coffee").mkdir()
+    (data / "coffee" / "c.png").write_bytes(photos["coffee"].read_bytes())
+    (data / "stray.png").write_bytes(photos["chelsea"].read_bytes())
+    done = subprocess.run([sys.executable, "-m", "fewshot", "register", str(tmp_path / "r"), "--folder", str(data)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "rocket: +2 image(s)" in done.stdout and "coffee: +1 image(s)" in done.stdout
+    assert done.stderr.splitlines() == [line for line in done.stderr.splitlines() if line.startswith("fewshot: ")]
+    assert "stray.png" in done.stderr and "warnings.warn" not in done.stderr
