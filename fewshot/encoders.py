@@ -24,7 +24,10 @@ import contextlib
 import hashlib
 import importlib
 import json
+import os
+import socket
 import threading
+import urllib.parse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -511,16 +514,44 @@ def create_encoder(
                          f"(see timm.list_models())")
     online = pretrained and weights is None and name not in PACKAGED_WEIGHTS
     try:
-        model = timm.create_model(arch, pretrained=online, num_classes=0)
+        with _offline_unless_hub_reachable() if online else contextlib.nullcontext():
+            model = timm.create_model(arch, pretrained=online, num_classes=0)
     except Exception as exc:  # timm raises many kinds when the hub is unreachable
-        raise WeightsError(f"could not download pretrained weights for {name!r} ({exc}); when offline, pass "
-                           f"weights=FILE (a .safetensors or torch state dict) or use {DEFAULT_ENCODER!r}") from exc
+        raise WeightsError(f"could not download pretrained weights for {name!r} ({exc}); when offline, give a "
+                           f"local weights file (--weights FILE, a .safetensors or torch state dict; in Python, "
+                           f"the weights argument) or use {DEFAULT_ENCODER!r}") from exc
     if weights is not None:
         _load_into(model, read_state_dict(Path(weights)), source=str(weights), by_position=False)
     elif pretrained and name in PACKAGED_WEIGHTS:
         path = _packaged_weights_path(name)
         _load_into(model, read_state_dict(path), source=str(path), by_position=True)
     return Encoder(model, name=name, stages=stages, pool=pool, input_size=input_size, compile=compile)
+
+
+@contextlib.contextmanager
+def _offline_unless_hub_reachable(timeout: float = 3.0):
+    """The Hugging Face hub's offline mode while it cannot be reached: weights in the local hub cache
+    still load, and missing ones fail at once instead of after a minute of retries."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    if not before and not _hub_reachable(hub.ENDPOINT, timeout):
+        hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
+def _hub_reachable(endpoint: str, timeout: float) -> bool:
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; let the hub client try
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weights=None,

@@ -23,3 +23,11 @@ def test_demo_on_a_users_folder(tmp_path, capsys, caltech_subset):
     assert main(["demo", "--data", str(caltech_subset), "--shots", "1", "--out", str(tmp_path)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "accuracy" in line)
     assert line.startswith("your folder: 1-shot, 8 classes") and (tmp_path / "contact_sheet.png").is_file()
+
+
+def test_demo_shows_progress_on_a_terminal(tmp_path, caltech_subset):
+    from test_workflows import run_on_a_terminal
+
+    code, out, terminal = run_on_a_terminal("demo", "--data", caltech_subset, "--shots", "1", "--out", tmp_path)
+    assert code == 0 and "accuracy" in out
+    assert "registering" in terminal and "predicting" in terminal

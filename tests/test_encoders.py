@@ -250,3 +250,19 @@ def test_inductor_matches_eager_without_recompiling_for_partial_batches():
     np.testing.assert_allclose(again, first[:5], rtol=1e-5, atol=1e-5)
     assert compiled.fingerprint == eager.fingerprint
     assert weights_digest(compiled.model) == compiled.fingerprint["weights_sha256"]  # freezing left the weights be
+
+
+def test_hub_encoder_fails_at_once_when_offline(capfd):
+    """No internet: one clear error, not a minute of hub retries (weights already cached would still load)."""
+    import socket
+
+    from fewshot.errors import WeightsError
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        pytest.skip("the Hugging Face hub is reachable: this checks the offline path")
+    except OSError:
+        pass
+    with pytest.raises(WeightsError, match="--weights FILE"):
+        create_encoder("resnet18")
+    assert "Retry" not in capfd.readouterr().err
