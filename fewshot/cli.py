@@ -252,7 +252,7 @@ def cmd_train_head(args) -> int:
         dataset, _encoder(args), args.head, ways=args.ways, shots=args.shots, queries=args.queries,
         episodes=args.episodes, within_group=args.within_group, val_fraction=args.val_fraction, seed=args.seed,
         lr=args.lr, head_params=dict(args.param), augment=args.augment, val_every=args.val_every,
-        patience=args.patience, cache=_cache(args))
+        patience=args.patience, cache=_cache(args), progress=_progress())
     save_head(head, args.out)
     training = head.metadata["training"]
     summary = {"head": args.head, "out": args.out, "best_val_accuracy": result.best_val_accuracy,
@@ -280,15 +280,16 @@ def cmd_evaluate(args) -> int:
     head = load_head(args.head) if args.head else None
     encoder = _head_or_plain_encoder(args, head)
     if args.runs:
-        result = evaluate_runs(args.runs, encoder, head=head, cache=_cache(args))
+        result = evaluate_runs(args.runs, encoder, head=head, cache=_cache(args), progress=_progress())
         name = Path(args.runs).name
     elif protocol.runs:
-        result = evaluate_runs(_runs_folder(data, protocol), encoder, head=head, cache=_cache(args))
+        result = evaluate_runs(_runs_folder(data, protocol), encoder, head=head, cache=_cache(args),
+                               progress=_progress())
         name = protocol.name
     else:
         result = evaluate_protocol(resolve_dataset(data, protocol), protocol, encoder, head=head,
                                    episodes=args.episodes, seed=args.seed, cache=_cache(args),
-                                   save_episodes=args.save_episodes, replay=args.replay)
+                                   save_episodes=args.save_episodes, replay=args.replay, progress=_progress())
         name = protocol.name
     if head is not None:
         result.provenance["head"]["path"] = str(Path(args.head).resolve())
@@ -332,7 +333,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(data=args.data, out=Path(args.out), shots=args.shots, seed=args.seed,
-                    encoder=args.encoder, weights=args.weights)
+                    encoder=args.encoder, weights=args.weights, progress=_progress())
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -373,6 +374,11 @@ def _head_or_plain_encoder(args, head):
     from .classifier import head_encoder
 
     return head_encoder(head, weights=args.weights) if head is not None else _encoder(args)
+
+
+def _progress() -> bool | None:
+    """Progress bars (on stderr) for long commands whenever a person watches; None lets tqdm decide."""
+    return True if sys.stderr.isatty() else None
 
 
 def _cache(args):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+from tqdm.auto import tqdm
 
 from .classifier import FewShotClassifier
 from .data import class_folders, support_query_split
@@ -26,22 +27,24 @@ PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "coins.png
 DIGITS_PER_CLASS = 40
 VIEWS_PER_PHOTO = 4
 SHEET_MAX = 48
+PREDICT_CHUNK = 32  # queries per predict call, so the progress bar moves
 
 
 def run_demo(*, data=None, out: Path = Path("demo-output"), shots: int = 5, seed: int = 0,
-             encoder: str | None = None, weights=None) -> int:
+             encoder: str | None = None, weights=None, progress: bool | None = None) -> int:
+    """``progress``: None = bars on stderr when it is a terminal, True/False = always/never."""
     out.mkdir(parents=True, exist_ok=True)
-    classifier = FewShotClassifier(encoder or "efficientnet_lite0", weights=weights)
+    classifier = FewShotClassifier(encoder or "efficientnet_lite0", weights=weights, progress=False)
     rng = np.random.default_rng(seed)
     folder = Path(data) if data else write_digits(out / "digits")
     shown = []
     name = "your folder" if data else "digits"
-    accuracy, samples = few_shot_run(classifier, folder, shots=shots, seed=seed)
+    accuracy, samples = few_shot_run(classifier, folder, shots=shots, seed=seed, progress=progress)
     print(f"{name}: {shots}-shot, {len(classifier.classes)} classes, accuracy {accuracy:.1%} "
           f"on {len(samples)} queries")
     shown += _sample(samples, SHEET_MAX if data else SHEET_MAX // 2, rng)
     if not data:
-        accuracy, samples = one_shot_photos(classifier, rng)
+        accuracy, samples = one_shot_photos(classifier, rng, progress=progress)
         print(f"photos: 1-shot, {len(PHOTOS)} instances, accuracy {accuracy:.1%} on {len(samples)} augmented views")
         shown += _sample(samples, SHEET_MAX // 2, rng)
     classifier.save(out / "registry")
@@ -50,32 +53,47 @@ def run_demo(*, data=None, out: Path = Path("demo-output"), shots: int = 5, seed
     return 0
 
 
-def few_shot_run(classifier: FewShotClassifier, folder: Path, *, shots: int, seed: int):
+def few_shot_run(classifier: FewShotClassifier, folder: Path, *, shots: int, seed: int,
+                 progress: bool | None = None):
     """Register ``shots`` images per class folder; predict the rest. Returns (accuracy, samples)."""
     support, query = support_query_split(class_folders(folder), shots, seed)
-    for label, paths in support.items():
+    for label, paths in tqdm(support.items(), desc="registering", unit="class", disable=_hidden(progress)):
         classifier.register(label, paths)
     paths = [p for items in query.values() for p in items]
     truth = [label for label, items in query.items() for _ in items]
     if not paths:
         raise ValueError(f"no images left to predict in {folder}: each class needs more than {shots} images")
-    return _score(classifier.predict(paths), truth, paths)
+    return _score(predict_with_progress(classifier, paths, progress), truth, paths)
 
 
-def one_shot_photos(classifier: FewShotClassifier, rng: np.random.Generator):
+def one_shot_photos(classifier: FewShotClassifier, rng: np.random.Generator, progress: bool | None = None):
     """Register each bundled photo from its file; predict augmented views of it."""
     import skimage
 
     root = Path(skimage.__file__).parent / "data"
     views, truth = [], []
-    for name in PHOTOS:
+    for name in tqdm(PHOTOS, desc="registering", unit="photo", disable=_hidden(progress)):
         label = Path(name).stem
         classifier.register(label, root / name)
         with Image.open(root / name) as photo:
             photo = photo.convert("RGB")
             views += [augment(photo, rng) for _ in range(VIEWS_PER_PHOTO)]
             truth += [label] * VIEWS_PER_PHOTO
-    return _score(classifier.predict(views), truth, views)
+    return _score(predict_with_progress(classifier, views, progress), truth, views)
+
+
+def predict_with_progress(classifier: FewShotClassifier, images: list, progress: bool | None) -> list:
+    predictions = []
+    with tqdm(total=len(images), desc="predicting", unit="img", disable=_hidden(progress)) as bar:
+        for start in range(0, len(images), PREDICT_CHUNK):
+            chunk = images[start:start + PREDICT_CHUNK]
+            predictions += classifier.predict(chunk)
+            bar.update(len(chunk))
+    return predictions
+
+
+def _hidden(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # None: tqdm hides itself when not on a terminal
 
 
 def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:

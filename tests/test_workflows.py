@@ -159,12 +159,16 @@ def test_train_head_refuses_a_validation_split_that_cannot_measure_anything(calt
 
 def run_on_a_terminal(*argv) -> tuple[int, str, str]:
     """Run the fewshot command with stderr on a pseudo-terminal, as in an interactive shell."""
+    import fcntl
     import os
     import pty
+    import struct
     import subprocess
     import sys
+    import termios
 
     primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 x 120, as a real one
     proc = subprocess.Popen([sys.executable, "-m", "fewshot", *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=secondary)
     os.close(secondary)
