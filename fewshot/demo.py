@@ -37,19 +37,22 @@ def run_demo(*, data=None, out: Path = Path("demo-output"), shots: int = 5, seed
     classifier = FewShotClassifier(encoder or "efficientnet_lite0", weights=weights, progress=False)
     rng = np.random.default_rng(seed)
     folder = Path(data) if data else write_digits(out / "digits")
-    shown = []
+    shown, total = [], 0
     name = "your folder" if data else "digits"
     accuracy, samples = few_shot_run(classifier, folder, shots=shots, seed=seed, progress=progress)
     print(f"{name}: {shots}-shot, {len(classifier.classes)} classes, accuracy {accuracy:.1%} "
           f"on {len(samples)} queries")
     shown += _sample(samples, SHEET_MAX if data else SHEET_MAX // 2, rng)
+    total += len(samples)
     if not data:
         accuracy, samples = one_shot_photos(classifier, rng, progress=progress)
         print(f"photos: 1-shot, {len(PHOTOS)} instances, accuracy {accuracy:.1%} on {len(samples)} augmented views")
         shown += _sample(samples, SHEET_MAX // 2, rng)
+        total += len(samples)
     classifier.save(out / "registry")
-    sheet = contact_sheet(shown, out / "contact_sheet.png")
-    print(f"wrote {sheet} and {out / 'registry'} ({len(classifier.classes)} classes)")
+    sheet = contact_sheet(shown, out / "contact_sheet.png", total=total)
+    print(f"wrote {sheet} ({sheet_title(len(shown), total)}) and {out / 'registry'} "
+          f"({len(classifier.classes)} classes)")
     return 0
 
 
@@ -134,8 +137,19 @@ def _sample(samples, n, rng):
     return [samples[i] for i in sorted(picks)]
 
 
-def contact_sheet(samples, path: Path, columns: int = 8) -> Path:
-    """A grid of query thumbnails titled with their predicted class: green if right, red if wrong."""
+def caption(predicted: str | None, truth: str) -> str:
+    """A thumbnail's title: the answer, and for a wrong one the true class too."""
+    answer = "unknown" if predicted is None else predicted
+    return answer if predicted == truth else f"{answer}\n(true: {truth})"
+
+
+def sheet_title(shown: int, total: int) -> str:
+    return f"{shown} of {total} queries shown, a seeded sample" if total > shown else f"all {shown} queries"
+
+
+def contact_sheet(samples, path: Path, columns: int = 8, total: int | None = None) -> Path:
+    """A grid of query thumbnails titled with their predicted class: green if right, red (with the true
+    class) if wrong. ``total``: the number of queries the sample was drawn from, said in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,8 +161,10 @@ def contact_sheet(samples, path: Path, columns: int = 8) -> Path:
         ax.axis("off")
     for ax, (image, predicted, truth) in zip(np.ravel(axes), samples):
         ax.imshow(load_image(image, min_size=128))
-        ax.set_title(str(predicted), fontsize=8, color="green" if predicted == truth else "red")
-    fig.suptitle("fewshot demo: predicted class per query (green = right, red = wrong)", fontsize=10)
+        ax.set_title(caption(predicted, truth), fontsize=8, color="green" if predicted == truth else "red",
+                     parse_math=False)
+    fig.suptitle(f"fewshot demo: predicted class per query (green = right, red = wrong, with the true class); "
+                 f"{sheet_title(len(samples), total or len(samples))}", fontsize=10, parse_math=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
