@@ -454,7 +454,10 @@ class Protocol:
 
     def _split(self, dataset: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
         by, test, seed = self.split["by"], self.split["test"], self.split.get("seed", 0)
-        return (split_by_group if by == "group" else split_by_class)(dataset, test, seed=seed)
+        try:
+            return (split_by_group if by == "group" else split_by_class)(dataset, test, seed=seed)
+        except ValueError as e:
+            raise ValueError(f"protocol {self.name!r}, split.test: {e}") from None
 
 
 _TYPES = {"name": str, "description": str, "dataset": str, "ways": int, "shots": int, "queries": int,

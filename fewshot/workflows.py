@@ -177,7 +177,11 @@ def evaluate_protocol(dataset: ImageDataset, protocol: Protocol, encoder: Encode
         sampled = load_episodes(replay, test)
         _check_replay_fits(sampled, protocol, replay)
     else:
-        sampled = protocol.sampler(test.labels, test.groups).sample_many(episodes or protocol.episodes)
+        try:
+            sampler = protocol.sampler(test.labels, test.groups)
+        except ValueError as e:
+            raise ValueError(f"protocol {protocol.name!r} (ways, shots, queries): {e}") from None
+        sampled = sampler.sample_many(episodes or protocol.episodes)
     if save_episodes is not None:
         write_episodes(save_episodes, sampled, test, protocol=protocol.to_dict())
     result = evaluate_episodes(features, test.labels, sampled, head=head, class_names=test.classes,

@@ -218,3 +218,14 @@ def test_register_folder_follows_what_class_follows_and_says_what_it_skips(tmp_p
     assert "rocket: +2 image(s)" in done.stdout and "coffee: +1 image(s)" in done.stdout
     assert done.stderr.splitlines() == [line for line in done.stderr.splitlines() if line.startswith("fewshot: ")]
     assert "stray.png" in done.stderr and "warnings.warn" not in done.stderr
+
+
+def test_protocol_errors_name_the_protocol_and_key(tmp_path, capsys, omniglot_small):
+    protocol = tmp_path / "my-split.toml"
+    protocol.write_text('ways = 2\n[split]\nby = "class"\ntest = ["nope", "nada"]\n')
+    code, _, err = run(capsys, "evaluate", "--data", omniglot_small, "--protocol", protocol)
+    assert code == 1 and "my-split" in err and "split.test" in err and "'nope'" in err
+    protocol.write_text("ways = 5000\n")
+    code, _, err = run(capsys, "evaluate", "--data", omniglot_small, "--protocol", protocol, "--stages", "2",
+                       "--pool", "2", "--input-size", "64")
+    assert code == 1 and "my-split" in err and "ways" in err
