@@ -198,7 +198,8 @@ def provenance(encoder: Encoder, head: Head | None, dataset: str, protocol: dict
 
 def _check_replay_fits(episodes: list[Episode], protocol: Protocol, manifest) -> None:
     """Replayed episodes must be the protocol's shape, or the result lands under the wrong setting."""
-    for what, want, got in [("shot", protocol.shots, {int(np.bincount(e.support_labels).max()) for e in episodes}),
+    shots = {int(np.bincount(e.support_labels).max()) if len(e.support_labels) else 0 for e in episodes}
+    for what, want, got in [("shot", protocol.shots, shots),
                             ("way", protocol.ways, {len(e.classes) for e in episodes})]:
         if want is not None and not protocol.variable and got != {want}:
             held = "/".join(f"{n}-{what}" for n in sorted(got))

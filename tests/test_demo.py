@@ -25,9 +25,7 @@ def test_demo_on_a_users_folder(tmp_path, capsys, caltech_subset):
     assert line.startswith("your folder: 1-shot, 8 classes") and (tmp_path / "contact_sheet.png").is_file()
 
 
-def test_demo_shows_progress_on_a_terminal(tmp_path, caltech_subset):
-    from test_workflows import run_on_a_terminal
-
+def test_demo_shows_progress_on_a_terminal(tmp_path, caltech_subset, run_on_a_terminal):
     code, out, terminal = run_on_a_terminal("demo", "--data", caltech_subset, "--shots", "1", "--out", tmp_path)
     assert code == 0 and "accuracy" in out
     assert "registering" in terminal and "predicting" in terminal

@@ -157,36 +157,7 @@ def test_train_head_refuses_a_validation_split_that_cannot_measure_anything(calt
     assert code == 1 and "--val-fraction" in err and "1 class" in err and not (tmp_path / "head").exists()
 
 
-def run_on_a_terminal(*argv) -> tuple[int, str, str]:
-    """Run the fewshot command with stderr on a pseudo-terminal, as in an interactive shell."""
-    import fcntl
-    import os
-    import pty
-    import struct
-    import subprocess
-    import sys
-    import termios
-
-    primary, secondary = pty.openpty()
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 x 120, as a real one
-    proc = subprocess.Popen([sys.executable, "-m", "fewshot", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=secondary)
-    os.close(secondary)
-    chunks = []
-    while True:
-        try:
-            data = os.read(primary, 65536)
-        except OSError:  # EIO: the command has closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(primary)
-    out = proc.stdout.read().decode()
-    return proc.wait(), out, b"".join(chunks).decode(errors="replace")
-
-
-def test_evaluate_shows_progress_on_a_terminal(omniglot, protocol, tmp_path):
+def test_evaluate_shows_progress_on_a_terminal(omniglot, protocol, tmp_path, run_on_a_terminal):
     code, out, terminal = run_on_a_terminal("evaluate", "--data", omniglot, "--protocol", protocol, "--episodes", "8",
                                             "--out", tmp_path, *FEATURES)
     assert code == 0 and "accuracy" in out
