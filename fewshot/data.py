@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import IMAGE_EXTENSIONS, NamedBytes
+from .images import IMAGE_EXTENSIONS, NamedBytes, expand_inputs
 
 LAYOUTS = ("auto", "flat", "grouped")
 _DEPTH = {"flat": 1, "grouped": 2}  # folder levels between the root and an image
@@ -348,14 +348,20 @@ def _draw(test, names: list[str], units: list[list[str]], seed: int, kind: str, 
 
 
 def class_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
-    """``{label: sorted image paths}`` for each subfolder of ``root`` holding images (recursively)."""
+    """``{label: sorted image paths}`` for each subfolder of ``root`` holding images (recursively, the
+    images a folder given to ``register`` would expand to); images directly in ``root`` are skipped
+    with a warning, as they belong to no class."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root} is not a folder; expected one subfolder of images per class")
+    stray = sorted(p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not p.name.startswith("."))
+    if stray:
+        warnings.warn(f"{len(stray)} image(s) directly in {root} belong to no class and are skipped (first: "
+                      f"{stray[0]}); put them in a subfolder named after their class", UserWarning, stacklevel=2)
     classes = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                        and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        images = [Path(p) for p in expand_inputs(str(folder))]
         if images:
             classes[folder.name] = images
     if not classes:

@@ -25,7 +25,10 @@ import hashlib
 import importlib
 import json
 import stat
+import os
+import socket
 import threading
+import urllib.parse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -526,10 +529,12 @@ def create_encoder(
                          f"(see timm.list_models())")
     online = pretrained and weights is None and name not in PACKAGED_WEIGHTS
     try:
-        model = timm.create_model(arch, pretrained=online, num_classes=0)
+        with _offline_unless_hub_reachable() if online else contextlib.nullcontext():
+            model = timm.create_model(arch, pretrained=online, num_classes=0)
     except Exception as exc:  # timm raises many kinds when the hub is unreachable
-        raise WeightsError(f"could not download pretrained weights for {name!r} ({exc}); when offline, pass "
-                           f"weights=FILE (a .safetensors or torch state dict) or use {DEFAULT_ENCODER!r}") from exc
+        raise WeightsError(f"could not download pretrained weights for {name!r} ({exc}); when offline, give a "
+                           f"local weights file (--weights FILE, a .safetensors or torch state dict; in Python, "
+                           f"the weights argument) or use {DEFAULT_ENCODER!r}") from exc
     if weights is not None:
         _load_into(model, read_state_dict(Path(weights)), source=str(weights), by_position=False)
     elif pretrained and name in PACKAGED_WEIGHTS:
@@ -571,12 +576,12 @@ def check_weights_file(path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in WEIGHTS_SUFFIXES:
         raise WeightsError(f"{path} is not named like a weights file ({', '.join(WEIGHTS_SUFFIXES)}); "
-                           "pass weights=FILE (CLI: --weights FILE) with the encoder's weights")
+                           "give the encoder's weights file (--weights FILE; in Python, the weights argument)")
     try:
         st = path.stat()
     except OSError as exc:
-        raise WeightsError(f"weights file {path} cannot be read ({exc.strerror or exc}); pass weights=FILE "
-                           "(CLI: --weights FILE) with the encoder's weights") from None
+        raise WeightsError(f"weights file {path} cannot be read ({exc.strerror or exc}); give the "
+                           "encoder's weights file (--weights FILE; in Python, the weights argument)") from None
     if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
         raise WeightsError(f"{path} is not a weights file (not a regular, non-empty file)")
     return path
@@ -585,6 +590,30 @@ def check_weights_file(path) -> Path:
 def _check_size(value, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_INPUT_SIZE:
         raise ValueError(f"encoder {what} must be an integer in 1..{MAX_INPUT_SIZE}, got {str(value)[:50]!r}")
+@contextlib.contextmanager
+def _offline_unless_hub_reachable(timeout: float = 3.0):
+    """The Hugging Face hub's offline mode while it cannot be reached: weights in the local hub cache
+    still load, and missing ones fail at once instead of after a minute of retries."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    if not before and not _hub_reachable(hub.ENDPOINT, timeout):
+        hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
+def _hub_reachable(endpoint: str, timeout: float) -> bool:
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; let the hub client try
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weights=None,

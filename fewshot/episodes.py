@@ -338,17 +338,7 @@ def save_episodes(path: str | os.PathLike, episodes: Sequence[Episode] | Episode
 
 def load_episodes(path: str | os.PathLike, dataset: ImageDataset) -> list[Episode]:
     """Episodes of a manifest as indices into ``dataset``; every name must exist there."""
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such episode manifest; write one with save_episodes()") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not an episode manifest (not JSON: {exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not an episode manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
-    if doc.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path} has manifest version {doc.get('version')!r}; this fewshot reads version "
-                         f"{MANIFEST_VERSION}: upgrade fewshot or re-save the episodes")
+    doc = _read_manifest(path)
     class_index = {name: i for i, name in enumerate(dataset.classes)}
     item_index = {name: i for i, name in enumerate(dataset.names)}
     rows = doc.get("episodes")
@@ -410,6 +400,29 @@ def _check_measurable(where: str, row: dict, support: np.ndarray, support_labels
         raise ValueError(f"{where}: query image {name!r} is also in the support set, so it would be scored "
                          "against itself; support and query must not share images")
 
+
+def manifest_origin(path: str | os.PathLike) -> tuple[Protocol | None, str | None]:
+    """(protocol, dataset) an episode manifest was saved with, so a replay needs nothing else; either is
+    None where the manifest does not record it."""
+    doc = _read_manifest(path)
+    protocol, dataset = doc.get("protocol"), doc.get("dataset")
+    return (protocol_from_dict(protocol, f"{path} (its protocol)") if protocol is not None else None,
+            dataset if isinstance(dataset, str) and dataset else None)
+
+
+def _read_manifest(path: str | os.PathLike) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such episode manifest; write one with save_episodes()") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not an episode manifest (not JSON: {exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not an episode manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
+    if doc.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path} has manifest version {doc.get('version')!r}; this fewshot reads version "
+                         f"{MANIFEST_VERSION}: upgrade fewshot or re-save the episodes")
+    return doc
 
 def _ints(values) -> list[int]:
     return [int(v) for v in np.asarray(values).ravel()]
@@ -479,7 +492,10 @@ class Protocol:
 
     def _split(self, dataset: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
         by, test, seed = self.split["by"], self.split["test"], self.split.get("seed", 0)
-        return (split_by_group if by == "group" else split_by_class)(dataset, test, seed=seed)
+        try:
+            return (split_by_group if by == "group" else split_by_class)(dataset, test, seed=seed)
+        except ValueError as e:
+            raise ValueError(f"protocol {self.name!r}, split.test: {e}") from None
 
 
 _TYPES = {"name": str, "description": str, "dataset": str, "ways": int, "shots": int, "queries": int,
@@ -502,11 +518,21 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
         raise ValueError(f"{path}: no such protocol file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    return protocol_from_dict(raw, path)
+
+
+def protocol_from_dict(raw: dict, path: str | os.PathLike) -> Protocol:
+    """A ``Protocol`` from the keys of a protocol file (or ``Protocol.to_dict()``, e.g. as an episode
+    manifest records it), checked as ``load_protocol`` checks them; errors name ``path`` and the key."""
+    path = Path(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the protocol must be a table of keys, got {type(raw).__name__}")
+    raw = {k: v for k, v in raw.items() if v is not None or k == "ways"}  # to_dict's None: the default
     values = {}
     for key, value in raw.items():
         if key not in _TYPES:
             raise ValueError(f"{path}: unknown key {key!r}; known keys: {', '.join(_TYPES)}")
-        if key == "ways" and value == "all":
+        if key == "ways" and value in ("all", None):
             values[key] = None
             continue
         kind = _TYPES[key]

@@ -51,7 +51,7 @@ from .errors import ImageError
 from .files import open_regular
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
 # Longest side at most this many times the shortest before resizing. Preprocessing that scales the
 # short side to S and centre-crops S (or less) never looks beyond the central S x S, so an 8:1 centre

@@ -37,6 +37,7 @@ import os
 import re
 import tempfile
 import threading
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,10 @@ MAX_LABEL_LEN = 1024
 MAX_MANIFEST_BYTES = 256 * 2**20  # a hostile manifest must not be able to exhaust memory
 _MAX_INT = 2**62  # upper bound for ids, counts and generations read from disk
 _DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids)-(\d+)\.(npy|faiss)$")
+# Attachments: small named files saved with the registry (e.g. a copy of its head), same checksums.
+_ATTACHMENT_RE = re.compile(r"^(attachment)-(\d+)-([a-z0-9][a-z0-9_.-]{0,63})$")
+_ATTACHMENT_KEY = "attachment:"
+MAX_ATTACHMENT_BYTES = 256 * 2**20
 _TMP_PREFIX, _TMP_SUFFIX = ".fewshot-", ".tmp"
 _LOAD_ATTEMPTS = 10  # reads racing a writer's saves retry this often before giving up
 _MAX_FACTORY_NUMBER = 2**22  # e.g. IVF lists: 4M lists would already suit billions of classes
@@ -99,12 +104,13 @@ class SearchResult:
 def _check_label(label) -> str:
     """Labels are any non-empty text of at most MAX_LABEL_LEN characters without NUL, valid Unicode
     (no lone surrogates, such as an undecodable folder name gives). They are never used as file names,
-    so "/", ".." or newlines are just characters."""
+    so "/", ".." or newlines are just characters. Returns the label in Unicode NFC form: "café" typed
+    and "café" from a folder name in decomposed form (macOS) are the same class."""
     if (not isinstance(label, str) or not label or "\0" in label or len(label) > MAX_LABEL_LEN
             or not _is_unicode(label)):
         raise ValueError(f"invalid class label {label!r}: a label must be a non-empty string of at "
                          f"most {MAX_LABEL_LEN} characters without NUL or lone surrogates")
-    return label
+    return unicodedata.normalize("NFC", label)
 
 
 def _is_unicode(text: str) -> bool:
@@ -319,6 +325,8 @@ class Registry:
         self._fingerprint = _json_copy(fingerprint or {}, "fingerprint")
         self._store_examples = bool(store_examples)
         self.metadata = copy.deepcopy(metadata) if metadata is not None else {}
+        # name -> bytes, saved beside the data with its checksum; names match _ATTACHMENT_RE's last group
+        self.attachments: dict[str, bytes] = {}
         # Per-class state lives in rows of growable arrays; a removed class's row is reused.
         self._row_of: dict[str, int] = {}  # label -> row; insertion order = class order
         self._labels: list[str | None] = []  # row -> label (None: free row)
@@ -381,7 +389,8 @@ class Registry:
         return len(self._row_of)
 
     def __contains__(self, label) -> bool:
-        return isinstance(label, str) and label in self._row_of
+        return isinstance(label, str) and (label in self._row_of
+                                           or unicodedata.normalize("NFC", label) in self._row_of)
 
     def __repr__(self) -> str:
         return (f"Registry(dim={self._dim}, metric={self._metric!r}, index={self._factory!r}, "
@@ -444,7 +453,7 @@ class Registry:
     @_saved
     def add(self, label: str, vectors) -> None:
         """Create the class if new, else add examples to it."""
-        _check_label(label)  # before the dict lookup, which an unhashable label would break
+        label = _check_label(label)  # before the dict lookup, which an unhashable label would break
         with self._lock:
             if label in self._row_of:
                 self.add_examples(label, vectors)
@@ -453,6 +462,7 @@ class Registry:
 
     @_saved
     def add_class(self, label: str, vectors) -> None:
+        label = _check_label(label)
         raw, x = self._prepare(label, vectors)
         with self._lock:
             if label in self._row_of:
@@ -474,9 +484,7 @@ class Registry:
         """
         if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
             raise ValueError("labels must be a list of class labels, one per row of vectors")
-        labels = list(labels)
-        for label in labels:
-            _check_label(label)
+        labels = [_check_label(label) for label in labels]
         x = _as_matrix(vectors, self._dim, "add_many", copy=False)
         if len(x) != len(labels):
             raise ValueError(f"add_many: {len(labels)} labels but {len(x)} vectors; give one vector per label")
@@ -519,6 +527,7 @@ class Registry:
 
     @_saved
     def add_examples(self, label: str, vectors) -> None:
+        label = _check_label(label)
         raw, x = self._prepare(label, vectors)
         with self._lock:
             row = self._get(label)
@@ -539,6 +548,7 @@ class Registry:
         with self._lock:
             row = self._get(label)
             cid = int(self._ids[row])
+            label = self._labels[row]
             del self._row_of[label]
             self._labels[row] = None
             self._row_of_id[cid] = -1
@@ -549,9 +559,10 @@ class Registry:
 
     @_saved
     def rename(self, old: str, new: str) -> None:
-        _check_label(new)
+        new = _check_label(new)
         with self._lock:
             row = self._get(old)
+            old = self._labels[row]
             if new == old:
                 return
             if new in self._row_of:
@@ -563,6 +574,10 @@ class Registry:
     def _get(self, label) -> int:
         try:
             return self._row_of[label]
+        except (KeyError, TypeError):
+            pass
+        try:
+            return self._row_of[unicodedata.normalize("NFC", label)]
         except (KeyError, TypeError):
             raise UnknownClassError(f"no class {label!r} in the registry; known classes: "
                                     f"{len(self._row_of)} (see Registry.classes)") from None
@@ -903,6 +918,7 @@ class Registry:
             self._ensure_index()
             header = {"fingerprint": self._fingerprint,
                       "metadata": _json_copy(self.metadata, "metadata")}  # check before any write
+            _checked_attachments(self.attachments)
             mine = self._path is not None and _same_dir(path, self._path)
             with contextlib.nullcontext() if mine else _lock_dir(path):
                 self._save_locked(path, header)
@@ -962,6 +978,9 @@ class Registry:
             files["examples"] = _write_atomic(path, f"examples-{g}.npy", _npy(ex), written)
             files["example_class_ids"] = _write_atomic(path, f"example_class_ids-{g}.npy",
                                                        _npy(owner), written)
+        for name, data in self.attachments.items():
+            files[_ATTACHMENT_KEY + name] = _write_atomic(path, f"attachment-{g}-{name}",
+                                                          lambda f, data=data: f.write(data), written)
         return files
 
     @classmethod
@@ -1028,6 +1047,7 @@ class Registry:
             reg._row_of_id[ids] = np.arange(C)
         if reg._store_examples:
             _load_examples(path, m, reg, opened)
+        reg.attachments = _load_attachments(path, m, opened)
         reg._index = _load_index(path, m, reg, opened)
         reg._in_use, reg._fallback = _index_in_use(mpath, m, reg)
         reg._exact, reg._built_n = _kind(reg._index) == "flat", C
@@ -1110,7 +1130,7 @@ def _unlink_quietly(p: Path) -> None:
 
 
 def _is_ours(name: str) -> bool:
-    return (bool(_DATA_RE.match(name)) or name in (LOCK_FILE, READERS_LOCK_FILE)
+    return (bool(_DATA_RE.match(name) or _ATTACHMENT_RE.match(name)) or name in (LOCK_FILE, READERS_LOCK_FILE)
             or (name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX)))
 
 
@@ -1164,7 +1184,7 @@ def _remove_other_generations(path: Path, gen: int) -> None:
             if not alone:
                 return
             for name in os.listdir(path):
-                m = _DATA_RE.match(name)
+                m = _DATA_RE.match(name) or _ATTACHMENT_RE.match(name)
                 if (m and int(m.group(2)) != gen) or (not m and _is_ours(name)
                                                       and name not in (LOCK_FILE, READERS_LOCK_FILE)):
                     _unlink_quietly(path / name)
@@ -1280,7 +1300,8 @@ def _parse_manifest(mpath: Path) -> dict:
         raise RegistryFormatError(f"{mpath}: invalid class table")
     m["_labels"], m["_ids"], m["_counts"] = fast
     files = _field(m, "files", dict, mpath)
-    for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()):
+    attached = tuple(k for k in files if isinstance(k, str) and k.startswith(_ATTACHMENT_KEY))
+    for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()) + attached:
         entry = _field(files, key, dict, mpath)
         name = _field(entry, "name", str, mpath)
         if (not name or name in (".", "..", MANIFEST) or "/" in name or "\\" in name
@@ -1370,7 +1391,8 @@ def _read_manifest(path: Path) -> dict:
 
 def _open_generation(path: Path, m: dict) -> dict:
     """{file name: open file} for every data file the manifest ``m`` names."""
-    keys = ("prototypes", "index") + (("examples", "example_class_ids") if m["store_examples"] else ())
+    keys = (("prototypes", "index") + (("examples", "example_class_ids") if m["store_examples"] else ())
+            + tuple(k for k in m["files"] if k.startswith(_ATTACHMENT_KEY)))
     opened: dict = {}
     try:
         for key in keys:
@@ -1427,6 +1449,30 @@ def _read_verified_into(path: Path, entry: dict, split, opened: dict) -> list[np
         raise RegistryFormatError(f"{fpath}: sha256 mismatch (corrupted, or a file from "
                                   "another generation?)")
     return buffers
+
+
+def _checked_attachments(attachments) -> dict[str, bytes]:
+    if not isinstance(attachments, dict):
+        raise ValueError("attachments must be a dict of name -> bytes")
+    for name, data in attachments.items():
+        if not isinstance(name, str) or not _ATTACHMENT_RE.match(f"attachment-0-{name}"):
+            raise ValueError(f"attachment name {name!r}: use 1-64 of a-z 0-9 _ . - (starting with a letter or digit)")
+        if not isinstance(data, bytes) or len(data) > MAX_ATTACHMENT_BYTES:
+            raise ValueError(f"attachment {name!r} must be bytes of at most {MAX_ATTACHMENT_BYTES} bytes")
+    return attachments
+
+
+def _load_attachments(path: Path, m: dict, opened: dict) -> dict[str, bytes]:
+    out = {}
+    for key, entry in m["files"].items():
+        if not key.startswith(_ATTACHMENT_KEY):
+            continue
+        name = key[len(_ATTACHMENT_KEY):]
+        if not _ATTACHMENT_RE.match(f"attachment-0-{name}") or entry["bytes"] > MAX_ATTACHMENT_BYTES:
+            raise RegistryFormatError(f"{path / MANIFEST}: bad attachment {name!r}")
+        out[name] = _read_verified_into(path, entry, lambda size: [np.empty(size, np.uint8)],
+                                        opened)[0].tobytes()
+    return out
 
 
 def _load_npy(path: Path, entry: dict, shape: tuple, dtype, opened: dict) -> np.ndarray:

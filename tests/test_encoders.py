@@ -281,3 +281,17 @@ def test_cropping_long_strips_leaves_what_the_network_sees(encoder):
     uncropped = encoder._forward(encoder.transform(strip)[None]).numpy()[0]
     got = encoder.embed([strip], workers=1)[0]
     assert float(np.dot(got, uncropped) / np.linalg.norm(got) / np.linalg.norm(uncropped)) > 0.999
+def test_hub_encoder_fails_at_once_when_offline(capfd):
+    """No internet: one clear error, not a minute of hub retries (weights already cached would still load)."""
+    import socket
+
+    from fewshot.errors import WeightsError
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        pytest.skip("the Hugging Face hub is reachable: this checks the offline path")
+    except OSError:
+        pass
+    with pytest.raises(WeightsError, match="--weights FILE"):
+        create_encoder("resnet18")
+    assert "Retry" not in capfd.readouterr().err
