@@ -202,12 +202,12 @@ class EpisodeSampler:
 
     def sample_many(self, n: int) -> list[Episode]:
         """The next ``n`` episodes (the same as calling ``sample()`` n times)."""
-        _check_int("n", n, 0, MAX_EPISODES)
+        _check_int("the number of episodes", n, 0, MAX_EPISODES)
         return [self.sample() for _ in range(n)]
 
     def sample_batch(self, n: int) -> EpisodeBatch:
         """``n`` episodes drawn at once as arrays; fixed ways and shots only."""
-        _check_int("n", n, 1, MAX_EPISODES)
+        _check_int("the number of episodes", n, 1, MAX_EPISODES)
         if self.variable:
             raise ValueError("variable episodes differ in shape and cannot form a batch; use sample_many()")
         if self.within_group and self.ways is None and len({len(p) for p in self._usable}) > 1:

@@ -86,8 +86,8 @@ def reader_pin(directory: str | os.PathLike) -> Iterator[None]:
     if fcntl is not None:
         try:
             fd = open_lock_file(Path(directory) / READERS_LOCK_FILE, os.O_RDONLY)
-        except FileNotFoundError:
-            pass  # saved by an older fewshot, or never saved: nothing to pin
+        except (FileNotFoundError, PermissionError):
+            pass  # saved by an older fewshot, or another user's file we may not open: readers retry instead
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_SH)  # a writer holds it exclusively only while it unlinks files
