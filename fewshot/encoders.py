@@ -27,7 +27,7 @@ import json
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -83,6 +83,7 @@ class Embeddings:
     vectors: np.ndarray  # (N, dim) float32
     sources: list[str]  # describe(item) per input
     errors: list[str | None]  # None where the input embedded fine
+    digests: list[str | None] = field(default_factory=list)  # sha256 of each input's content (None: unreadable)
 
     @property
     def ok(self) -> np.ndarray:
@@ -208,7 +209,7 @@ class Encoder:
         if cache is not None:
             fresh = {digests[i]: vectors[i] for i in todo if errors[i] is None and digests[i]}
             cache.put_many(self.fingerprint_id, fresh)
-        return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors)
+        return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors, digests=digests)
 
     def _run_streams(self, items: list, todo: list[int], vectors: np.ndarray, errors: list, batch_size: int,
                      workers: int | None, bar, total_threads: int) -> None:

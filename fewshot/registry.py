@@ -666,6 +666,28 @@ class Registry:
                     owners.setdefault(digest, []).append(label)
             return owners
 
+    def nearest_examples(self, query, labels, n: int) -> list[tuple[str, ExampleSource, float]]:
+        """The n stored examples of the classes ``labels`` nearest to the vector ``query``, best first:
+        (label, its ExampleSource, score: cosine, or negative squared L2). Needs store_examples."""
+        if not self._store_examples:
+            raise ValueError("this registry does not store examples; create it with store_examples=True")
+        q = _as_matrix(query, self._dim, "query")
+        if len(q) != 1:
+            raise ValueError(f"query: expected one vector, got {len(q)}")
+        q = _normalise(q, "query")[0] if self._metric == "cosine" else q[0]
+        found: list[tuple[str, ExampleSource, float]] = []
+        with self._lock:
+            for label in dict.fromkeys(labels):
+                x = self.examples(label).astype(np.float64)
+                if self._metric == "cosine":
+                    scores = (x @ q) / np.linalg.norm(x, axis=1)
+                else:
+                    scores = -((x - q) ** 2).sum(axis=1)
+                best = np.argsort(-scores, kind="stable")[:n]
+                sources = self.sources(label)
+                found += [(label, sources[i], float(scores[i])) for i in best.tolist()]
+        return sorted(found, key=lambda item: -item[2])[:n]
+
     def mean(self, label: str) -> np.ndarray:
         """The running mean of class ``label``'s examples (of their unit vectors, for cosine): its
         prototype before normalisation. With ``count(label)`` it gives the prototype a class would

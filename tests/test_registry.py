@@ -208,7 +208,7 @@ def test_save_load_round_trip(tmp_path):
     loaded.save(tmp_path / "reg")
     assert loaded.generation == 2 and Registry.load(tmp_path / "reg").generation == 2
     assert sorted(os.listdir(tmp_path / "reg")) == [LOCK_FILE, "index-000002.faiss", "manifest.json",
-                                                    "prototypes-000002.npy"]
+                                                    "provenance-000002.json", "prototypes-000002.npy"]
 
 
 def test_remove_rename_persist(tmp_path):
