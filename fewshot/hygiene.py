@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .registry import ExampleSource, Registry
+from .registry import UNRECORDED, ExampleSource, Registry
 
 NEAR_DUPLICATE_SIMILARITY = 0.90
 MISLABEL_MARGIN = 0.15
@@ -103,7 +103,7 @@ def likely_mislabelled(registry: Registry, label: str, vectors, sources: list[Ex
     count = registry.count(label)
     if count < 2 or len(registry) < 2:
         return []
-    sources = sources if sources is not None else [ExampleSource(None, None)] * len(x)
+    sources = sources or [UNRECORDED] * len(x)
     unit = _unit(x)
     own_sum = count * registry.mean(label).astype(np.float64)
     # The class without each example: the registry's mean is of unit vectors for cosine, raw for l2.

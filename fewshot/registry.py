@@ -650,11 +650,10 @@ class Registry:
 
     def sources(self, label: str) -> list[ExampleSource]:
         """One ``ExampleSource`` per example of class ``label``, in the order they were added (the
-        order of ``examples(label)``); ``UNRECORDED`` where none was given."""
+        order of ``examples(label)``; ``UNRECORDED`` where none was given), or [] if no example of
+        the class came with a source."""
         with self._lock:
-            row = self._get(label)
-            known = self._sources.get(int(self._ids[row]))
-            return list(known) if known is not None else [UNRECORDED] * int(self._counts[row])
+            return list(self._sources.get(int(self._ids[self._get(label)]), ()))
 
     def classes_by_digest(self) -> dict[str, list[str]]:
         """Content digest -> the classes holding an example with that content (class order)."""
@@ -684,7 +683,7 @@ class Registry:
                 else:
                     scores = -((x - q) ** 2).sum(axis=1)
                 best = np.argsort(-scores, kind="stable")[:n]
-                sources = self.sources(label)
+                sources = self.sources(label) or [UNRECORDED] * len(x)
                 found += [(label, sources[i], float(scores[i])) for i in best.tolist()]
         return sorted(found, key=lambda item: -item[2])[:n]
 

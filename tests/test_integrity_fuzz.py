@@ -37,7 +37,7 @@ def two_generations(tmp_path):
     reg.save(path)
     older = tmp_path / "older"
     shutil.copytree(path, older)
-    reg.add("another", np.ones(8))
+    reg.add("another", np.ones(8), sources=[("another.jpg", "a" * 64)])  # every file differs from generation 1
     reg.save(path)
     return path, older
 
