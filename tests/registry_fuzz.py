@@ -53,7 +53,7 @@ def build_bases(root: Path) -> dict:
         path = root / name
         reg.save(path)
         older = {n: (path / n).read_bytes() for n in os.listdir(path) if not n.startswith(".")}
-        reg.add("one-more", g.normal(size=(2, DIM)))
+        reg.add("one-more", g.normal(size=(2, DIM)), sources=sources_for("one-more", 2))
         reg.remove(reg.classes[0])
         reg.save(path)
         files = {n: (path / n).read_bytes() for n in os.listdir(path) if not n.startswith(".")}
@@ -190,7 +190,7 @@ def cases(bases: dict, seed: int, flips_per_file: int, cuts_per_file: int, value
         for name in names:  # files of the other generation swapped in under this one's names
             kind = name.split("-")[0]
             for other, data in older.items():
-                if other.split("-")[0] == kind and other != name:
+                if other.split("-")[0] == kind and other != name and data != files[name]:  # (same bytes: no damage)
                     yield case(f"{other} (older generation) as {name}", False, {**files, name: data})
         yield case("older manifest.json (its files are gone)", False,
                    {**files, "manifest.json": older["manifest.json"]})
