@@ -209,15 +209,15 @@ class FewShotClassifier:
         """Indices of the images to add, and a warning for each image the class already holds (same
         content digest) or that was given twice: registering it again would silently double its weight."""
         held = {s.digest for s in self.registry_.sources(label)} if label in self.registry_ else set()
+        held.discard(None)
         keep, warnings, given = [], [], set()
         for i, source in enumerate(sources):
-            if source.digest in held or source.digest in given:
+            if source.digest is not None and (source.digest in held or source.digest in given):
                 where = "is already registered" if source.digest in held else "was given twice"
                 warnings.append(f"skipped {source.source!r}: the same image (sha256 {source.digest[:12]}) {where} "
                                 f"in class {label!r}")
                 continue
-            if source.digest is not None:
-                given.add(source.digest)
+            given.add(source.digest)
             keep.append(i)
         return keep, warnings
 
