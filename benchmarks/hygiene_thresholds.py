@@ -1,7 +1,7 @@
 """Thresholds of the registry hygiene checks (near-duplicate classes, likely mislabelled examples),
 measured on the Caltech-101 classes in ../shared/datasets with the default encoder (Lite0).
 
-    .venv/bin/python benchmarks/hygiene_thresholds.py [--zip PATH] [--per-class 20] [--seeds 10]
+    .venv/bin/python benchmarks/hygiene_thresholds.py [--zip PATH] [--per-class 20] [--seeds 10] [--plot PNG]
 
 1. Near-duplicate classes. Every class is registered from K images. Distinct classes: the cosine
    similarity of each prototype to its nearest other prototype (what a new, genuinely different
@@ -11,7 +11,8 @@ measured on the Caltech-101 classes in ../shared/datasets with the default encod
 2. Likely mislabelled examples, K = 5 per class. An example's margin = its similarity to the nearest
    other prototype minus its similarity to its own class's prototype without it (leave-one-out).
    Clean examples vs one image of another registered class slipped into a class's support set.
-Medians over seeds are not needed: every figure pools all classes of all seeds.
+Every figure pools all classes of all seeds. ``--plot`` draws both distributions with the chosen
+thresholds (default benchmarks/results/hygiene_thresholds.png).
 """
 
 from __future__ import annotations
@@ -97,13 +98,16 @@ def main() -> None:
     parser.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "hygiene_thresholds.png")
     args = parser.parse_args()
     pool = embed_pool(args.zip, args.per_class)
     print(f"{len(pool)} classes, {sum(map(len, pool.values()))} images, {args.seeds} seeds")
 
     print("\n1. near-duplicate classes (cosine similarity of prototypes)")
+    pairs = {}
     for shots in (1, 3, 5):
         nearest, duplicate, close = class_pairs(pool, shots, args.seeds)
+        pairs[shots] = nearest, duplicate
         q = np.percentile(nearest, [50, 90, 95, 99, 100])
         d = np.percentile(duplicate, [1, 5, 10, 50])
         print(f"  {shots}-shot: nearest other class p50/p90/p95/p99/max = "
@@ -122,6 +126,39 @@ def main() -> None:
     for m in (0.0, 0.05, 0.10, 0.15, 0.20):
         print(f"    margin > {m:.2f}: clean examples flagged {np.mean(clean > m):6.2%}, "
               f"intruders found {np.mean(wrong > m):6.1%}")
+    plot(pairs, clean, wrong, args.plot)
+    print(f"\nwrote {args.plot}")
+
+
+def plot(pairs: dict, clean: np.ndarray, wrong: np.ndarray, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fewshot.hygiene import MISLABEL_MARGIN, NEAR_DUPLICATE_SIMILARITY
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    bins = np.linspace(0, 1, 51)
+    for ax, shots in zip(axes[:2], (1, 5)):
+        nearest, duplicate = pairs[shots]
+        ax.hist(nearest, bins, alpha=0.6, density=True, label="distinct class: nearest other class")
+        ax.hist(duplicate, bins, alpha=0.6, density=True, label="same class registered twice")
+        ax.axvline(NEAR_DUPLICATE_SIMILARITY, color="k", ls="--", label=f"threshold {NEAR_DUPLICATE_SIMILARITY}")
+        ax.set(title=f"Near-duplicate classes, {shots}-shot", xlabel="cosine similarity of prototypes",
+               ylabel="density")
+        ax.legend(fontsize=8)
+    bins = np.linspace(-0.6, 0.8, 57)
+    axes[2].hist(clean, bins, alpha=0.6, density=True, label="correctly labelled example")
+    axes[2].hist(wrong, bins, alpha=0.6, density=True, label="image of another class")
+    axes[2].axvline(MISLABEL_MARGIN, color="k", ls="--", label=f"margin {MISLABEL_MARGIN}")
+    axes[2].set(title="Likely mislabelled, 5-shot", xlabel="similarity to nearest other class - to own class "
+                "without it", ylabel="density")
+    axes[2].legend(fontsize=8)
+    fig.suptitle("fewshot hygiene thresholds: Caltech-101 (51 classes), Lite0")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
 
 
 if __name__ == "__main__":
