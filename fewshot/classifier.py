@@ -183,6 +183,10 @@ class FewShotClassifier:
         images could be used (or none were given), ``ImageError`` is raised and nothing changes.
         Labels are any text up to 1024 characters without NUL ("/" and ".." are fine: labels are never
         file names). Opened with ``FewShotClassifier.open``, the change is saved before this returns.
+
+        The registry records each image's name and content digest. An image the class already holds
+        (same digest) is skipped rather than counted twice; that, an image also in another class, a
+        near-duplicate new class and likely mislabelled examples are in ``RegisterReport.warnings``.
         """
         _check_label(label)  # before the (slow) embedding
         result = self._embed(images)
