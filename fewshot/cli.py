@@ -1,7 +1,7 @@
 """The ``fewshot`` command: parses arguments, calls the Python API, prints results.
 
 Exit status: 0 on success, 1 when something failed at run time (a bad image, a corrupt registry;
-the good items are still processed and saved), 2 for a usage error. Errors are one line on stderr;
+the good items are still processed and saved) or when ``doctor`` found something, 2 for a usage error. Errors are one line on stderr;
 ``--debug`` shows the traceback.
 """
 
