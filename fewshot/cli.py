@@ -1,8 +1,8 @@
 """The ``fewshot`` command: parses arguments, calls the Python API, prints results.
 
 Exit status: 0 on success, 1 when something failed at run time (a bad image, a corrupt registry;
-the good items are still processed and saved) or when ``doctor`` found something, 2 for a usage error. Errors are one line on stderr;
-``--debug`` shows the traceback.
+the good items are still processed and saved) or when ``doctor`` found something, 2 for a usage
+error. Errors are one line on stderr; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def cmd_predict(args) -> int:
 
 
 def _format_neighbour(n) -> str:
-    source = n.source if n.source is not None else "(source unknown)"
+    source = repr(n.source) if n.source is not None else "(source unknown)"  # repr: no raw control characters
     return f"\tnear {n.label!r} {n.similarity:.3f}\t{source}\tsha256 {n.digest or 'unknown'}"
 
 
