@@ -57,7 +57,7 @@ class Finding:
         if self.kind == NEAR_DUPLICATE:
             a, b = self.classes
             return (f"classes {a!r} and {b!r} look like near-duplicates (prototype similarity "
-                    f"{self.similarity:.3f} >= {NEAR_DUPLICATE_SIMILARITY}); merge them or check their images")
+                    f"{self.similarity:.3f}); merge them or check their images")
         if self.kind == MISLABELLED:
             own, other = self.classes
             return (f"{_name(self.source, self.digest)} in class {own!r} looks more like class {other!r} "
