@@ -124,11 +124,8 @@ def likely_mislabelled(registry: Registry, label: str, vectors, sources: list[Ex
 def duplicate_images(registry: Registry, digests=None) -> list[Finding]:
     """Images (by content digest) registered to more than one class: those among ``digests``
     (default: all)."""
-    owners = registry.classes_by_digest()
-    wanted = owners.keys() if digests is None else [d for d in dict.fromkeys(digests) if d in owners]
     findings = []
-    for digest in wanted:
-        holders = owners[digest]
+    for digest, holders in registry.classes_by_digest(digests).items():
         if len(holders) > 1:
             source = next(s.source for s in registry.sources(holders[0]) if s.digest == digest)
             findings.append(Finding(DUPLICATE_IMAGE, tuple(holders), source=source, digest=digest))

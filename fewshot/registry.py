@@ -371,6 +371,9 @@ class Registry:
         # FAISS id -> one ExampleSource per example averaged (in the order of the stored examples);
         # only classes some of whose examples came with sources: bulk-loaded classes cost nothing.
         self._sources: dict[int, list[ExampleSource]] = {}
+        # content digest -> FAISS ids of the classes holding it; built on first use, then kept up to date
+        # (so that checking a registration for repeated images does not scan every class's sources)
+        self._owners: dict[str, set[int]] | None = None
         self._next_id = 0
         self._generation = 0
         self._index = None
@@ -504,7 +507,7 @@ class Registry:
             self._commit_rows(rows, [label], x.mean(axis=0, dtype=np.float64).astype(np.float32)[None],
                               len(x), [raw])
             if sources is not None:
-                self._sources[int(self._ids[rows[0]])] = sources
+                self._record_sources(int(self._ids[rows[0]]), 0, len(sources), sources)
             self._index_add(rows)
 
     @_saved
@@ -590,7 +593,9 @@ class Registry:
             self._row_of_id[cid] = -1
             self._counts[row] = 0
             self._examples.pop(cid, None)
-            self._sources.pop(cid, None)
+            for source in self._sources.pop(cid, ()):
+                if self._owners is not None and source.digest is not None:
+                    self._owners[source.digest].discard(cid)
             self._free.append(row)
             self._index_remove(cid)
 
@@ -613,6 +618,10 @@ class Registry:
             return
         known = self._sources.setdefault(cid, [UNRECORDED] * count)
         known.extend(sources if sources is not None else [UNRECORDED] * n)
+        if self._owners is not None:
+            for source in sources or ():
+                if source.digest is not None:
+                    self._owners.setdefault(source.digest, set()).add(cid)
 
     def _get(self, label) -> int:
         try:
@@ -655,15 +664,20 @@ class Registry:
         with self._lock:
             return list(self._sources.get(int(self._ids[self._get(label)]), ()))
 
-    def classes_by_digest(self) -> dict[str, list[str]]:
-        """Content digest -> the classes holding an example with that content (class order)."""
+    def classes_by_digest(self, digests=None) -> dict[str, list[str]]:
+        """Content digest -> the classes holding an example with that content (in class order), for
+        every recorded digest or for those among ``digests`` that some class holds."""
         with self._lock:
-            owners: dict[str, list[str]] = {}
-            for label, row in self._row_of.items():
-                known = self._sources.get(int(self._ids[row]), ())
-                for digest in dict.fromkeys(s.digest for s in known if s.digest is not None):
-                    owners.setdefault(digest, []).append(label)
-            return owners
+            if self._owners is None:
+                self._owners = {}
+                for cid, known in self._sources.items():
+                    for source in known:
+                        if source.digest is not None:
+                            self._owners.setdefault(source.digest, set()).add(cid)
+            wanted = self._owners if digests is None else dict.fromkeys(d for d in digests if d in self._owners)
+            # FAISS ids grow in class order (and compaction renumbers in class order): sorting them sorts classes.
+            return {d: [self._labels[self._row_of_id[cid]] for cid in sorted(self._owners[d])]
+                    for d in wanted if self._owners[d]}
 
     def nearest_examples(self, query, labels, n: int) -> list[tuple[str, ExampleSource, float]]:
         """The n stored examples of the classes ``labels`` nearest to the vector ``query``, best first:
@@ -800,6 +814,7 @@ class Registry:
         if self._store_examples:
             self._examples = {n: self._examples[o] for o, n in zip(old.tolist(), new.tolist())}
         self._sources = {n: self._sources[o] for o, n in zip(old.tolist(), new.tolist()) if o in self._sources}
+        self._owners = None  # rebuilt with the new ids on next use
         self._next_id = len(rows)
 
     def _build_index(self):

@@ -757,11 +757,15 @@ def test_sources_follow_their_class_through_remove_rename_save_and_load(tmp_path
     assert loaded.sources("b") == reg.sources("b") and loaded.sources("see") == [("c0.jpg", digest_of("c0"))]
     assert loaded.classes_by_digest() == {digest_of("b1"): ["b"], digest_of("c0"): ["see"]}
     for i in range(3000):  # removals renumber the ids at the next search: sources must follow
-        loaded.add(f"tmp{i}", g.normal(size=(1, DIM)))
+        loaded.add(f"tmp{i}", g.normal(size=(1, DIM)), sources=[(f"t{i}.jpg", digest_of("c0"))])
+    assert loaded.classes_by_digest([digest_of("c0")])[digest_of("c0")][:3] == ["see", "tmp0", "tmp1"]
     for i in range(3000):
         loaded.remove(f"tmp{i}")
     loaded.search(g.normal(size=(1, DIM)), 1)
     assert loaded.sources("see") == [("c0.jpg", digest_of("c0"))] and loaded.sources("b")[1].source == "b1.jpg"
+    loaded.add("b", g.normal(size=(1, DIM)), sources=[("b2.jpg", digest_of("c0"))])
+    assert loaded.classes_by_digest() == {digest_of("b1"): ["b"], digest_of("c0"): ["b", "see"]}
+    assert loaded.classes_by_digest(["f" * 64, digest_of("b1")]) == {digest_of("b1"): ["b"]}
 
 
 def test_bad_sources_are_refused_and_change_nothing():
