@@ -9,10 +9,10 @@ a prototype) whatever the registry's metric. The thresholds were measured on the
 classes in ../shared/datasets with the default encoder (``benchmarks/hygiene_thresholds.py``,
 51 classes, 10 seeds):
 
-- ``NEAR_DUPLICATE_SIMILARITY = 0.90``: the prototype of a genuinely different class reached 0.79
-  at most from its nearest other class at 1 shot (99th percentile 0.75), 0.89 at 3 shots and 0.92 at
-  5 shots; at 0.90 the only 5-shot pair found was Faces ~ Faces_easy, which are the same photos
-  cropped differently: a real near-duplicate. One class split in two with *different* photos is
+- ``NEAR_DUPLICATE_SIMILARITY = 0.90``: a class's prototype reached 0.79 at most to its nearest
+  other class at 1 shot (99th percentile 0.75), 0.91 at 3 shots and 0.92 at 5 shots (means of more
+  images are closer to everything); at 0.90 the only pair found was Faces ~ Faces_easy, which are
+  the same photos cropped differently: a real near-duplicate. One class split in two with *different* photos is
   mostly missed (11% found at 5 shots): its prototypes are no closer than neighbouring classes.
 - ``MISLABEL_MARGIN = 0.15``: an example is likely mislabelled when it is at least this much more
   similar to another class's prototype than to its own class's prototype without it (leave-one-out).
