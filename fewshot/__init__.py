@@ -7,7 +7,7 @@ and keep the classes in a persistent FAISS-backed registry.
 __version__ = "0.1.0"
 
 from .cache import EmbeddingCache
-from .classifier import FewShotClassifier, Prediction, RegisterReport
+from .classifier import FewShotClassifier, Neighbour, Prediction, RegisterReport
 from .data import ImageDataset, load_dataset, split_by_class, split_by_group
 from .encoders import DEFAULT_ENCODER, Embeddings, Encoder, create_encoder
 from .episodes import (
@@ -36,7 +36,8 @@ from .errors import (
 from .evaluate import EvaluationResult, evaluate_batch, evaluate_episodes
 from .heads import Head, available_heads, create_head, load_head, save_head
 from .images import expand_inputs, load_image, load_images
-from .registry import Registry, SearchResult
+from .hygiene import Finding
+from .registry import ExampleSource, Registry, SearchResult
 from .train import TrainResult, train_head
 
 __all__ = [
@@ -47,14 +48,17 @@ __all__ = [
     "Encoder",
     "EncoderMismatchError",
     "Episode",
+    "ExampleSource",
     "EpisodeSampler",
     "EvaluationResult",
     "FewShotClassifier",
     "FewShotError",
+    "Finding",
     "Head",
     "HeadFormatError",
     "ImageDataset",
     "ImageError",
+    "Neighbour",
     "Prediction",
     "Protocol",
     "RegisterReport",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder,
 from .errors import EncoderMismatchError, ImageError, RegistryFormatError, WeightsError
 from .data import class_folders
 from .heads import Head, load_head, save_head
-from .registry import MANIFEST, Registry, _check_label, _lock_dir
+from .hygiene import Finding, diagnose, duplicate_images, likely_mislabelled, near_duplicate_classes
+from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, _check_label, _lock_dir
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
 # squared L2 distances are already on a large scale.
@@ -32,6 +33,18 @@ SOFTMAX_CANDIDATES = 100
 
 
 @dataclass(frozen=True)
+class Neighbour:
+    """A registered example near a query: its class, where it came from (``source`` name and sha256
+    ``digest`` of its content, None where not recorded) and its ``similarity`` to the query (cosine,
+    or negative squared L2 for metric="l2": higher is closer)."""
+
+    label: str
+    source: str | None
+    digest: str | None
+    similarity: float
+
+
+@dataclass(frozen=True)
 class Prediction:
     """The answer for one input. ``label`` is None for an error or an "unknown" below the threshold."""
 
@@ -40,10 +53,17 @@ class Prediction:
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
     input: str = ""
+    # predict(..., explain=n): the n registered examples nearest to the input among its top-k classes
+    # ([] where the registry stores no examples); None when not asked for.
+    neighbours: list[Neighbour] | None = None
 
     def to_dict(self) -> dict:
         return {"input": self.input, "label": self.label, "score": self.score,
-                "top_k": [{"label": lab, "score": s} for lab, s in self.top_k], "error": self.error}
+                "top_k": [{"label": lab, "score": s} for lab, s in self.top_k], "error": self.error,
+                } | self._neighbours_dict()
+
+    def _neighbours_dict(self) -> dict:
+        return {} if self.neighbours is None else {"neighbours": [asdict(n) for n in self.neighbours]}
 
 
 @dataclass(frozen=True)
@@ -54,6 +74,9 @@ class RegisterReport:
     added: int
     total: int  # examples the class holds now
     errors: list[str] = field(default_factory=list)
+    # One line each: images skipped as already registered to this class, the same image in another
+    # class, a near-duplicate class, likely mislabelled examples (see fewshot.hygiene).
+    warnings: list[str] = field(default_factory=list)
 
 
 class FewShotClassifier:
@@ -152,7 +175,7 @@ class FewShotClassifier:
         errors = [err if err or ok else
                   f"{src}: its embedding is not finite (NaN or infinity); check the encoder weights and head"
                   for src, err, ok in zip(result.sources, result.errors, finite)]
-        return Embeddings(vectors=vectors, sources=result.sources, errors=errors)
+        return Embeddings(vectors=vectors, sources=result.sources, errors=errors, digests=result.digests)
 
     # -- registering ----------------------------------------------------------------------------
     def register(self, label: str, images) -> RegisterReport:
@@ -163,6 +186,10 @@ class FewShotClassifier:
         images could be used (or none were given), ``ImageError`` is raised and nothing changes.
         Labels are any text up to 1024 characters without NUL ("/" and ".." are fine: labels are never
         file names). Opened with ``FewShotClassifier.open``, the change is saved before this returns.
+
+        The registry records each image's name and content digest. An image the class already holds
+        (same digest) is skipped rather than counted twice; that, an image also in another class, a
+        near-duplicate new class and likely mislabelled examples are in ``RegisterReport.warnings``.
         """
         label = _check_label(label)  # before the (slow) embedding; labels are stored in Unicode NFC
         result = self._embed(images)
@@ -173,9 +200,45 @@ class FewShotClassifier:
             raise ImageError(f"none of the {len(result.errors)} images for class {label!r} could be used:\n  "
                              + "\n  ".join(failures))
         self._store_settings()
-        self.registry_.add(label, result.vectors[result.ok])
-        return RegisterReport(label=label, added=int(result.ok.sum()), total=self.registry_.count(label),
-                              errors=failures)
+        ok = np.flatnonzero(result.ok)
+        sources = [ExampleSource(_source_name(result.sources[i]), result.digests[i] if result.digests else None)
+                   for i in ok]
+        keep, warnings = self._skip_repeated_images(label, sources)
+        if keep:  # all skipped: the class already holds every one of these images
+            is_new = label not in self.registry_
+            vectors, kept = result.vectors[ok[keep]], [sources[i] for i in keep]
+            self.registry_.add(label, vectors, sources=kept)
+            warnings += [f.message for f in self._registration_findings(label, vectors, kept, is_new)]
+        return RegisterReport(label=label, added=len(keep), total=self.registry_.count(label),
+                              errors=failures, warnings=warnings)
+
+    def _skip_repeated_images(self, label: str, sources: list[ExampleSource]) -> tuple[list[int], list[str]]:
+        """Indices of the images to add, and a warning for each image the class already holds (same
+        content digest) or that was given twice: registering it again would silently double its weight."""
+        held = {s.digest for s in self.registry_.sources(label)} if label in self.registry_ else set()
+        held.discard(None)
+        keep, warnings, given = [], [], set()
+        for i, source in enumerate(sources):
+            if source.digest is not None and (source.digest in held or source.digest in given):
+                where = "is already registered" if source.digest in held else "was given twice"
+                warnings.append(f"skipped {source.source!r}: the same image (sha256 {source.digest[:12]}) {where} "
+                                f"in class {label!r}")
+                continue
+            given.add(source.digest)
+            keep.append(i)
+        return keep, warnings
+
+    def _registration_findings(self, label: str, vectors: np.ndarray, sources: list[ExampleSource],
+                               is_new: bool) -> list[Finding]:
+        registry = self.registry_
+        findings = near_duplicate_classes(registry, [label]) if is_new else []
+        findings += likely_mislabelled(registry, label, vectors, sources)
+        return findings + duplicate_images(registry, [s.digest for s in sources if s.digest is not None])
+
+    def doctor(self) -> list[Finding]:
+        """Every hygiene problem of the registry (``fewshot.hygiene.diagnose``): near-duplicate
+        classes, likely mislabelled examples (where examples are stored), images in several classes."""
+        return diagnose(self.registry_)
 
     def register_folder(self, root: str | os.PathLike) -> list[RegisterReport]:
         """Register one class per subfolder of ``root`` (the subfolder's name is the label).
@@ -209,13 +272,17 @@ class FewShotClassifier:
         return self.registry_.counts if self._registry is not None else {}
 
     # -- predicting -----------------------------------------------------------------------------
-    def predict(self, images, top_k: int = 5) -> list[Prediction]:
+    def predict(self, images, top_k: int = 5, *, explain: int = 0) -> list[Prediction]:
         """One ``Prediction`` per input (folders expand to their images), in input order.
 
         ``top_k`` must be a positive integer (else ``ValueError``); more than the number of classes
-        gives them all. An input that cannot be used gets a Prediction with ``error`` set."""
+        gives them all. An input that cannot be used gets a Prediction with ``error`` set.
+        ``explain=n`` fills ``Prediction.neighbours`` with the n registered examples nearest to each
+        input among its top-k classes (needs ``store_examples=True``; else the list is empty)."""
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if isinstance(explain, bool) or not isinstance(explain, (int, np.integer)) or explain < 0:
+            raise ValueError(f"explain must be a number of neighbours >= 0, got {explain!r}")
         if not len(self.registry_):  # not self.classes: that copies every label, per call
             raise ValueError("no classes registered yet; call register(label, images) first")
         result = self._embed(images)
@@ -227,7 +294,17 @@ class FewShotClassifier:
             for row, prediction in zip(ok, self._predict_vectors(result.vectors[ok], top_k)):
                 predictions[row] = Prediction(prediction.label, prediction.score, prediction.top_k,
                                               input=result.sources[row])
+        if explain:
+            for row in ok:
+                predictions[row] = replace(predictions[row], neighbours=self._neighbours(
+                    result.vectors[row], [label for label, _ in predictions[row].top_k], explain))
         return predictions
+
+    def _neighbours(self, vector: np.ndarray, labels: list[str], n: int) -> list[Neighbour]:
+        if not self.registry_.store_examples:
+            return []
+        return [Neighbour(label, source.source, source.digest, score)
+                for label, source, score in self.registry_.nearest_examples(vector, labels, n)]
 
     def _predict_vectors(self, vectors: np.ndarray, top_k: int) -> list[Prediction]:
         n_candidates = min(len(self.registry_), max(top_k, SOFTMAX_CANDIDATES))
@@ -363,6 +440,8 @@ def _saved_settings(path, registry: Registry) -> dict:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise refuse(f"saved {key} must be a number, got {str(value)[:100]!r}")
     return saved
+
+
 def _check_settings(metric, temperature, unknown_threshold) -> None:
     if metric not in DEFAULT_TEMPERATURE:
         raise ValueError(f"metric must be one of {', '.join(DEFAULT_TEMPERATURE)}, got {metric!r}")
@@ -371,6 +450,11 @@ def _check_settings(metric, temperature, unknown_threshold) -> None:
     if unknown_threshold is not None and not (isinstance(unknown_threshold, (int, float))
                                               and 0 <= unknown_threshold <= 1):
         raise ValueError(f"unknown_threshold must be a probability in [0, 1] (or None), got {unknown_threshold!r}")
+
+
+def _source_name(name: str) -> str:
+    """An input's name as the registry keeps it (at most MAX_SOURCE_LEN characters, no NUL)."""
+    return name.replace("\0", "\\0")[:MAX_SOURCE_LEN]
 
 
 def head_encoder(head: Head, *, weights=None) -> Encoder:

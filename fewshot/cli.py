@@ -1,8 +1,8 @@
 """The ``fewshot`` command: parses arguments, calls the Python API, prints results.
 
 Exit status: 0 on success, 1 when something failed at run time (a bad image, a corrupt registry;
-the good items are still processed and saved), 2 for a usage error. Errors are one line on stderr;
-``--debug`` shows the traceback.
+the good items are still processed and saved) or when ``doctor`` found something, 2 for a usage
+error. Errors are one line on stderr; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def cmd_register(args) -> int:
         print(f"{display_label(report.label)}: +{report.added} image(s), {report.total} in total")
         for error in report.errors:
             print(f"fewshot: skipped {error}", file=sys.stderr)
+        for warning in report.warnings:
+            print(f"fewshot: warning: {warning}", file=sys.stderr)
         failures += len(report.errors)
     print(f"saved {args.registry} ({len(classifier.classes)} classes)")
     return 1 if failures else 0
@@ -104,12 +106,18 @@ def cmd_predict(args) -> int:
                            f"`fewshot register {args.registry} --class NAME IMAGES...`")
     if args.threshold is not None:
         classifier.unknown_threshold = args.threshold  # checked by _probability
-    predictions = classifier.predict(paths, top_k=args.top_k) if paths else []
+    explain = args.neighbours if args.explain else 0
+    if explain and not classifier.registry_.store_examples:
+        print(f"fewshot: note: {args.registry} does not store examples, so --explain has no neighbours to show; "
+              "register into a new registry with --store-examples to keep them", file=sys.stderr)
+    predictions = classifier.predict(paths, top_k=args.top_k, explain=explain) if paths else []
     if args.json:
         print(json.dumps([p.to_dict() for p in predictions], indent=2, ensure_ascii=False))
     else:
         for p in predictions:
             print(_format_prediction(p))
+            for n in p.neighbours or ():
+                print(_format_neighbour(n))
     return 1 if any(p.error for p in predictions) or len(paths) < len(args.paths) else 0
 
 
@@ -146,6 +154,26 @@ def _refuse_new_registry_options(args, registry) -> None:
         if given is not None and given != actual:
             raise UsageError(f"{flag} applies to a new registry; {args.registry} exists with "
                              f"{flag.lstrip('-').replace('-', '_')}={actual!r}: leave {flag} out")
+
+
+def _format_neighbour(n) -> str:
+    source = repr(n.source) if n.source is not None else "(source unknown)"  # repr: no raw control characters
+    return f"\tnear {n.label!r} {n.similarity:.3f}\t{source}\tsha256 {n.digest or 'unknown'}"
+
+
+def cmd_doctor(args) -> int:
+    classifier = _load(args, need_encoder=False)
+    findings = classifier.doctor()
+    if args.json:
+        print(json.dumps({"registry": args.registry, "classes": len(classifier.classes),
+                          "stores_examples": classifier.registry_.store_examples,
+                          "findings": [f.to_dict() for f in findings]}, indent=2, ensure_ascii=False))
+    else:
+        for finding in findings:
+            print(f"{finding.kind}\t{finding.message}")
+        checked = "" if classifier.registry_.store_examples else " (examples not stored: mislabelling not checked)"
+        print(f"{len(findings)} finding(s) in {len(classifier.classes)} classes{checked}")
+    return 1 if findings else 0
 
 
 def _format_prediction(p) -> str:
@@ -487,12 +515,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=5)
     p.add_argument("--threshold", type=_probability, help="top-1 probability below which the answer is 'unknown'")
     p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--explain", action="store_true", help="name the registered examples nearest to each input "
+                   "(source and sha256; registries made with --store-examples)")
+    p.add_argument("--neighbours", type=_positive_int, default=3, metavar="N",
+                   help="examples shown by --explain (default 3)")
     p.set_defaults(run=cmd_predict)
 
     p = sub.add_parser("classes", parents=[common], help="list a registry's classes and example counts")
     p.add_argument("registry")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_classes)
+
+    p = sub.add_parser("doctor", parents=[common], help="find near-duplicate classes, likely mislabelled examples "
+                       "and images in several classes (exit 1 if any)")
+    p.add_argument("registry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_doctor)
 
     p = sub.add_parser("remove", parents=[common], help="remove a class")
     p.add_argument("registry")

@@ -31,7 +31,7 @@ import threading
 import urllib.parse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -91,6 +91,7 @@ class Embeddings:
     vectors: np.ndarray  # (N, dim) float32
     sources: list[str]  # describe(item) per input
     errors: list[str | None]  # None where the input embedded fine
+    digests: list[str | None] = field(default_factory=list)  # sha256 of each input's content (None: unreadable)
 
     @property
     def ok(self) -> np.ndarray:
@@ -225,7 +226,7 @@ class Encoder:
             finally:  # also on Ctrl-C: keep every batch that was finished
                 if writer is not None:
                     writer.flush()
-        return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors)
+        return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors, digests=digests)
 
     def _run_streams(self, items: list, todo: list[int], vectors: np.ndarray, errors: list, batch_size: int,
                      workers: int | None, bar, total_threads: int, done: Callable[[list[int]], None]) -> None:

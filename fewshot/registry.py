@@ -40,6 +40,7 @@ import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -57,14 +58,17 @@ from .locking import LOCK_FILE, READERS_LOCK_FILE, WriterLock, create_readers_lo
 METRICS = ("cosine", "l2")  # "l2" = squared Euclidean
 # 2: "index_in_use" / "auto_threshold" fields; IVF indexes keep their own ids.
 # 3: "manifest_sha256", the manifest's checksum of itself (see _seal).
-FORMAT_VERSION = 3
+# 4: a "provenance" file: where each registered example came from (see ExampleSource).
+FORMAT_VERSION = 4
 FORMAT_NAME = "fewshot-registry"
 MANIFEST = "manifest.json"
 MAX_DIM = 65536
 MAX_LABEL_LEN = 1024
 MAX_MANIFEST_BYTES = 256 * 2**20  # a hostile manifest must not be able to exhaust memory
 _MAX_INT = 2**62  # upper bound for ids, counts and generations read from disk
-_DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids)-(\d+)\.(npy|faiss)$")
+_DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids|provenance)-(\d+)\.(npy|faiss|json)$")
+MAX_SOURCE_LEN = 4096  # characters of an example's source name (a path; Linux's PATH_MAX)
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 # Attachments: small named files saved with the registry (e.g. a copy of its head), same checksums.
 _ATTACHMENT_RE = re.compile(r"^(attachment)-(\d+)-([a-z0-9][a-z0-9_.-]{0,63})$")
 _ATTACHMENT_KEY = "attachment:"
@@ -93,6 +97,19 @@ _CHUNK_FLOATS = 2**22  # rows are normalised / copied in chunks of about 16 MiB 
 SERIAL_SEARCH_BELOW = 64
 
 
+class ExampleSource(NamedTuple):
+    """Where one registered example came from: ``source``, the name it was registered under (a path
+    as given, or a description of in-memory data), and ``digest``, the sha256 hex of its content
+    (the image file's bytes). Either is None where it was not recorded (vectors added without
+    sources, or registries saved before format 4)."""
+
+    source: str | None
+    digest: str | None
+
+
+UNRECORDED = ExampleSource(None, None)
+
+
 @dataclass(frozen=True)
 class SearchResult:
     labels: list[list[str]]  # per query, best first
@@ -111,6 +128,29 @@ def _check_label(label) -> str:
         raise ValueError(f"invalid class label {label!r}: a label must be a non-empty string of at "
                          f"most {MAX_LABEL_LEN} characters without NUL or lone surrogates")
     return unicodedata.normalize("NFC", label)
+
+
+def _check_sources(sources, n: int, what: str) -> list[ExampleSource] | None:
+    """None, or n ExampleSource (pairs of source name and sha256 hex digest, each str or None)."""
+    if sources is None:
+        return None
+    if isinstance(sources, (str, bytes)) or not hasattr(sources, "__len__") or len(sources) != n:
+        raise ValueError(f"{what}: sources must be a list of {n} (source, digest) pairs, one per vector")
+    out = []
+    for item in sources:
+        try:
+            if not isinstance(item, (tuple, list)):
+                raise TypeError
+            source, digest = item
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: each source must be a (source, digest) pair, got {item!r:.80}") from None
+        if source is not None and (not isinstance(source, str) or len(source) > MAX_SOURCE_LEN or "\0" in source):
+            raise ValueError(f"{what}: a source name must be a string of at most {MAX_SOURCE_LEN} characters "
+                             f"without NUL, got {source!r:.80}")
+        if digest is not None and (not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest)):
+            raise ValueError(f"{what}: a digest must be 64 lowercase hex digits (sha256), got {digest!r:.80}")
+        out.append(ExampleSource(source, digest))
+    return out
 
 
 def _is_unicode(text: str) -> bool:
@@ -339,6 +379,12 @@ class Registry:
         self._ids = np.zeros(0, np.int64)  # row -> FAISS id
         self._row_of_id = np.zeros(0, np.int64)  # FAISS id -> row (-1: gone)
         self._examples: dict[int, list] = {}  # FAISS id -> raw float32 (n, dim) arrays, if store_examples
+        # FAISS id -> one ExampleSource per example averaged (in the order of the stored examples);
+        # only classes some of whose examples came with sources: bulk-loaded classes cost nothing.
+        self._sources: dict[int, list[ExampleSource]] = {}
+        # content digest -> FAISS ids of the classes holding it; built on first use, then kept up to date
+        # (so that checking a registration for repeated images does not scan every class's sources)
+        self._owners: dict[str, set[int]] | None = None
         self._next_id = 0
         self._generation = 0
         self._index = None
@@ -451,19 +497,21 @@ class Registry:
         return raw, unit
 
     @_saved
-    def add(self, label: str, vectors) -> None:
-        """Create the class if new, else add examples to it."""
+    def add(self, label: str, vectors, *, sources=None) -> None:
+        """Create the class if new, else add examples to it. ``sources``: optionally one
+        ``(source, digest)`` pair per vector (see ``ExampleSource``), kept with the class."""
         label = _check_label(label)  # before the dict lookup, which an unhashable label would break
         with self._lock:
             if label in self._row_of:
-                self.add_examples(label, vectors)
+                self.add_examples(label, vectors, sources=sources)
             else:
-                self.add_class(label, vectors)
+                self.add_class(label, vectors, sources=sources)
 
     @_saved
-    def add_class(self, label: str, vectors) -> None:
+    def add_class(self, label: str, vectors, *, sources=None) -> None:
         label = _check_label(label)
         raw, x = self._prepare(label, vectors)
+        sources = _check_sources(sources, len(raw), f"class {label!r}")
         with self._lock:
             if label in self._row_of:
                 raise DuplicateClassError(f"class {label!r} already exists; use add_examples to "
@@ -471,6 +519,8 @@ class Registry:
             rows = self._take_rows(1)
             self._commit_rows(rows, [label], x.mean(axis=0, dtype=np.float64).astype(np.float32)[None],
                               len(x), [raw])
+            if sources is not None:
+                self._record_sources(int(self._ids[rows[0]]), 0, len(sources), sources)
             self._index_add(rows)
 
     @_saved
@@ -526,11 +576,13 @@ class Registry:
             self._index_add(rows)
 
     @_saved
-    def add_examples(self, label: str, vectors) -> None:
+    def add_examples(self, label: str, vectors, *, sources=None) -> None:
         label = _check_label(label)
         raw, x = self._prepare(label, vectors)
+        sources = _check_sources(sources, len(raw), f"class {label!r}")
         with self._lock:
             row = self._get(label)
+            self._record_sources(int(self._ids[row]), int(self._counts[row]), len(raw), sources)
             # Exact running mean from (mean, count): adding never needs the old examples.
             mean = self._means[row].astype(np.float64)
             count, n = int(self._counts[row]), len(x)
@@ -554,6 +606,9 @@ class Registry:
             self._row_of_id[cid] = -1
             self._counts[row] = 0
             self._examples.pop(cid, None)
+            for source in self._sources.pop(cid, ()):
+                if self._owners is not None and source.digest is not None:
+                    self._owners[source.digest].discard(cid)
             self._free.append(row)
             self._index_remove(cid)
 
@@ -570,6 +625,17 @@ class Registry:
             # Rebuild the dict to keep the class at its position; the FAISS id is unchanged.
             self._row_of = {(new if k == old else k): v for k, v in self._row_of.items()}
             self._labels[row] = new
+
+    def _record_sources(self, cid: int, count: int, n: int, sources: list[ExampleSource] | None) -> None:
+        """Keep the sources of n examples added to a class of count examples (unrecorded where None)."""
+        if sources is None and cid not in self._sources:
+            return
+        known = self._sources.setdefault(cid, [UNRECORDED] * count)
+        known.extend(sources if sources is not None else [UNRECORDED] * n)
+        if self._owners is not None:
+            for source in sources or ():
+                if source.digest is not None:
+                    self._owners.setdefault(source.digest, set()).add(cid)
 
     def _get(self, label) -> int:
         try:
@@ -608,6 +674,57 @@ class Registry:
             raise ValueError("this registry does not store examples; create it with store_examples=True")
         with self._lock:
             return np.concatenate(self._examples[int(self._ids[self._get(label)])])
+
+    def sources(self, label: str) -> list[ExampleSource]:
+        """One ``ExampleSource`` per example of class ``label``, in the order they were added (the
+        order of ``examples(label)``; ``UNRECORDED`` where none was given), or [] if no example of
+        the class came with a source."""
+        with self._lock:
+            return list(self._sources.get(int(self._ids[self._get(label)]), ()))
+
+    def classes_by_digest(self, digests=None) -> dict[str, list[str]]:
+        """Content digest -> the classes holding an example with that content (in class order), for
+        every recorded digest or for those among ``digests`` that some class holds."""
+        with self._lock:
+            if self._owners is None:
+                self._owners = {}
+                for cid, known in self._sources.items():
+                    for source in known:
+                        if source.digest is not None:
+                            self._owners.setdefault(source.digest, set()).add(cid)
+            wanted = self._owners if digests is None else dict.fromkeys(d for d in digests if d in self._owners)
+            # FAISS ids grow in class order (and compaction renumbers in class order): sorting them sorts classes.
+            return {d: [self._labels[self._row_of_id[cid]] for cid in sorted(self._owners[d])]
+                    for d in wanted if self._owners[d]}
+
+    def nearest_examples(self, query, labels, n: int) -> list[tuple[str, ExampleSource, float]]:
+        """The n stored examples of the classes ``labels`` nearest to the vector ``query``, best first:
+        (label, its ExampleSource, score: cosine, or negative squared L2). Needs store_examples."""
+        if not self._store_examples:
+            raise ValueError("this registry does not store examples; create it with store_examples=True")
+        q = _as_matrix(query, self._dim, "query")
+        if len(q) != 1:
+            raise ValueError(f"query: expected one vector, got {len(q)}")
+        q = _normalise(q, "query")[0] if self._metric == "cosine" else q[0]
+        found: list[tuple[str, ExampleSource, float]] = []
+        with self._lock:
+            for label in dict.fromkeys(labels):
+                x = self.examples(label).astype(np.float64)
+                if self._metric == "cosine":
+                    scores = (x @ q) / np.linalg.norm(x, axis=1)
+                else:
+                    scores = -((x - q) ** 2).sum(axis=1)
+                best = np.argsort(-scores, kind="stable")[:n]
+                sources = self.sources(label) or [UNRECORDED] * len(x)
+                found += [(label, sources[i], float(scores[i])) for i in best.tolist()]
+        return sorted(found, key=lambda item: -item[2])[:n]
+
+    def mean(self, label: str) -> np.ndarray:
+        """The running mean of class ``label``'s examples (of their unit vectors, for cosine): its
+        prototype before normalisation. With ``count(label)`` it gives the prototype a class would
+        have without one of its examples."""
+        with self._lock:
+            return self._means[self._get(label)].copy()
 
     def search(self, queries, k: int, *, params: dict | None = None) -> SearchResult:
         """The k nearest classes of each query, best first, with exact scores.
@@ -714,6 +831,8 @@ class Registry:
         self._row_of_id[new] = rows
         if self._store_examples:
             self._examples = {n: self._examples[o] for o, n in zip(old.tolist(), new.tolist())}
+        self._sources = {n: self._sources[o] for o, n in zip(old.tolist(), new.tolist()) if o in self._sources}
+        self._owners = None  # rebuilt with the new ids on next use
         self._next_id = len(rows)
 
     def _build_index(self):
@@ -981,6 +1100,10 @@ class Registry:
         for name, data in self.attachments.items():
             files[_ATTACHMENT_KEY + name] = _write_atomic(path, f"attachment-{g}-{name}",
                                                           lambda f, data=data: f.write(data), written)
+        table = [{"id": cid, "sources": [list(s) for s in self._sources[cid]]}
+                 for cid in self._ids[rows].tolist() if cid in self._sources]
+        text = json.dumps({"classes": table}, separators=(",", ":")).encode()
+        files["provenance"] = _write_atomic(path, f"provenance-{g}.json", lambda f: f.write(text), written)
         return files
 
     @classmethod
@@ -1047,6 +1170,8 @@ class Registry:
             reg._row_of_id[ids] = np.arange(C)
         if reg._store_examples:
             _load_examples(path, m, reg, opened)
+        if "provenance" in m["files"]:
+            reg._sources = _load_sources(path, m, opened)
         reg.attachments = _load_attachments(path, m, opened)
         reg._index = _load_index(path, m, reg, opened)
         reg._in_use, reg._fallback = _index_in_use(mpath, m, reg)
@@ -1300,8 +1425,11 @@ def _parse_manifest(mpath: Path) -> dict:
         raise RegistryFormatError(f"{mpath}: invalid class table")
     m["_labels"], m["_ids"], m["_counts"] = fast
     files = _field(m, "files", dict, mpath)
+    if version >= 4:
+        _field(files, "provenance", dict, mpath)
+    optional = ("provenance",) if "provenance" in files else ()  # format 4 has one; older ones may
     attached = tuple(k for k in files if isinstance(k, str) and k.startswith(_ATTACHMENT_KEY))
-    for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()) + attached:
+    for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()) + optional + attached:
         entry = _field(files, key, dict, mpath)
         name = _field(entry, "name", str, mpath)
         if (not name or name in (".", "..", MANIFEST) or "/" in name or "\\" in name
@@ -1392,6 +1520,7 @@ def _read_manifest(path: Path) -> dict:
 def _open_generation(path: Path, m: dict) -> dict:
     """{file name: open file} for every data file the manifest ``m`` names."""
     keys = (("prototypes", "index") + (("examples", "example_class_ids") if m["store_examples"] else ())
+            + (("provenance",) if "provenance" in m["files"] else ())
             + tuple(k for k in m["files"] if k.startswith(_ATTACHMENT_KEY)))
     opened: dict = {}
     try:
@@ -1525,6 +1654,34 @@ def _load_examples(path: Path, m: dict, reg: Registry, opened: dict) -> None:
                                   f"examples, manifest count is {int(counts[i])}")
     ex = ex[order]
     reg._examples = {cid: [ex[a:b]] for cid, a, b in zip(ids.tolist(), starts.tolist(), ends.tolist())}
+
+
+def _load_sources(path: Path, m: dict, opened: dict) -> dict[int, list[ExampleSource]]:
+    """The provenance file: {"classes": [{"id": class id, "sources": [[source, digest], ...]}]},
+    one pair per example of each class listed (classes without any recorded source are absent)."""
+    fpath = path / m["files"]["provenance"]["name"]
+    (data,) = _read_verified_into(path, m["files"]["provenance"], lambda size: [np.empty(size, np.uint8)],
+                                  opened)
+    bad = f"{fpath}: not a valid provenance file"
+    try:
+        table = json.loads(data.tobytes())
+    except (ValueError, RecursionError) as e:
+        raise RegistryFormatError(f"{bad} ({e})") from None
+    if not isinstance(table, dict) or not isinstance(table.get("classes"), list):
+        raise RegistryFormatError(f"{bad} (expected an object with a 'classes' list)")
+    count_of = dict(zip(m["_ids"].tolist(), m["_counts"].tolist()))
+    sources: dict[int, list[ExampleSource]] = {}
+    for entry in table["classes"]:
+        cid = entry.get("id") if isinstance(entry, dict) else None
+        if type(cid) is not int or cid not in count_of or cid in sources:
+            raise RegistryFormatError(f"{bad} (unknown or repeated class id {cid!r:.40})")
+        try:
+            if not isinstance(entry.get("sources"), list):
+                raise ValueError(f"class id {cid}: 'sources' must be a list")
+            sources[cid] = _check_sources(entry["sources"], count_of[cid], f"class id {cid}")
+        except ValueError as e:
+            raise RegistryFormatError(f"{bad} ({e})") from None
+    return sources
 
 
 def _index_ids(index) -> np.ndarray:

@@ -10,6 +10,7 @@ chosen moment), and answers one JSON line with what the child acknowledged befor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -48,8 +49,14 @@ def initial_registry(variant: str):
     g = np.random.default_rng(1)
     reg = registry.Registry(DIM, fingerprint={"name": "test-encoder"}, **VARIANTS[variant])
     for i in range(5):
-        reg.add(f"base-{i}", g.normal(size=(int(g.integers(1, 3)), DIM)))
+        vectors = g.normal(size=(int(g.integers(1, 3)), DIM))
+        reg.add(f"base-{i}", vectors, sources=sources_for(f"base-{i}", len(vectors)) if i % 2 else None)
     return reg
+
+
+def sources_for(name: str, n: int) -> list[tuple[str, str]]:
+    """n (source, digest) pairs, as the classifier records for images it registers."""
+    return [(f"photos/{name}/{j}.jpg", hashlib.sha256(f"{name}/{j}".encode()).hexdigest()) for j in range(n)]
 
 
 def make_steps(seed: int, n_steps: int) -> list[list[tuple]]:
@@ -71,14 +78,16 @@ def make_steps(seed: int, n_steps: int) -> list[list[tuple]]:
         if kind == "add_class":
             label = f"c{n}/../ünï {n}"
             live.append(label)
-            return ("add_class", label, g.normal(size=(int(g.integers(1, 4)), DIM)).tolist())
+            vectors = g.normal(size=(int(g.integers(1, 4)), DIM)).tolist()
+            return ("add_class", label, vectors, {"sources": sources_for(label, len(vectors))})
         if kind == "add_many":
             labels = [f"m{n}-{j}" for j in range(3)]
             live.extend(labels)
             return ("add_many", labels, g.normal(size=(3, DIM)).tolist())
         victim = live[int(g.integers(len(live)))]
         if kind == "add_examples":
-            return ("add_examples", victim, g.normal(size=(int(g.integers(1, 3)), DIM)).tolist())
+            vectors = g.normal(size=(int(g.integers(1, 3)), DIM)).tolist()
+            return ("add_examples", victim, vectors, {"sources": sources_for(f"{victim}+{n}", len(vectors))})
         live.remove(victim)
         if kind == "remove":
             return ("remove", victim)
@@ -92,7 +101,8 @@ def make_steps(seed: int, n_steps: int) -> list[list[tuple]]:
 
 def apply_change(reg, change: tuple) -> None:
     kind, *args = change
-    getattr(reg, kind)(*args)
+    options = args.pop() if args and isinstance(args[-1], dict) else {}
+    getattr(reg, kind)(*args, **options)
 
 
 def apply_step(reg, step: list[tuple]) -> None:
@@ -114,6 +124,7 @@ def snapshot(reg) -> dict:
         "counts": [reg.count(label) for label in labels],
         "prototypes": protos.tobytes().hex(),
         "examples": [reg.examples(label).tobytes().hex() for label in labels] if reg.store_examples else None,
+        "sources": [reg.sources(label) for label in labels],
         "answers": found.labels if found else None,
         "scores": found.scores.tobytes().hex() if found else None,
     }

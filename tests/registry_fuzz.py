@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from registry_child import DIM, import_registry_only, snapshot  # noqa: E402
+from registry_child import DIM, import_registry_only, snapshot, sources_for  # noqa: E402
 
 MEMORY_LIMIT = 3 * 2**30
 CASE_SECONDS = 20
@@ -53,7 +53,7 @@ def build_bases(root: Path) -> dict:
         path = root / name
         reg.save(path)
         older = {n: (path / n).read_bytes() for n in os.listdir(path) if not n.startswith(".")}
-        reg.add("one-more", g.normal(size=(2, DIM)))
+        reg.add("one-more", g.normal(size=(2, DIM)), sources=sources_for("one-more", 2))
         reg.remove(reg.classes[0])
         reg.save(path)
         files = {n: (path / n).read_bytes() for n in os.listdir(path) if not n.startswith(".")}
@@ -62,7 +62,8 @@ def build_bases(root: Path) -> dict:
     flat = registry.Registry(DIM, metric="cosine", index="Flat", store_examples=True, fingerprint={"name": "e"},
                              metadata={"note": "fuzz"})
     for i in range(6):
-        flat.add(f"class {i}/..", g.normal(size=(int(g.integers(1, 4)), DIM)))
+        vectors = g.normal(size=(int(g.integers(1, 4)), DIM))
+        flat.add(f"class {i}/..", vectors, sources=sources_for(f"class {i}", len(vectors)) if i % 3 else None)
     add("flat-examples", flat, True)
     auto = registry.Registry(DIM, metric="l2")
     auto.add_many([f"a{i}" for i in range(7)], g.normal(size=(7, DIM)))
@@ -143,6 +144,24 @@ def npy_header_variants(data: bytes) -> list[bytes]:
     return variants
 
 
+def provenance_variants(data: bytes) -> list[bytes]:
+    """The provenance file with well-formed JSON that lies: wrong counts, unknown or repeated class
+    ids, bad digests and names, wrong types, deep nesting."""
+    table = json.loads(data)
+    variants = [{}, [], {"classes": {}}, {"classes": [1]}, {"classes": [{"id": 10**6, "sources": []}]}]
+    if table["classes"]:
+        first = table["classes"][0]
+        pair, n = first["sources"][0], len(first["sources"])
+        for bad in ([*first["sources"], pair], first["sources"][1:], [[pair[0], "g" * 64]] * n,
+                    [[pair[0], pair[1].upper()]] * n, [["x" * 5000, None]] * n, [[1, None]] * n, [[None]] * n,
+                    ["ab"] * n, None, "x"):
+            variants.append({"classes": [{**first, "sources": bad}, *table["classes"][1:]]})
+        variants += [{"classes": [first, first]}, {"classes": [{**first, "id": -1}]},
+                     {"classes": [{**first, "id": True}]}]
+    raw = [json.dumps(v).encode() for v in variants]
+    return raw + [b"[" * 100000, b"\xff\xfe", b'{"classes": NaN}']
+
+
 def cases(bases: dict, seed: int, flips_per_file: int, cuts_per_file: int, values_per_field: int):
     """Yield (case id, base, description, resealed?, files after the mutation)."""
     rng = random.Random(seed)
@@ -171,7 +190,7 @@ def cases(bases: dict, seed: int, flips_per_file: int, cuts_per_file: int, value
         for name in names:  # files of the other generation swapped in under this one's names
             kind = name.split("-")[0]
             for other, data in older.items():
-                if other.split("-")[0] == kind and other != name:
+                if other.split("-")[0] == kind and other != name and data != files[name]:  # (same bytes: no damage)
                     yield case(f"{other} (older generation) as {name}", False, {**files, name: data})
         yield case("older manifest.json (its files are gone)", False,
                    {**files, "manifest.json": older["manifest.json"]})
@@ -201,8 +220,12 @@ def cases(bases: dict, seed: int, flips_per_file: int, cuts_per_file: int, value
                     continue
                 yield case(f"manifest {label} = {bad!r:.40}", True,
                            {**files, "manifest.json": seal(replaced(manifest, path, bad))})
-        yield case("manifest format_version 4 (newer)", False,
-                   {**files, "manifest.json": seal({**manifest, "format_version": 4})})
+        newer = import_registry_only().FORMAT_VERSION + 1
+        yield case(f"manifest format_version {newer} (newer)", False,
+                   {**files, "manifest.json": seal({**manifest, "format_version": newer})})
+        provenance = next(name for name in names if name.startswith("provenance-"))
+        for i, variant in enumerate(provenance_variants(files[provenance])):
+            yield case(f"resealed {provenance} variant {i}", True, resealed_file(files, provenance, variant))
         for name in names:  # resealed data files: the parsers behind the checksums
             if name == "manifest.json" or (name.startswith("index") and not flat):
                 continue

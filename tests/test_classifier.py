@@ -213,3 +213,47 @@ def test_registry_saved_with_only_a_head_path_still_loads(tmp_path, encoder, pho
 def test_bad_settings_are_refused_when_given(setting):
     with pytest.raises(ValueError, match=next(iter(setting))):
         FewShotClassifier(**setting)
+# -- repeated images, explanations
+
+def test_registering_the_same_image_again_is_skipped_and_reported(classifier, photos, views_of):
+    report = classifier.register("chelsea", [photos["chelsea"], *views_of(photos["chelsea"], 1, seed=5),
+                                             photos["coins"], photos["coins"]])
+    assert (report.added, report.total) == (2, 3)  # the view and one coins photo; the count is not inflated
+    assert len(report.warnings) >= 2
+    assert f"skipped {str(photos['chelsea'])!r}" in report.warnings[0] and "already registered" in report.warnings[0]
+    assert f"skipped {str(photos['coins'])!r}" in report.warnings[1] and "given twice" in report.warnings[1]
+    again = classifier.register("chelsea", photos["chelsea"])  # everything already there: nothing changes
+    assert (again.added, again.total) == (0, 3) and again.warnings
+
+
+def test_explain_names_the_nearest_registered_examples(tmp_path, encoder, photos, views_of):
+    import hashlib
+
+    files = {}
+    for label in ["chelsea", "coffee", "rocket"]:
+        for i, view in enumerate(views_of(photos[label], 2, seed=10)):
+            files[tmp_path / f"{label}-{i}.png"] = label
+            view.save(tmp_path / f"{label}-{i}.png")
+    clf = FewShotClassifier(encoder, store_examples=True)
+    for label in ["chelsea", "coffee", "rocket"]:
+        clf.register(label, [p for p, lab in files.items() if lab == label])
+    clf.save(tmp_path / "shop.reg")
+    clf = FewShotClassifier.load(tmp_path / "shop.reg")  # sources survive save and load
+    (p,) = clf.predict(views_of(photos["coffee"], 1, seed=11), top_k=2, explain=3)
+    assert p.label == "coffee" and len(p.neighbours) == 3
+    first = p.neighbours[0]
+    assert first.label == "coffee" and files[tmp_path / first.source.rsplit("/", 1)[-1]] == "coffee"
+    assert first.digest == hashlib.sha256((tmp_path / first.source.rsplit("/", 1)[-1]).read_bytes()).hexdigest()
+    assert [n.similarity for n in p.neighbours] == sorted((n.similarity for n in p.neighbours), reverse=True)
+    assert {n.label for n in p.neighbours} <= {lab for lab, _ in p.top_k}
+    assert p.to_dict()["neighbours"][0] == {"label": "coffee", "source": first.source, "digest": first.digest,
+                                            "similarity": first.similarity}
+    (plain,) = clf.predict(views_of(photos["coffee"], 1, seed=11))
+    assert plain.neighbours is None and "neighbours" not in plain.to_dict()
+
+
+def test_explain_without_stored_examples_gives_no_neighbours(classifier, photos):
+    (p,) = classifier.predict(photos["rocket"], explain=2)
+    assert p.neighbours == []
+    with pytest.raises(ValueError, match="explain"):
+        classifier.predict(photos["rocket"], explain=-1)

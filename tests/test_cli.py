@@ -33,10 +33,13 @@ def reg(tmp_path, capsys, photos):
 
 
 def test_register_creates_then_extends(reg, capsys, photos):
-    code, out, _ = run(capsys, "register", reg, "--class", "coffee", photos["coffee"], photos["coins"])
-    assert code == 0 and "coffee: +2 image(s), 3 in total" in out
+    code, out, err = run(capsys, "register", reg, "--class", "coffee", photos["coffee"], photos["coins"])
+    # the coffee photo is registered already: skipped and said (one line), so the count is not doubled
+    assert code == 0 and "coffee: +1 image(s), 2 in total" in out
+    assert err.splitlines() == [f"fewshot: warning: skipped {str(photos['coffee'])!r}: the same image (sha256 "
+                                f"{err.split('sha256 ')[1][:12]}) is already registered in class 'coffee'"]
     code, out, _ = run(capsys, "classes", reg, "--json")
-    assert json.loads(out) == [{"label": "chelsea", "count": 1}, {"label": "coffee", "count": 3},
+    assert json.loads(out) == [{"label": "chelsea", "count": 1}, {"label": "coffee", "count": 2},
                                {"label": "rocket", "count": 1}]
 
 
@@ -216,12 +219,12 @@ def test_options_that_would_be_ignored_are_refused(reg, tmp_path, capsys, photos
     assert code == 1 and "no images" in err and str(tmp_path / "empty") in err and "coffee" in out
 
 
-def test_register_folder_follows_what_class_follows_and_says_what_it_skips(tmp_path, photos):
+def test_register_folder_follows_what_class_follows_and_says_what_it_skips(tmp_path, photos, views_of):
     data = tmp_path / "data"
     (data / "rocket").mkdir(parents=True)
     (data / "rocket" / "r.jfif").write_bytes(photos["rocket"].read_bytes())  # a JPEG by another name
     (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "r2.jpg").write_bytes(photos["rocket"].read_bytes())
+    views_of(photos["rocket"], 1, seed=4)[0].save(tmp_path / "elsewhere" / "r2.jpg")  # another photo of it
     (data / "rocket" / "linked").symlink_to(tmp_path / "elsewhere")
     (data / "coffee").mkdir()
     (data / "coffee" / "c.png").write_bytes(photos["coffee"].read_bytes())
@@ -243,3 +246,32 @@ def test_protocol_errors_name_the_protocol_and_key(tmp_path, capsys, omniglot_sm
     code, _, err = run(capsys, "evaluate", "--data", omniglot_small, "--protocol", protocol, "--stages", "2",
                        "--pool", "2", "--input-size", "64")
     assert code == 1 and "my-split" in err and "ways" in err
+def test_doctor_exit_status_text_and_json(reg, capsys, photos):
+    code, out, _ = run(capsys, "doctor", reg)
+    assert code == 0 and out.strip().endswith("0 finding(s) in 3 classes (examples not stored: mislabelling "
+                                              "not checked)")
+    code, _, err = run(capsys, "register", reg, "--class", "cat", photos["chelsea"])
+    assert code == 0 and "near-duplicates" in err and "is in classes 'chelsea', 'cat'" in err
+    assert all(line.startswith("fewshot: warning: ") for line in err.splitlines())
+    code, out, _ = run(capsys, "doctor", reg)
+    assert code == 1 and out.splitlines()[-1].startswith("2 finding(s) in 4 classes")
+    code, out, _ = run(capsys, "doctor", reg, "--json")
+    report = json.loads(out)
+    assert code == 1 and report["classes"] == 4 and report["stores_examples"] is False
+    assert [(f["kind"], f["classes"]) for f in report["findings"]] == [
+        ("near_duplicate_classes", ["chelsea", "cat"]), ("duplicate_image", ["chelsea", "cat"])]
+    assert report["findings"][1]["source"] == str(photos["chelsea"]) and len(report["findings"][1]["digest"]) == 64
+
+
+def test_predict_explain(tmp_path, capsys, photos, views_of):
+    path = tmp_path / "ex.reg"
+    for label in ["chelsea", "rocket"]:
+        code, _, _ = run(capsys, "register", path, "--store-examples", "--class", label, photos[label])
+        assert code == 0
+    query = tmp_path / "query.png"
+    views_of(photos["rocket"], 1, seed=3)[0].save(query)
+    code, out, _ = run(capsys, "predict", path, query, "--explain", "--json", "--neighbours", "1")
+    (result,) = json.loads(out)
+    assert code == 0 and [n["source"] for n in result["neighbours"]] == [str(photos["rocket"])]
+    code, out, _ = run(capsys, "predict", path, query, "--explain")
+    assert code == 0 and out.splitlines()[1].startswith("\tnear 'rocket' ") and str(photos["rocket"]) in out

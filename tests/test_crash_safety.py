@@ -99,7 +99,8 @@ def check_recovered(path: Path, result: dict, states: list[dict], reopen: bool =
     with Registry.open(path) as again:
         again.add("after-the-crash", np.ones(DIM))
     g = f"{again.generation:06d}"
-    expected = {MANIFEST, LOCK_FILE, READERS_LOCK_FILE, f"prototypes-{g}.npy", f"index-{g}.faiss"}
+    expected = {MANIFEST, LOCK_FILE, READERS_LOCK_FILE, f"prototypes-{g}.npy", f"index-{g}.faiss",
+                f"provenance-{g}.json"}
     if again.store_examples:
         expected |= {f"examples-{g}.npy", f"example_class_ids-{g}.npy"}
     assert set(os.listdir(path)) == expected

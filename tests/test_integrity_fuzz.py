@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from fewshot.errors import RegistryFormatError
-from fewshot.registry import MANIFEST, Registry
+from fewshot.registry import FORMAT_VERSION, MANIFEST, Registry
 
 from registry_child import initial_registry, snapshot
 
@@ -37,7 +37,7 @@ def two_generations(tmp_path):
     reg.save(path)
     older = tmp_path / "older"
     shutil.copytree(path, older)
-    reg.add("another", np.ones(8))
+    reg.add("another", np.ones(8), sources=[("another.jpg", "a" * 64)])  # every file differs from generation 1
     reg.save(path)
     return path, older
 
@@ -92,7 +92,7 @@ def test_a_flipped_bit_in_a_label_or_count_is_caught(two_generations):
 def test_newer_format_names_the_manifest_and_says_upgrade(two_generations):
     path, _ = two_generations
     m = json.loads((path / MANIFEST).read_bytes())
-    m["format_version"] = 4
+    m["format_version"] = FORMAT_VERSION + 1
     (path / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(RegistryFormatError, match=f"{path / MANIFEST}: written by a newer fewshot .*upgrade"):
         Registry.load(path)
@@ -108,7 +108,7 @@ def test_format_2_registries_without_a_checksum_still_load(two_generations):
     loaded = Registry.load(path)
     assert snapshot(loaded) == before
     loaded.save(path)  # saving upgrades it
-    assert json.loads((path / MANIFEST).read_bytes())["format_version"] == 3
+    assert json.loads((path / MANIFEST).read_bytes())["format_version"] == FORMAT_VERSION
 
 
 def test_a_fifo_or_device_where_a_file_should_be_does_not_hang(two_generations):

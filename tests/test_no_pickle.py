@@ -83,7 +83,7 @@ def test_registry_files(saved_registry, marker):
             with pytest.raises(RegistryFormatError, match=str(path / name)):
                 Registry.load(path)
             planted += 1
-    assert planted == 5 * 3  # manifest, prototypes, index, examples, example ids x 3 payloads
+    assert planted == 6 * 3  # manifest, prototypes, index, examples, example ids, provenance x 3 payloads
 
 
 def test_embedding_cache(tmp_path, marker, encoder, photos):

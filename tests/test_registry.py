@@ -208,7 +208,7 @@ def test_save_load_round_trip(tmp_path):
     loaded.save(tmp_path / "reg")
     assert loaded.generation == 2 and Registry.load(tmp_path / "reg").generation == 2
     assert sorted(os.listdir(tmp_path / "reg")) == [READERS_LOCK_FILE, LOCK_FILE, "index-000002.faiss",
-                                                    "manifest.json", "prototypes-000002.npy"]
+                                                    "manifest.json", "prototypes-000002.npy", "provenance-000002.json"]
 
 
 def test_remove_rename_persist(tmp_path):
@@ -778,3 +778,76 @@ def test_attachments_are_saved_checksummed_and_replaced_by_generation(tmp_path):
     reg.attachments["../escape"] = b""
     with pytest.raises(ValueError, match="attachment name"):
         reg.save(tmp_path / "r")
+# -- where examples came from (format 4 provenance file)
+
+def digest_of(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_sources_follow_their_class_through_remove_rename_save_and_load(tmp_path):
+    reg = Registry(DIM, store_examples=True)
+    g = rng(40)
+    reg.add("a", g.normal(size=(2, DIM)), sources=[("a0.jpg", digest_of("a0")), ("a1.jpg", None)])
+    reg.add("b", g.normal(size=(1, DIM)))  # no sources: nothing recorded
+    reg.add("b", g.normal(size=(1, DIM)), sources=[("b1.jpg", digest_of("b1"))])
+    reg.add("c", g.normal(size=(1, DIM)), sources=[("c0.jpg", digest_of("c0"))])
+    assert reg.sources("a") == [("a0.jpg", digest_of("a0")), ("a1.jpg", None)]
+    assert reg.sources("b") == [(None, None), ("b1.jpg", digest_of("b1"))]  # aligned with examples("b")
+    reg.remove("a")
+    reg.rename("c", "see")
+    reg.save(tmp_path / "r")
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.sources("b") == reg.sources("b") and loaded.sources("see") == [("c0.jpg", digest_of("c0"))]
+    assert loaded.classes_by_digest() == {digest_of("b1"): ["b"], digest_of("c0"): ["see"]}
+    for i in range(3000):  # removals renumber the ids at the next search: sources must follow
+        loaded.add(f"tmp{i}", g.normal(size=(1, DIM)), sources=[(f"t{i}.jpg", digest_of("c0"))])
+    assert loaded.classes_by_digest([digest_of("c0")])[digest_of("c0")][:3] == ["see", "tmp0", "tmp1"]
+    for i in range(3000):
+        loaded.remove(f"tmp{i}")
+    loaded.search(g.normal(size=(1, DIM)), 1)
+    assert loaded.sources("see") == [("c0.jpg", digest_of("c0"))] and loaded.sources("b")[1].source == "b1.jpg"
+    loaded.add("b", g.normal(size=(1, DIM)), sources=[("b2.jpg", digest_of("c0"))])
+    assert loaded.classes_by_digest() == {digest_of("b1"): ["b"], digest_of("c0"): ["b", "see"]}
+    assert loaded.classes_by_digest(["f" * 64, digest_of("b1")]) == {digest_of("b1"): ["b"]}
+
+
+def test_bad_sources_are_refused_and_change_nothing():
+    reg = Registry(DIM)
+    for bad, message in [([("x.jpg", "abc")], "64 lowercase hex"), ([("x.jpg", None)] * 2, "list of 1"),
+                         (["x.jpg"], "pair"), ([("x" * 5000, None)], "at most 4096")]:
+        with pytest.raises(ValueError, match=message):
+            reg.add("a", np.ones(DIM), sources=bad)
+    assert "a" not in reg
+
+
+def test_format_3_registries_without_provenance_still_load(tmp_path):
+    reg, data = filled(n_classes=4, store_examples=True)
+    reg.save(tmp_path / "r")
+    m = manifest(tmp_path / "r")
+    del m["files"]["provenance"]
+    m["format_version"] = 3
+    write_manifest(tmp_path / "r", m)
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.classes == reg.classes and loaded.sources(reg.classes[0]) == []
+    loaded.add(reg.classes[0], np.ones(DIM), sources=[("new.jpg", digest_of("new"))])
+    assert loaded.sources(reg.classes[0])[-1] == ("new.jpg", digest_of("new"))
+    loaded.save(tmp_path / "r")  # upgraded
+    assert manifest(tmp_path / "r")["format_version"] == 4
+    m["format_version"] = 4  # but format 4 must have the file
+    write_manifest(tmp_path / "r", m)
+    with pytest.raises(RegistryFormatError, match="missing field 'provenance'"):
+        Registry.load(tmp_path / "r")
+
+
+def test_provenance_file_is_covered_by_the_checksum(tmp_path):
+    reg = Registry(DIM)
+    reg.add("a", np.ones(DIM), sources=[("a.jpg", digest_of("a"))])
+    reg.save(tmp_path / "r")
+    (name,) = [n for n in os.listdir(tmp_path / "r") if n.startswith("provenance-")]
+    data = bytearray((tmp_path / "r" / name).read_bytes())
+    data[data.index(b"a.jpg")] ^= 0x01  # "a.jpg" -> "`.jpg": still valid JSON
+    (tmp_path / "r" / name).write_bytes(bytes(data))
+    with pytest.raises(RegistryFormatError, match=f"{name}: sha256 mismatch"):
+        Registry.load(tmp_path / "r")
