@@ -3,10 +3,13 @@
 Two phases, as in few-shot learning: register classes from a few support images (no training),
 then predict queries by their nearest class prototypes. Scores are probabilities: a softmax over
 the negative distances (cosine: similarities) to the nearest prototypes, divided by a temperature.
+Each prediction also reports the similarity itself, and is "unknown" when that similarity is below
+the threshold the registry fitted for its nearest class (``fewshot.openset``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder,
 from .errors import EncoderMismatchError, ImageError, WeightsError
 from .data import class_folders
 from .heads import Head, load_head
+from .openset import Calibration, calibrate, current_calibration
 from .registry import MANIFEST, Registry, _check_label, _lock_dir
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
@@ -32,17 +36,28 @@ SOFTMAX_CANDIDATES = 100
 
 @dataclass(frozen=True)
 class Prediction:
-    """The answer for one input. ``label`` is None for an error or an "unknown" below the threshold."""
+    """The answer for one input. ``label`` is None for an error or an "unknown" below the threshold.
+
+    ``score``: top-1 probability. ``similarity``: top-1 similarity (cosine, or negative squared L2),
+    which the unknown decision rests on. ``top_k``: (label, probability) pairs, best first, with
+    ``similarities`` their similarities in the same order. ``unknown``: the nearest class was not
+    close enough (``label`` is then None; ``top_k`` still names the nearest classes)."""
 
     label: str | None
     score: float | None
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
     input: str = ""
+    similarity: float | None = None
+    unknown: bool = False
+    similarities: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"input": self.input, "label": self.label, "score": self.score,
-                "top_k": [{"label": lab, "score": s} for lab, s in self.top_k], "error": self.error}
+        """The JSON shape of a prediction (CLI and HTTP service print this)."""
+        top_k = [{"label": lab, "score": s, "similarity": sim}
+                 for (lab, s), sim in zip(self.top_k, self.similarities or [None] * len(self.top_k))]
+        return {"input": self.input, "label": self.label, "score": self.score, "similarity": self.similarity,
+                "unknown": self.unknown, "top_k": top_k, "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -66,15 +81,18 @@ class FewShotClassifier:
     encoder it was trained on, then mapped by the head; the head's metric is used.
     index: "auto" (exact search while the registry is small, an approximate index with exact
     re-scoring once it is large; see ``Registry``) or a FAISS factory string ("Flat" is always exact).
-    temperature: softmax temperature (default per metric). unknown_threshold: below this top-1 probability, the label
-    is None ("unknown"). store_examples: keep every example embedding, not only prototypes.
+    temperature: softmax temperature (default: fitted by the registry's self-calibration, else per metric).
+    unknown: answer "unknown" (label None) when the top-1 similarity is below the threshold the registry
+    fitted for that class (on by default; see ``fewshot.openset``). unknown_threshold: a similarity
+    threshold for every class instead of the fitted ones. store_examples: keep every example embedding,
+    not only prototypes (on by default: the unknown threshold is fitted from them).
     cache: True (default location), a path, or False for no embedding cache.
     """
 
     def __init__(self, encoder: str | Encoder = DEFAULT_ENCODER, *, weights: str | os.PathLike | None = None,
                  stages=None, head: str | os.PathLike | Head | None = None, metric: str = "cosine",
                  index: str = "auto", temperature: float | None = None, unknown_threshold: float | None = None,
-                 store_examples: bool = False, cache: bool | str | os.PathLike = True,
+                 unknown: bool = True, store_examples: bool = True, cache: bool | str | os.PathLike = True,
                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None):
         self.encoder = encoder
         self.weights = weights
@@ -84,6 +102,7 @@ class FewShotClassifier:
         self.index = index
         self.temperature = temperature
         self.unknown_threshold = unknown_threshold
+        self.unknown = unknown
         self.store_examples = store_examples
         self.cache = cache
         self.batch_size = batch_size
@@ -92,6 +111,7 @@ class FewShotClassifier:
         self._head: Head | None = head if isinstance(head, Head) else None
         self._registry: Registry | None = None
         self._cache: EmbeddingCache | None = None
+        self._calibration: Calibration | None = None
 
     # -- lazily built parts ---------------------------------------------------------------------
     @property
@@ -170,7 +190,9 @@ class FewShotClassifier:
             raise ImageError(f"none of the {len(result.errors)} images for class {label!r} could be used:\n  "
                              + "\n  ".join(failures))
         self._store_settings()
-        self.registry_.add(label, result.vectors[result.ok])
+        with self.registry_.batch():  # one save (opened registries) with the refitted calibration
+            self.registry_.add(label, result.vectors[result.ok])
+            self.recalibrate()
         return RegisterReport(label=label, added=int(result.ok.sum()), total=self.registry_.count(label),
                               errors=failures)
 
@@ -191,11 +213,29 @@ class FewShotClassifier:
 
     def remove(self, label: str) -> None:
         self._store_settings()
-        self.registry_.remove(label)
+        with self.registry_.batch():
+            self.registry_.remove(label)
+            self.recalibrate()
 
     def rename(self, old: str, new: str) -> None:
         self._store_settings()
-        self.registry_.rename(old, new)
+        with self.registry_.batch():
+            self.registry_.rename(old, new)
+            self.recalibrate()
+
+    def recalibrate(self, target_tpr: float | None = None) -> Calibration:
+        """Refit the unknown thresholds and temperature from the registry's examples (done
+        automatically on register / remove / rename); ``target_tpr``: share of known queries to keep
+        (default: the last one used, else 0.95). Stored in the registry's metadata."""
+        self._calibration = calibrate(self.registry_, target_tpr)
+        return self._calibration
+
+    @property
+    def calibration_(self) -> Calibration:
+        """The registry's fitted unknown thresholds and temperature (refitted if out of date)."""
+        if self._calibration is None:
+            self._calibration = current_calibration(self.registry_)
+        return self._calibration
 
     @property
     def classes(self) -> list[str]:
@@ -222,8 +262,7 @@ class FewShotClassifier:
         ok = np.flatnonzero(result.ok)
         if len(ok):
             for row, prediction in zip(ok, self._predict_vectors(result.vectors[ok], top_k)):
-                predictions[row] = Prediction(prediction.label, prediction.score, prediction.top_k,
-                                              input=result.sources[row])
+                predictions[row] = dataclasses.replace(prediction, input=result.sources[row])
         return predictions
 
     def _predict_vectors(self, vectors: np.ndarray, top_k: int) -> list[Prediction]:
@@ -231,17 +270,31 @@ class FewShotClassifier:
         found = self.registry_.search(vectors, n_candidates)
         probabilities = softmax(found.scores / self.temperature_)
         predictions = []
-        for labels, probs in zip(found.labels, probabilities):
+        for labels, probs, sims in zip(found.labels, probabilities, found.scores):
             ranked = [(label, float(p)) for label, p in zip(labels[:top_k], probs[:top_k])]
-            best_label, best_score = ranked[0]
-            if self.unknown_threshold is not None and best_score < self.unknown_threshold:
-                best_label = None
-            predictions.append(Prediction(best_label, best_score, ranked))
+            similarity = float(sims[0])
+            unknown = self.is_unknown(labels[0], similarity)
+            predictions.append(Prediction(None if unknown else labels[0], ranked[0][1], ranked,
+                                          similarity=similarity, unknown=unknown,
+                                          similarities=[float(s) for s in sims[:top_k]]))
         return predictions
+
+    def is_unknown(self, label: str, similarity: float) -> bool:
+        """Whether a query whose nearest class is ``label`` at ``similarity`` is answered "unknown"."""
+        if not self.unknown:
+            return False
+        threshold = self.unknown_threshold
+        if threshold is None:
+            threshold = self.calibration_.threshold_for(label, self.registry_.count(label))
+        return threshold is not None and similarity < threshold
 
     @property
     def temperature_(self) -> float:
-        temperature = self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[self.metric]
+        temperature = self.temperature
+        if temperature is None:
+            temperature = self.calibration_.temperature if self._registry is not None and len(self._registry) else None
+        if temperature is None:
+            temperature = DEFAULT_TEMPERATURE[self.metric]
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         return float(temperature)
@@ -257,6 +310,7 @@ class FewShotClassifier:
         self.registry_.metadata["classifier"] = {
             "temperature": self.temperature,
             "unknown_threshold": self.unknown_threshold,
+            "unknown": self.unknown,
             "weights": str(Path(self.weights).resolve()) if self.weights else None,
             "head": str(Path(self.head).resolve()) if self.head is not None and not isinstance(self.head, Head)
             else None,
@@ -314,6 +368,7 @@ class FewShotClassifier:
         head = head if head is not None else _saved_head(fingerprint, saved.get("head"), path)
         options.setdefault("temperature", saved.get("temperature"))
         options.setdefault("unknown_threshold", saved.get("unknown_threshold"))
+        options.setdefault("unknown", saved.get("unknown", True))
         classifier = cls(encoder if isinstance(encoder, Encoder) else DEFAULT_ENCODER, weights=weights, head=head,
                          metric=registry.metric, index=registry.index_factory,
                          store_examples=registry.store_examples, **options)

@@ -8,6 +8,7 @@ the good items are still processed and saved), 2 for a usage error. Errors are o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -73,6 +74,8 @@ def cmd_predict(args) -> int:
     classifier = _load(args)
     if args.threshold is not None:
         classifier.unknown_threshold = args.threshold
+    if args.no_unknown:
+        classifier.unknown = False
     predictions = classifier.predict(args.paths, top_k=args.top_k)
     if args.json:
         print(json.dumps([p.to_dict() for p in predictions], indent=2, ensure_ascii=False))
@@ -87,7 +90,8 @@ def _format_prediction(p) -> str:
         return f"{p.input}\terror: {p.error}"
     label = p.label if p.label is not None else "unknown"
     others = ", ".join(f"{lab} {score:.3f}" for lab, score in p.top_k)
-    return f"{p.input}\t{label}\t{p.score:.3f}\t[{others}]"
+    similarity = f"\tsimilarity {p.similarity:.3f}" if p.similarity is not None else ""
+    return f"{p.input}\t{label}\t{p.score:.3f}{similarity}\t[{others}]"
 
 
 def cmd_classes(args) -> int:
@@ -102,17 +106,68 @@ def cmd_classes(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    with _open_registry(args) as registry:  # saved before remove returns
+    from .openset import calibrate
+
+    with _open_registry(args) as registry, registry.batch():  # saved, refitted, before remove returns
         registry.remove(args.class_name)
+        calibrate(registry)
     print(f"removed {args.class_name!r}; {len(registry)} classes left")
     return 0
 
 
 def cmd_rename(args) -> int:
-    with _open_registry(args) as registry:
+    from .openset import calibrate
+
+    with _open_registry(args) as registry, registry.batch():
         registry.rename(args.old, args.new)
+        calibrate(registry)
     print(f"renamed {args.old!r} to {args.new!r}")
     return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Refit the registry's unknown thresholds (optionally for another target), and measure them on a
+    folder of background images (photos of things that are none of the classes) if given."""
+    from .openset import accepted_share, calibrate
+
+    with _open_registry(args) as registry:
+        if not len(registry):
+            raise FewShotError(f"registry {args.registry} has no classes to calibrate; register some first")
+        calibration = calibrate(registry, args.target_tpr)
+        if args.background:
+            from .classifier import FewShotClassifier
+
+            classifier = FewShotClassifier.load(args.registry, cache=not args.no_cache)
+            found = [p for p in classifier.predict(args.background, top_k=1) if p.error is None]
+            if not found:
+                raise FewShotError(f"no usable image in {args.background}")
+            share = accepted_share(calibration, [p.similarity for p in found], [p.top_k[0][0] for p in found],
+                                   [registry.count(p.top_k[0][0]) for p in found])
+            calibration = dataclasses.replace(calibration, background_accepted=share)
+            registry.metadata["unknown"] = calibration.to_dict()
+        registry.save(args.registry)
+    summary = calibration.to_dict()
+    summary["per_class"] = len(calibration.per_class)
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        print(_format_calibration(calibration))
+    return 0
+
+
+def _format_calibration(c) -> str:
+    def number(x):
+        return "none" if x is None else f"{x:.4f}"
+
+    lines = [f"unknown threshold fitted by {c.method} to keep {c.target_tpr:.0%} of known queries: "
+             f"{number(c.threshold)} (classes with 2+ examples), {number(c.one_shot_threshold)} (1 example), "
+             f"{len(c.per_class)} per-class threshold(s); temperature {number(c.temperature)}"]
+    if c.method == "cross-class":
+        lines.append("no class has 2 examples: the threshold is a prior from other photos; add a second "
+                     "example to a few classes for a threshold fitted to yours")
+    if c.background_accepted is not None:
+        lines.append(f"background images accepted as known: {c.background_accepted:.1%}")
+    return "\n".join(lines)
 
 
 def cmd_info(args) -> int:
@@ -321,14 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["cosine", "l2"], default="cosine", help="for a new registry")
     p.add_argument("--index", default="auto", help="FAISS factory string for a new registry (default auto: exact "
                    "search while small, an approximate index with exact re-scoring once large)")
-    p.add_argument("--store-examples", action="store_true", help="keep every example embedding (new registry)")
+    p.add_argument("--store-examples", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep every example embedding (new registry; default on: the unknown threshold is "
+                        "fitted from them)")
     p.set_defaults(run=cmd_register)
 
     p = sub.add_parser("predict", parents=[common, encoder, with_head], help="predict the class of images")
     p.add_argument("registry")
     p.add_argument("paths", nargs="+", help="images or folders of images")
     p.add_argument("--top-k", type=_positive_int, default=5)
-    p.add_argument("--threshold", type=float, help="top-1 probability below which the answer is 'unknown'")
+    p.add_argument("--threshold", type=float, help="top-1 similarity below which the answer is 'unknown' "
+                   "(default: the thresholds the registry fitted; see fewshot calibrate)")
+    p.add_argument("--no-unknown", action="store_true", help="always name the nearest class, never 'unknown'")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(run=cmd_predict)
 
@@ -347,6 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("old")
     p.add_argument("new")
     p.set_defaults(run=cmd_rename)
+
+    p = sub.add_parser("calibrate", parents=[common],
+                       help="refit a registry's unknown thresholds; measure them on background images")
+    p.add_argument("registry")
+    p.add_argument("--target-tpr", type=float, help="share of known queries to keep (default: the last one "
+                   "used, else 0.95)")
+    p.add_argument("--background", metavar="DIR", help="folder of images of none of the classes: reports the "
+                   "share the threshold accepts")
+    p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_calibrate)
 
     p = sub.add_parser("train-head", parents=[common, encoder],
                        help="train a head episodically on frozen embeddings of a dataset")

@@ -1,0 +1,251 @@
+"""Honest "unknown": the unknown score, the threshold a registry fits itself, and its temperature.
+
+The unknown score is the top-1 similarity (cosine, or negative squared L2) of a query to its nearest
+class prototype. Measured on splits of the Caltech classes (``benchmarks/openset.py``) it separated
+registered from unregistered objects as well as or better than every alternative tried (centred
+features, margin to the runner-up, nearest stored example, scaling by a class's own or its impostors'
+spread, power-normalised features), and unlike a softmax probability it does not change meaning as
+classes are added: it depends only on the query and the class it is compared with.
+
+The threshold keeps a target share of known queries (``target_tpr``, default 95%) and is fitted from
+the registry's own examples, with no extra data:
+
+* classes with 2+ examples: leave-one-out. Example j of a class is a stand-in for a new query of that
+  class; its similarity to the mean of the class's other examples, rescaled to the full prototype
+  (cosine: divided by the norm of the mean of all unit examples; L2: the squared distance scaled by
+  (n+1)(n-1)/n^2), estimates the score a new photo of the class will get. The thresholds are quantiles
+  of these estimates: per class where a class has ``PER_CLASS_MIN_EXAMPLES`` or more, pooled otherwise.
+* classes with 1 example: similarities between pairs of examples of the same class (classes with 2+),
+  which is exactly a 1-shot known score.
+* a registry with no class of 2+ examples (or no stored examples): a quantile of the similarities
+  between different classes' prototypes, at the level (``CROSS_CLASS_QUANTILE``) that kept the target
+  share of known queries on Caltech classes held out from every other figure here. This one is a prior
+  learnt from photos of objects: register a second example of a few classes to replace it.
+
+The softmax temperature is fitted by the same leave-one-out: the one that minimises the negative log
+likelihood of each held-out example's true class. The fit is stored in the registry's metadata (so it
+is saved and checksummed with the registry) together with a signature of the classes and their counts;
+``FewShotClassifier`` refits it whenever classes are added, removed or renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+DEFAULT_TARGET_TPR = 0.95
+PER_CLASS_MIN_EXAMPLES = 20  # a class's own 5% quantile needs about this many leave-one-out scores
+MAX_CALIBRATION_CLASSES = 2000  # bigger registries are calibrated on a seeded sample of classes
+METADATA_KEY = "unknown"
+# Cross-class fallback: target share of known queries kept -> quantile of the similarities between
+# different classes' 1-shot prototypes that keeps it (measured on 24 Caltech classes held out from
+# the benchmark's figures, 10- and 24-way registries, 20 draws each; see benchmarks/openset.py).
+CROSS_CLASS_QUANTILE = ((0.50, 0.9975), (0.80, 0.9873), (0.90, 0.9779), (0.95, 0.9587), (0.99, 0.9049))
+_TEMPERATURES = np.geomspace(1e-3, 10.0, 161)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Unknown thresholds (on the top-1 similarity) and softmax temperature fitted for a registry.
+
+    ``threshold`` applies to classes with 2+ examples, ``one_shot_threshold`` to classes with one,
+    ``per_class`` overrides both for classes with ``PER_CLASS_MIN_EXAMPLES`` examples or more.
+    ``method`` says what the fit rested on: "leave-one-out", "cross-class" (the fallback prior) or
+    "none" (an empty registry). ``background_accepted``: share of a background folder's images that
+    the threshold accepts as known, where ``fewshot calibrate --background`` measured it.
+    """
+
+    target_tpr: float
+    threshold: float | None
+    one_shot_threshold: float | None
+    per_class: dict[str, float] = field(default_factory=dict)
+    temperature: float | None = None
+    method: str = "none"
+    signature: str = ""
+    background_accepted: float | None = None
+
+    def threshold_for(self, label: str, count: int) -> float | None:
+        """The similarity below which a query nearest to class ``label`` (``count`` examples) is unknown."""
+        if label in self.per_class:
+            return self.per_class[label]
+        return self.one_shot_threshold if count < 2 else self.threshold
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+# -- scores on arrays ---------------------------------------------------------------------------
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def leave_one_out_scores(examples: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """Estimated known-query scores against the class's full prototype, one per example (n >= 2)."""
+    n = len(examples)
+    if n < 2:
+        return np.zeros(0)
+    if metric == "cosine":
+        x = _unit(examples)
+        total = x.sum(axis=0)
+        others = (total - x) / (n - 1)
+        return np.einsum("nd,nd->n", x, others) / np.linalg.norm(total / n)
+    x = np.asarray(examples, dtype=np.float64)
+    others = (x.sum(axis=0) - x) / (n - 1)
+    return -((x - others) ** 2).sum(axis=1) * (n + 1) * (n - 1) / n**2
+
+
+def pairwise_scores(examples: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """Scores between every pair of a class's examples: what a 1-shot class's known queries get."""
+    if len(examples) < 2:
+        return np.zeros(0)
+    upper = np.triu_indices(len(examples), 1)
+    if metric == "cosine":
+        x = _unit(examples)
+        return (x @ x.T)[upper]
+    x = np.asarray(examples, dtype=np.float64)
+    squared = (x**2).sum(axis=1)
+    return -(squared[:, None] + squared[None, :] - 2 * x @ x.T)[upper]
+
+
+def cross_class_scores(prototypes: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """Scores between the prototypes of different classes (each pair once)."""
+    return pairwise_scores(prototypes, metric)
+
+
+def _cross_class_quantile(target_tpr: float) -> float:
+    targets, quantiles = zip(*CROSS_CLASS_QUANTILE)
+    return float(np.interp(target_tpr, targets, quantiles))
+
+
+def _quantile(values: np.ndarray, target_tpr: float) -> float:
+    return float(np.quantile(values, 1.0 - target_tpr))
+
+
+def fit_temperature(examples_by_class: list[np.ndarray], metric: str = "cosine") -> float | None:
+    """The softmax temperature that minimises the held-out negative log likelihood (leave-one-out over
+    the classes' examples against every prototype); None when no class has two examples."""
+    if metric == "cosine":
+        examples_by_class = [_unit(e) for e in examples_by_class]
+    prototypes = np.stack([e.mean(axis=0) for e in examples_by_class])
+    if metric == "cosine":
+        prototypes = _unit(prototypes)
+    rows = []
+    for c, examples in enumerate(examples_by_class):
+        n = len(examples)
+        if n < 2:
+            continue
+        others = (examples.sum(axis=0) - examples) / (n - 1)
+        if metric == "cosine":
+            logits = examples @ prototypes.T
+            logits[:, c] = np.einsum("nd,nd->n", examples, _unit(others))
+        else:
+            logits = -((examples[:, None, :] - prototypes[None]) ** 2).sum(axis=2)
+            logits[:, c] = -((examples - others) ** 2).sum(axis=1)
+        rows.append((logits, c))
+    if not rows:
+        return None
+    logits = np.concatenate([r for r, _ in rows])
+    truth = np.concatenate([np.full(len(r), c) for r, c in rows])
+    best, best_nll = None, np.inf
+    for temperature in _TEMPERATURES:
+        scaled = logits / temperature
+        scaled -= scaled.max(axis=1, keepdims=True)
+        nll = np.mean(np.log(np.exp(scaled).sum(axis=1)) - scaled[np.arange(len(truth)), truth])
+        if nll < best_nll:
+            best, best_nll = float(temperature), nll
+    return best
+
+
+def fit_calibration(labels: list[str], examples_by_class: list[np.ndarray], metric: str = "cosine",
+                    target_tpr: float = DEFAULT_TARGET_TPR, *, prototypes: np.ndarray | None = None,
+                    signature: str = "") -> Calibration:
+    """Fit thresholds and temperature from each class's example embeddings (``examples_by_class[i]``
+    belongs to ``labels[i]``; pass empty arrays and ``prototypes`` where only prototypes are known)."""
+    check_target(target_tpr)
+    loo = [leave_one_out_scores(e, metric) for e in examples_by_class]
+    pooled = np.concatenate(loo) if loo else np.zeros(0)
+    if len(pooled):
+        pairs = np.concatenate([pairwise_scores(e, metric) for e in examples_by_class])
+        per_class = {label: _quantile(s, target_tpr) for label, s, e in zip(labels, loo, examples_by_class)
+                     if len(e) >= PER_CLASS_MIN_EXAMPLES}
+        return Calibration(target_tpr, _quantile(pooled, target_tpr), _quantile(pairs, target_tpr), per_class,
+                           fit_temperature(examples_by_class, metric), "leave-one-out", signature)
+    if prototypes is None:
+        prototypes = np.stack([e.mean(axis=0) for e in examples_by_class]) if examples_by_class else None
+    if prototypes is None or len(prototypes) < 2:
+        return Calibration(target_tpr, None, None, signature=signature)
+    cross = cross_class_scores(prototypes, metric)
+    threshold = float(np.quantile(cross, _cross_class_quantile(target_tpr)))
+    return Calibration(target_tpr, threshold, threshold, method="cross-class", signature=signature)
+
+
+def check_target(target_tpr: float) -> float:
+    if isinstance(target_tpr, bool) or not isinstance(target_tpr, (int, float)) or not 0.5 <= target_tpr < 1.0:
+        raise ValueError(f"target_tpr must be a share of known queries to keep in [0.5, 1), got {target_tpr!r} "
+                         f"(e.g. 0.95)")
+    return float(target_tpr)
+
+
+# -- a registry's calibration --------------------------------------------------------------------
+def registry_signature(registry) -> str:
+    """Digest of the registry's classes and example counts: a calibration fitted for another set is stale."""
+    return hashlib.sha256(json.dumps(list(registry.counts.items()), ensure_ascii=False).encode()).hexdigest()
+
+
+def calibrate(registry, target_tpr: float | None = None, *, seed: int = 0) -> Calibration:
+    """Fit the registry's unknown thresholds and temperature and store them in ``registry.metadata``.
+
+    ``target_tpr`` defaults to the one stored by the last calibration (else 95%). Registries with more
+    than ``MAX_CALIBRATION_CLASSES`` classes are calibrated on a sample of them drawn with ``seed``."""
+    if target_tpr is None:
+        target_tpr = stored_target(registry)
+    labels, prototypes = registry.prototypes()
+    if len(labels) > MAX_CALIBRATION_CLASSES:
+        keep = np.sort(np.random.default_rng(seed).choice(len(labels), MAX_CALIBRATION_CLASSES, replace=False))
+        labels, prototypes = [labels[i] for i in keep], prototypes[keep]
+    if registry.store_examples:
+        examples = [registry.examples(label) for label in labels]
+    else:
+        examples = [np.zeros((0, registry.dim), np.float32) for _ in labels]
+    calibration = fit_calibration(labels, examples, registry.metric, target_tpr, prototypes=prototypes,
+                                  signature=registry_signature(registry))
+    registry.metadata[METADATA_KEY] = calibration.to_dict()
+    return calibration
+
+
+def stored_target(registry) -> float:
+    saved = registry.metadata.get(METADATA_KEY)
+    return float(saved["target_tpr"]) if isinstance(saved, dict) and "target_tpr" in saved else DEFAULT_TARGET_TPR
+
+
+def stored_calibration(registry) -> Calibration | None:
+    """The calibration stored in the registry if it still fits its classes, else None."""
+    saved = registry.metadata.get(METADATA_KEY)
+    if not isinstance(saved, dict):
+        return None
+    try:
+        calibration = Calibration.from_dict(saved)
+    except TypeError:
+        return None
+    return calibration if calibration.signature == registry_signature(registry) else None
+
+
+def current_calibration(registry) -> Calibration:
+    """The stored calibration, refitted first if the classes changed since it was fitted."""
+    return stored_calibration(registry) or calibrate(registry)
+
+
+def accepted_share(calibration: Calibration, similarities: np.ndarray, labels: list[str],
+                   counts: list[int]) -> float:
+    """Share of queries (top-1 ``similarities`` to classes ``labels`` with ``counts`` examples) accepted."""
+    thresholds = np.array([calibration.threshold_for(lab, n) for lab, n in zip(labels, counts)], dtype=float)
+    return float(np.mean(np.asarray(similarities) >= thresholds))
