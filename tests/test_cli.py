@@ -42,10 +42,11 @@ def test_predict_json_schema(reg, capsys, photos, corrupt_jpeg):
     code, out, _ = run(capsys, "predict", reg, photos["chelsea"], corrupt_jpeg, "--top-k", "2", "--json")
     assert code == 1  # one input failed; the others are still answered
     results = json.loads(out)
-    assert [set(r) for r in results] == [{"input", "label", "score", "top_k", "error"}] * 2
+    assert [set(r) for r in results] == [{"input", "label", "score", "similarity", "unknown", "top_k", "error"}] * 2
     good, bad = results
     assert good["label"] == "chelsea" and good["error"] is None and len(good["top_k"]) == 2
-    assert set(good["top_k"][0]) == {"label", "score"} and good["top_k"][0]["score"] == good["score"]
+    assert good["unknown"] is False and good["similarity"] == pytest.approx(1.0, abs=1e-5)  # the registered photo
+    assert set(good["top_k"][0]) == {"label", "score", "similarity"} and good["top_k"][0]["score"] == good["score"]
     assert bad["label"] is None and "broken.jpg" in bad["error"]
 
 
