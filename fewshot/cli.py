@@ -237,6 +237,8 @@ def cmd_evaluate(args) -> int:
         name = Path(args.runs).name
     else:
         protocol = load_protocol(args.protocol)
+        if protocol.unknown_ways:
+            return _evaluate_open_set(args, protocol, encoder, head)
         result = evaluate_protocol(resolve_dataset(args.data, protocol), protocol, encoder, head=head,
                                    episodes=args.episodes, seed=args.seed, cache=_cache(args),
                                    save_episodes=args.save_episodes, replay=args.replay)
@@ -247,6 +249,24 @@ def cmd_evaluate(args) -> int:
     else:
         print(result.summary())
         print(f"wrote {paths['json']}, {paths['episodes']} and {paths['confusion']}")
+    return 0
+
+
+def _evaluate_open_set(args, protocol, encoder, head) -> int:
+    from .workflows import evaluate_open_set_protocol, resolve_dataset
+
+    if args.save_episodes or args.replay:
+        raise UsageError("--save-episodes and --replay are for closed-set protocols; an open-set protocol "
+                         "replays exactly from its seed")
+    result = evaluate_open_set_protocol(resolve_dataset(args.data, protocol), protocol, encoder, head=head,
+                                        episodes=args.episodes, seed=args.seed, target_tpr=args.target_tpr,
+                                        cache=_cache(args))
+    paths = result.save(Path(args.out) if args.out else Path("evaluation") / protocol.name)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.summary())
+        print(f"wrote {paths['json']}, {paths['roc']} and {paths['reliability']}")
     return 0
 
 
@@ -452,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override the protocol's seed")
     p.add_argument("--save-episodes", metavar="FILE", help="write the sampled episodes to a manifest")
     p.add_argument("--replay", metavar="FILE", help="evaluate the episodes of a manifest instead of sampling")
+    p.add_argument("--target-tpr", type=float, help="open-set protocols: share of known queries the fitted "
+                   "threshold should keep (default 0.95)")
     p.add_argument("--out", help="folder for result.json, episodes.csv, confusion.png "
                                  "(default evaluation/<protocol>)")
     p.add_argument("--json", action="store_true")
