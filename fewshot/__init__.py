@@ -13,10 +13,12 @@ from .encoders import DEFAULT_ENCODER, Embeddings, Encoder, create_encoder
 from .episodes import (
     Episode,
     EpisodeSampler,
+    OpenSetEpisode,
     Protocol,
     load_episodes,
     load_fixed_runs,
     load_protocol,
+    sample_open_set,
     save_episodes,
     write_fixed_runs,
 )
@@ -36,6 +38,8 @@ from .errors import (
 from .evaluate import EvaluationResult, evaluate_batch, evaluate_episodes
 from .heads import Head, available_heads, create_head, load_head, save_head
 from .images import expand_inputs, load_image, load_images
+from .openset import Calibration, calibrate, fit_calibration
+from .openset_evaluate import OpenSetResult, evaluate_open_set
 from .registry import Registry, SearchResult
 from .train import TrainResult, train_head
 
@@ -46,6 +50,7 @@ __all__ = [
     "Embeddings",
     "Encoder",
     "EncoderMismatchError",
+    "Calibration",
     "Episode",
     "EpisodeSampler",
     "EvaluationResult",
@@ -55,6 +60,8 @@ __all__ = [
     "HeadFormatError",
     "ImageDataset",
     "ImageError",
+    "OpenSetEpisode",
+    "OpenSetResult",
     "Prediction",
     "Protocol",
     "RegisterReport",
@@ -69,11 +76,14 @@ __all__ = [
     "WeightsError",
     "__version__",
     "available_heads",
+    "calibrate",
     "create_encoder",
     "create_head",
     "evaluate_batch",
     "evaluate_episodes",
+    "evaluate_open_set",
     "expand_inputs",
+    "fit_calibration",
     "load_dataset",
     "load_episodes",
     "load_fixed_runs",
@@ -81,6 +91,7 @@ __all__ = [
     "load_image",
     "load_images",
     "load_protocol",
+    "sample_open_set",
     "save_episodes",
     "save_head",
     "split_by_class",

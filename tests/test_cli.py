@@ -99,3 +99,21 @@ def test_console_script_runs_and_debug_shows_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr
     done = subprocess.run([sys.executable, "-m", "fewshot", "info"], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "efficientnet_lite0" in done.stdout and "torch threads" in done.stdout
+
+
+def test_evaluate_open_set_protocol_reports_metrics_and_plots(tmp_path, capsys, caltech_subset):
+    protocol = tmp_path / "open.toml"
+    protocol.write_text('# open set on the test subset\nname = "open"\ndescription = "open set"\nways = 3\n'
+                        'shots = 2\nqueries = 3\nunknown_ways = 3\nepisodes = 20\n')
+    out = tmp_path / "result"
+    code, text, _ = run(capsys, "evaluate", "--data", caltech_subset, "--protocol", protocol, "--out", out, "--json")
+    assert code == 0
+    result = json.loads(text)
+    assert result["open_set"] is True and result["unknown_ways"] == 3 and result["episodes"] == 20
+    assert {"auroc", "fpr_at_95tpr", "precision_at_90recall", "closed_set_accuracy", "open_set_accuracy",
+            "expected_calibration_error"} <= set(result)
+    assert set(result["auroc"]) == {"mean", "ci95"}
+    assert json.loads((out / "result.json").read_text()) == result
+    assert (out / "roc.png").stat().st_size > 0 and (out / "reliability.png").stat().st_size > 0
+    code, _, err = run(capsys, "evaluate", "--data", caltech_subset, "--protocol", protocol, "--replay", "x.json")
+    assert code == 2 and "replays exactly from its seed" in err
