@@ -9,6 +9,7 @@ the threshold the registry fitted for its nearest class (``fewshot.openset``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ class FewShotClassifier:
         self._registry: Registry | None = None
         self._cache: EmbeddingCache | None = None
         self._calibration: Calibration | None = None
+        self._refit_later = False
 
     # -- lazily built parts ---------------------------------------------------------------------
     @property
@@ -190,9 +192,8 @@ class FewShotClassifier:
             raise ImageError(f"none of the {len(result.errors)} images for class {label!r} could be used:\n  "
                              + "\n  ".join(failures))
         self._store_settings()
-        with self.registry_.batch():  # one save (opened registries) with the refitted calibration
+        with self._change():
             self.registry_.add(label, result.vectors[result.ok])
-            self.recalibrate()
         return RegisterReport(label=label, added=int(result.ok.sum()), total=self.registry_.count(label),
                               errors=failures)
 
@@ -208,20 +209,35 @@ class FewShotClassifier:
             except ValueError:
                 raise ValueError(f"{Path(root) / label}: the folder name {label!r} cannot be a class label "
                                  "(not valid Unicode text); rename the folder") from None
-        with self.registry_.batch():
-            return [self.register(label, paths) for label, paths in folders.items()]
+        with self._change():
+            self._refit_later = True  # one refit for the whole folder, not one per class
+            try:
+                return [self.register(label, paths) for label, paths in folders.items()]
+            finally:
+                self._refit_later = False
 
     def remove(self, label: str) -> None:
         self._store_settings()
-        with self.registry_.batch():
+        with self._change():
             self.registry_.remove(label)
-            self.recalibrate()
 
     def rename(self, old: str, new: str) -> None:
         self._store_settings()
-        with self.registry_.batch():
+        with self._change():
             self.registry_.rename(old, new)
-            self.recalibrate()
+
+    @contextlib.contextmanager
+    def _change(self):
+        """A change to the registry and the refit of its unknown threshold, saved together once (opened
+        registries); if it fails, the fit is re-read from the registry when next needed."""
+        try:
+            with self.registry_.batch():
+                yield
+                if not self._refit_later:
+                    self.recalibrate()
+        except BaseException:
+            self._calibration = None
+            raise
 
     def recalibrate(self, target_tpr: float | None = None) -> Calibration:
         """Refit the unknown thresholds and temperature from the registry's examples (done

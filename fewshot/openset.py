@@ -44,7 +44,8 @@ METADATA_KEY = "unknown"
 # different classes' 1-shot prototypes that keeps it (24 Caltech classes, 10- and 24-way registries,
 # 20 draws each: ``benchmarks/openset.py --tune``, which also tests it on the other 27 classes).
 CROSS_CLASS_QUANTILE = ((0.50, 0.9968), (0.80, 0.9872), (0.90, 0.9756), (0.95, 0.9601), (0.99, 0.9004))
-_TEMPERATURES = np.geomspace(1e-3, 10.0, 161)
+MAX_TEMPERATURE_ROWS = 1000  # held-out examples the temperature is fitted on
+SOFTMAX_CANDIDATES = 100  # as FewShotClassifier: probabilities over the 100 nearest classes
 
 
 @dataclass(frozen=True)
@@ -130,39 +131,49 @@ def _quantile(values: np.ndarray, target_tpr: float) -> float:
     return float(np.quantile(values, 1.0 - target_tpr))
 
 
-def fit_temperature(examples_by_class: list[np.ndarray], metric: str = "cosine") -> float | None:
+def fit_temperature(examples_by_class: list[np.ndarray], metric: str = "cosine", *, seed: int = 0) -> float | None:
     """The softmax temperature that minimises the held-out negative log likelihood (leave-one-out over
-    the classes' examples against every prototype); None when no class has two examples."""
+    the classes' examples against every prototype); None when no class has two examples.
+
+    As in prediction, probabilities are normalised over the ``SOFTMAX_CANDIDATES`` nearest classes; at
+    most ``MAX_TEMPERATURE_ROWS`` held-out examples (a seeded sample) are used."""
     if metric == "cosine":
         examples_by_class = [_unit(e) for e in examples_by_class]
+    owners = [c for c, e in enumerate(examples_by_class) if len(e) >= 2]
+    if not owners:
+        return None
+    rows = [(c, j) for c in owners for j in range(len(examples_by_class[c]))]
+    if len(rows) > MAX_TEMPERATURE_ROWS:
+        picked = np.random.default_rng(seed).choice(len(rows), MAX_TEMPERATURE_ROWS, replace=False)
+        rows = [rows[i] for i in np.sort(picked)]
     prototypes = np.stack([e.mean(axis=0) for e in examples_by_class])
     if metric == "cosine":
         prototypes = _unit(prototypes)
-    rows = []
-    for c, examples in enumerate(examples_by_class):
-        n = len(examples)
-        if n < 2:
-            continue
-        others = (examples.sum(axis=0) - examples) / (n - 1)
-        if metric == "cosine":
-            logits = examples @ prototypes.T
-            logits[:, c] = np.einsum("nd,nd->n", examples, _unit(others))
-        else:
-            logits = -((examples[:, None, :] - prototypes[None]) ** 2).sum(axis=2)
-            logits[:, c] = -((examples - others) ** 2).sum(axis=1)
-        rows.append((logits, c))
-    if not rows:
-        return None
-    logits = np.concatenate([r for r, _ in rows])
-    truth = np.concatenate([np.full(len(r), c) for r, c in rows])
-    best, best_nll = None, np.inf
-    for temperature in _TEMPERATURES:
+    queries = np.stack([examples_by_class[c][j] for c, j in rows])
+    own = np.stack([np.delete(examples_by_class[c], j, axis=0).mean(axis=0) for c, j in rows])
+    truth = np.array([c for c, _ in rows])
+    if metric == "cosine":
+        logits = queries @ prototypes.T
+        logits[np.arange(len(rows)), truth] = np.einsum("nd,nd->n", queries, _unit(own))
+    else:
+        logits = 2 * queries @ prototypes.T - (prototypes**2).sum(axis=1) - (queries**2).sum(axis=1)[:, None]
+        logits[np.arange(len(rows)), truth] = -((queries - own) ** 2).sum(axis=1)
+    true_logit = logits[np.arange(len(rows)), truth]
+    if logits.shape[1] > SOFTMAX_CANDIDATES:  # the nearest classes; the true one replaces the last if not among them
+        logits = -np.partition(-logits, SOFTMAX_CANDIDATES - 1, axis=1)[:, :SOFTMAX_CANDIDATES]
+        last = logits.argmin(axis=1)
+        missing = true_logit < logits[np.arange(len(rows)), last]
+        logits[np.flatnonzero(missing), last[missing]] = true_logit[missing]
+
+    def nll(temperature: float) -> float:
         scaled = logits / temperature
-        scaled -= scaled.max(axis=1, keepdims=True)
-        nll = np.mean(np.log(np.exp(scaled).sum(axis=1)) - scaled[np.arange(len(truth)), truth])
-        if nll < best_nll:
-            best, best_nll = float(temperature), nll
-    return best
+        top = scaled.max(axis=1)
+        return float(np.mean(np.log(np.exp(scaled - top[:, None]).sum(axis=1)) + top - true_logit / temperature))
+
+    coarse = np.geomspace(1e-3, 10.0, 41)  # then a finer grid around the best coarse point
+    best = coarse[int(np.argmin([nll(t) for t in coarse]))]
+    fine = np.geomspace(best / 1.26, best * 1.26, 21)
+    return float(fine[int(np.argmin([nll(t) for t in fine]))])
 
 
 def fit_calibration(labels: list[str], examples_by_class: list[np.ndarray], metric: str = "cosine",

@@ -163,3 +163,23 @@ def test_cli_calibrate_with_target_and_background(tmp_path, capsys, caltech_subs
 def test_calibration_round_trips_through_a_dict():
     c = Calibration(0.9, 0.5, 0.4, {"a": 0.6}, 0.05, "leave-one-out", "x", 0.1)
     assert Calibration.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_l2_registries_calibrate_on_negative_squared_distances():
+    rng = np.random.default_rng(2)
+    reg = Registry(8, metric="l2", store_examples=True)
+    for label, centre in zip("abcd", 5 * rng.normal(size=(4, 8))):
+        reg.add(label, centre + rng.normal(size=(6, 8)))
+    fitted = calibrate(reg)
+    assert fitted.method == "leave-one-out" and fitted.threshold < 0 and fitted.temperature > 0
+    # A fresh example of class "a" is accepted, a point far from every class is not.
+    near = reg.search(reg.examples("a").mean(axis=0) + 0.1, 1).scores[0, 0]
+    far = reg.search(np.full(8, 100.0), 1).scores[0, 0]
+    assert near >= fitted.threshold > far
+
+
+def test_temperature_fit_on_a_large_registry_is_bounded():
+    rng = np.random.default_rng(3)
+    examples = [c + 0.5 * rng.normal(size=(3, 32)) for c in rng.normal(size=(300, 32))]
+    fitted = fit_calibration([str(i) for i in range(300)], examples)
+    assert 1e-3 <= fitted.temperature <= 10.0
