@@ -13,14 +13,16 @@ the registry's own examples, with no extra data:
 * classes with 2+ examples: leave-one-out. Example j of a class is a stand-in for a new query of that
   class; its similarity to the mean of the class's other examples, rescaled to the full prototype
   (cosine: divided by the norm of the mean of all unit examples; L2: the squared distance scaled by
-  (n+1)(n-1)/n^2), estimates the score a new photo of the class will get. The thresholds are quantiles
-  of these estimates: per class where a class has ``PER_CLASS_MIN_EXAMPLES`` or more, pooled otherwise.
+  (n+1)(n-1)/n^2), estimates the score a new photo of the class will get. The thresholds are lower
+  prediction bounds of these estimates (an order statistic, or a normal bound when there are few):
+  per class where a class has ``PER_CLASS_MIN_EXAMPLES`` or more, pooled otherwise.
 * classes with 1 example: similarities between pairs of examples of the same class (classes with 2+),
   which is exactly a 1-shot known score.
-* a registry with no class of 2+ examples (or no stored examples): a quantile of the similarities
-  between different classes' prototypes, at the level (``CROSS_CLASS_QUANTILE``) that kept the target
-  share of known queries on Caltech classes held out from every other figure here. This one is a prior
-  learnt from photos of objects: register a second example of a few classes to replace it.
+* too few of those (``MIN_FIT_SCORES``), e.g. a registry with no class of 2+ examples or without
+  stored examples: a quantile of the similarities between different classes' prototypes, at the level
+  (``CROSS_CLASS_QUANTILE``) that kept the target share of known queries on 24 Caltech classes
+  (``benchmarks/openset.py --tune``, which tests it on the other 27). This one is a prior learnt from
+  photos of objects: register a second example of a few classes to replace it with a fit of your own.
 
 The softmax temperature is fitted by the same leave-one-out: the one that minimises the negative log
 likelihood of each held-out example's true class. The fit is stored in the registry's metadata (so it
@@ -32,12 +34,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from statistics import NormalDist
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 DEFAULT_TARGET_TPR = 0.95
 PER_CLASS_MIN_EXAMPLES = 20  # a class's own 5% quantile needs about this many leave-one-out scores
+MIN_FIT_SCORES = 3  # fewer leave-one-out (or same-class pair) scores than this: the prior is used instead
 MAX_CALIBRATION_CLASSES = 2000  # bigger registries are calibrated on a seeded sample of classes
 METADATA_KEY = "unknown"
 # Cross-class fallback: target share of known queries kept -> quantile of the similarities between
@@ -128,7 +132,24 @@ def _cross_class_quantile(target_tpr: float) -> float:
 
 
 def _quantile(values: np.ndarray, target_tpr: float) -> float:
-    return float(np.quantile(values, 1.0 - target_tpr))
+    """A threshold that a new value from the same distribution clears with probability ``target_tpr``.
+
+    With enough values, the order statistic at rank (n+1)(1-target) (exact whatever the distribution);
+    with fewer (e.g. 10 leave-one-out scores: the plain 5% quantile would keep only ~87%), the normal
+    prediction bound mean - t(n-1) * sd * sqrt(1 + 1/n)."""
+    n = len(values)
+    if n >= 2 / (1.0 - target_tpr):
+        return float(np.quantile(values, 1.0 - target_tpr, method="weibull"))
+    if n < 2:
+        return float(np.min(values))
+    bound = np.mean(values) - _student_t(target_tpr, n - 1) * np.std(values, ddof=1) * np.sqrt(1 + 1 / n)
+    return float(bound)
+
+
+def _student_t(p: float, dof: int) -> float:
+    """Student t quantile (Cornish-Fisher expansion around the normal's; within 1% for dof >= 5)."""
+    z = NormalDist().inv_cdf(p)
+    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
 
 
 def fit_temperature(examples_by_class: list[np.ndarray], metric: str = "cosine", *, seed: int = 0) -> float | None:
@@ -182,21 +203,27 @@ def fit_calibration(labels: list[str], examples_by_class: list[np.ndarray], metr
     """Fit thresholds and temperature from each class's example embeddings (``examples_by_class[i]``
     belongs to ``labels[i]``; pass empty arrays and ``prototypes`` where only prototypes are known)."""
     check_target(target_tpr)
+    if prototypes is None and examples_by_class:
+        prototypes = np.stack([e.mean(axis=0) for e in examples_by_class])
+    prior = _cross_class_threshold(prototypes, metric, target_tpr)
     loo = [leave_one_out_scores(e, metric) for e in examples_by_class]
     pooled = np.concatenate(loo) if loo else np.zeros(0)
-    if len(pooled):
-        pairs = np.concatenate([pairwise_scores(e, metric) for e in examples_by_class])
-        per_class = {label: _quantile(s, target_tpr) for label, s, e in zip(labels, loo, examples_by_class)
-                     if len(e) >= PER_CLASS_MIN_EXAMPLES}
-        return Calibration(target_tpr, _quantile(pooled, target_tpr), _quantile(pairs, target_tpr), per_class,
-                           fit_temperature(examples_by_class, metric), "leave-one-out", signature)
-    if prototypes is None:
-        prototypes = np.stack([e.mean(axis=0) for e in examples_by_class]) if examples_by_class else None
+    if len(pooled) < MIN_FIT_SCORES:
+        return Calibration(target_tpr, prior, prior, method="cross-class" if prior is not None else "none",
+                           signature=signature)
+    pairs = np.concatenate([pairwise_scores(e, metric) for e in examples_by_class])
+    one_shot = _quantile(pairs, target_tpr) if len(pairs) >= MIN_FIT_SCORES else prior
+    per_class = {label: _quantile(s, target_tpr) for label, s, e in zip(labels, loo, examples_by_class)
+                 if len(e) >= PER_CLASS_MIN_EXAMPLES}
+    return Calibration(target_tpr, _quantile(pooled, target_tpr), one_shot, per_class,
+                       fit_temperature(examples_by_class, metric), "leave-one-out", signature)
+
+
+def _cross_class_threshold(prototypes: np.ndarray | None, metric: str, target_tpr: float) -> float | None:
+    """The 1-shot prior: a quantile of the similarities between different classes' prototypes."""
     if prototypes is None or len(prototypes) < 2:
-        return Calibration(target_tpr, None, None, signature=signature)
-    cross = cross_class_scores(prototypes, metric)
-    threshold = float(np.quantile(cross, _cross_class_quantile(target_tpr)))
-    return Calibration(target_tpr, threshold, threshold, method="cross-class", signature=signature)
+        return None
+    return float(np.quantile(cross_class_scores(prototypes, metric), _cross_class_quantile(target_tpr)))
 
 
 def check_target(target_tpr: float) -> float:
