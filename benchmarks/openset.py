@@ -9,7 +9,8 @@ score variant it prints, as mean ± 95% CI over seeds: AUROC, FPR@95TPR (share o
 at the threshold that keeps 95% of known queries), closed-set accuracy on the known queries, and for
 the score fewshot uses, the share of known queries kept by the threshold fitted from the 25 classes'
 own photos (target 95%) and the share of unknowns it accepts. Baselines in the same run: today's
-softmax probability and plain top-1 cosine similarity. Then the same operating point on classes never
+softmax probability and plain top-1 cosine similarity. Then the known queries the fitted threshold
+keeps for 5/10/25 registered classes at 1/2/5/10 shots, the same operating point on classes never
 used to fit the 1-shot fallback (``fewshot.openset.CROSS_CLASS_QUANTILE``; ``--tune`` re-derives that
 table on the other classes), the calibration error of the probabilities at the default and the fitted
 temperature, and an ROC plot (benchmarks/results/openset_roc.png).
@@ -175,6 +176,25 @@ def run_table(x, y, classes, pool, n_known, seeds, queries, shots_list, label, p
         plot_roc(curves, plot_to)
 
 
+def operating_point_grid(x, y, classes, seeds: int, queries: int) -> None:
+    """Known queries kept by the fitted threshold (target 95%) across registry sizes and shots."""
+    print("\n## Known queries kept by the fitted threshold (target 95%), by registered classes and shots")
+    print("| shots | 5 classes | 10 classes | 25 classes |")
+    print("|---|---|---|---|")
+    everything = list(range(len(classes)))
+    for shots in (1, 2, 5, 10):
+        cells = []
+        for ways in (5, 10, 25):
+            kept = []
+            for seed in range(seeds * (25 // ways)):  # as many known queries per cell
+                rng = np.random.default_rng(1000 + seed)
+                known, _ = split(classes, everything, ways, rng)
+                support, known_q, _, _ = episode(y, known, [], shots, queries, rng)
+                kept.append(fitted_operating_point(x, support, known_q, known_q[:1])[0])
+            cells.append(f"{np.mean(kept):.1%} ± {ci95(kept):.1%}")
+        print(f"| {shots} | " + " | ".join(cells) + " |")
+
+
 def plot_roc(curves: dict, path: Path) -> None:
     import matplotlib
 
@@ -237,6 +257,7 @@ def main() -> None:
     everything = list(range(len(classes)))
     run_table(x, y, classes, everything, 25, args.seeds, args.queries, (1, 5),
               "25 registered + 25 unregistered classes", plot_to=ROOT / "benchmarks" / "results" / "openset_roc.png")
+    operating_point_grid(x, y, classes, args.seeds, args.queries)
     tuning, testing = tuning_split(classes)
     run_table(x, y, classes, testing, 13, args.seeds, args.queries, (1,),
               f"1-shot on the {len(testing)} classes never used to fit the fallback (13 registered + "

@@ -128,7 +128,7 @@ def cmd_rename(args) -> int:
 def cmd_calibrate(args) -> int:
     """Refit the registry's unknown thresholds (optionally for another target), and measure them on a
     folder of background images (photos of things that are none of the classes) if given."""
-    from .openset import accepted_share, calibrate
+    from .openset import METADATA_KEY, accepted_share, calibrate
 
     with _open_registry(args) as registry:
         if not len(registry):
@@ -144,12 +144,10 @@ def cmd_calibrate(args) -> int:
             share = accepted_share(calibration, [p.similarity for p in found], [p.top_k[0][0] for p in found],
                                    [registry.count(p.top_k[0][0]) for p in found])
             calibration = dataclasses.replace(calibration, background_accepted=share)
-            registry.metadata["unknown"] = calibration.to_dict()
+            registry.metadata[METADATA_KEY] = calibration.to_dict()
         registry.save(args.registry)
-    summary = calibration.to_dict()
-    summary["per_class"] = len(calibration.per_class)
     if args.json:
-        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        print(json.dumps(calibration.to_dict(), indent=2, ensure_ascii=False))
     else:
         print(_format_calibration(calibration))
     return 0
@@ -163,8 +161,8 @@ def _format_calibration(c) -> str:
              f"{number(c.threshold)} (classes with 2+ examples), {number(c.one_shot_threshold)} (1 example), "
              f"{len(c.per_class)} per-class threshold(s); temperature {number(c.temperature)}"]
     if c.method == "cross-class":
-        lines.append("no class has 2 examples: the threshold is a prior from other photos; add a second "
-                     "example to a few classes for a threshold fitted to yours")
+        lines.append("too few classes have 2+ examples: the threshold is a prior learnt from other photos; "
+                     "add a second example to a few classes for a threshold fitted to yours")
     if c.background_accepted is not None:
         lines.append(f"background images accepted as known: {c.background_accepted:.1%}")
     return "\n".join(lines)
