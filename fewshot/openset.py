@@ -274,7 +274,21 @@ def stored_calibration(registry) -> Calibration | None:
         calibration = Calibration.from_dict(saved)
     except TypeError:
         return None
+    if not _well_formed(calibration):  # e.g. edited by hand: refit rather than trust it
+        return None
     return calibration if calibration.signature == registry_signature(registry) else None
+
+
+def _well_formed(c: Calibration) -> bool:
+    def number(x, optional=True):
+        return (x is None and optional) or (isinstance(x, (int, float)) and not isinstance(x, bool)
+                                            and np.isfinite(x))
+
+    positive_or_none = c.temperature is None or (number(c.temperature) and c.temperature > 0)
+    return (number(c.target_tpr, optional=False) and 0.5 <= c.target_tpr < 1.0 and number(c.threshold)
+            and number(c.one_shot_threshold) and positive_or_none
+            and isinstance(c.per_class, dict) and all(number(v, optional=False) for v in c.per_class.values())
+            and isinstance(c.signature, str) and number(c.background_accepted))
 
 
 def current_calibration(registry) -> Calibration:
