@@ -261,8 +261,13 @@ def calibrate(registry, target_tpr: float | None = None, *, seed: int = 0) -> Ca
 
 
 def stored_target(registry) -> float:
+    """The target of the registry's last calibration (a malformed one is ignored), else the default."""
     saved = registry.metadata.get(METADATA_KEY)
-    return float(saved["target_tpr"]) if isinstance(saved, dict) and "target_tpr" in saved else DEFAULT_TARGET_TPR
+    target = saved.get("target_tpr") if isinstance(saved, dict) else None
+    try:
+        return check_target(target)
+    except ValueError:
+        return DEFAULT_TARGET_TPR
 
 
 def stored_calibration(registry) -> Calibration | None:

@@ -183,3 +183,15 @@ def test_temperature_fit_on_a_large_registry_is_bounded():
     examples = [c + 0.5 * rng.normal(size=(3, 32)) for c in rng.normal(size=(300, 32))]
     fitted = fit_calibration([str(i) for i in range(300)], examples)
     assert 1e-3 <= fitted.temperature <= 10.0
+
+
+def test_a_malformed_stored_fit_is_refitted_not_trusted():
+    reg = Registry(8, store_examples=True)
+    rng = np.random.default_rng(4)
+    for label in "abc":
+        reg.add(label, rng.normal(size=(3, 8)))
+    good = calibrate(reg)
+    for bad in ({"threshold": "0.5"}, {"per_class": {"a": None}}, {"temperature": -1.0}, {"target_tpr": 2.0}):
+        reg.metadata["unknown"] = {**good.to_dict(), **bad}
+        assert stored_calibration(reg) is None
+        assert current_calibration(reg) == good  # refitted from the examples
