@@ -172,7 +172,8 @@ def test_hostile_labels_are_data_never_paths(tmp_path, encoder, photos, monkeypa
                 clf.register(bad, photos["coins"])
     assert Registry.load(path).classes == HOSTILE_LABELS
     assert sorted(os.listdir(tmp_path)) == ["deep"] and os.listdir(tmp_path / "deep") == ["reg"]
-    assert all(n.startswith((".fewshot-", "manifest", "prototypes-", "index-")) for n in os.listdir(path))
+    assert all(n.startswith((".fewshot-", "manifest", "prototypes-", "index-", "examples-", "example_class_ids-"))
+               for n in os.listdir(path))  # examples are stored by default (the unknown threshold's data)
 
 
 def test_cli_folder_names_become_labels_safely(tmp_path, capsys, photos):
