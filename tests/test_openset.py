@@ -10,7 +10,7 @@ import pytest
 from fewshot import FewShotClassifier
 from fewshot.cli import main
 from fewshot.openset import (PER_CLASS_MIN_EXAMPLES, Calibration, calibrate, current_calibration, fit_calibration,
-                             leave_one_out_scores, stored_calibration)
+                             fit_temperature, leave_one_out_scores, stored_calibration)
 from fewshot.registry import Registry
 
 
@@ -195,3 +195,16 @@ def test_a_malformed_stored_fit_is_refitted_not_trusted():
         reg.metadata["unknown"] = {**good.to_dict(), **bad}
         assert stored_calibration(reg) is None
         assert current_calibration(reg) == good  # refitted from the examples
+
+
+def test_temperature_stays_honest_when_every_held_out_example_is_named_right():
+    rng = np.random.default_rng(5)
+    examples = [c + 0.05 * rng.normal(size=(3, 16)) for c in 3 * np.eye(16)[:5]]  # far apart: all right
+    temperature = fit_temperature(examples)
+    x = np.concatenate([e / np.linalg.norm(e, axis=1, keepdims=True) for e in examples])
+    prototypes = np.stack([e.mean(0) / np.linalg.norm(e.mean(0)) for e in examples])
+    logits = x @ prototypes.T / temperature
+    top = np.exp(logits - logits.max(1, keepdims=True))
+    confidence = (1 / top.sum(1)).mean()
+    # 15 of 15 right: Jeffreys' 15.5/16, not the certainty a likelihood fit would claim.
+    assert confidence == pytest.approx(15.5 / 16, abs=0.01)
