@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from statistics import NormalDist
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 
