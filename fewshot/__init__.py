@@ -13,10 +13,12 @@ from .encoders import DEFAULT_ENCODER, Embeddings, Encoder, create_encoder
 from .episodes import (
     Episode,
     EpisodeSampler,
+    OpenSetEpisode,
     Protocol,
     load_episodes,
     load_fixed_runs,
     load_protocol,
+    sample_open_set,
     save_episodes,
     write_fixed_runs,
 )
@@ -37,6 +39,8 @@ from .evaluate import EvaluationResult, evaluate_batch, evaluate_episodes
 from .heads import Head, available_heads, create_head, load_head, save_head
 from .images import expand_inputs, load_image, load_images
 from .hygiene import Finding
+from .openset import Calibration, calibrate, fit_calibration
+from .openset_evaluate import OpenSetResult, evaluate_open_set
 from .registry import ExampleSource, Registry, SearchResult
 from .train import TrainResult, train_head
 
@@ -47,6 +51,7 @@ __all__ = [
     "Embeddings",
     "Encoder",
     "EncoderMismatchError",
+    "Calibration",
     "Episode",
     "ExampleSource",
     "EpisodeSampler",
@@ -59,6 +64,8 @@ __all__ = [
     "ImageDataset",
     "ImageError",
     "Neighbour",
+    "OpenSetEpisode",
+    "OpenSetResult",
     "Prediction",
     "Protocol",
     "RegisterReport",
@@ -73,11 +80,14 @@ __all__ = [
     "WeightsError",
     "__version__",
     "available_heads",
+    "calibrate",
     "create_encoder",
     "create_head",
     "evaluate_batch",
     "evaluate_episodes",
+    "evaluate_open_set",
     "expand_inputs",
+    "fit_calibration",
     "load_dataset",
     "load_episodes",
     "load_fixed_runs",
@@ -85,6 +95,7 @@ __all__ = [
     "load_image",
     "load_images",
     "load_protocol",
+    "sample_open_set",
     "save_episodes",
     "save_head",
     "split_by_class",

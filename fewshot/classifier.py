@@ -3,10 +3,14 @@
 Two phases, as in few-shot learning: register classes from a few support images (no training),
 then predict queries by their nearest class prototypes. Scores are probabilities: a softmax over
 the negative distances (cosine: similarities) to the nearest prototypes, divided by a temperature.
+Each prediction also reports the similarity itself, and is "unknown" when that similarity is below
+the threshold the registry fitted for its nearest class (``fewshot.openset``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -21,6 +25,7 @@ from .errors import EncoderMismatchError, ImageError, RegistryFormatError, Weigh
 from .data import class_folders
 from .heads import Head, load_head, save_head
 from .hygiene import Finding, diagnose, duplicate_images, likely_mislabelled, near_duplicate_classes
+from .openset import Calibration, calibrate, current_calibration
 from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, _check_label, _lock_dir
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
@@ -46,21 +51,31 @@ class Neighbour:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The answer for one input. ``label`` is None for an error or an "unknown" below the threshold."""
+    """The answer for one input. ``label`` is None for an error or an "unknown" below the threshold.
+
+    ``score``: top-1 probability. ``similarity``: top-1 similarity (cosine, or negative squared L2),
+    which the unknown decision rests on. ``top_k``: (label, probability) pairs, best first, with
+    ``similarities`` their similarities in the same order. ``unknown``: the nearest class was not
+    close enough (``label`` is then None; ``top_k`` still names the nearest classes)."""
 
     label: str | None
     score: float | None
     top_k: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
     input: str = ""
+    similarity: float | None = None
+    unknown: bool = False
+    similarities: list[float] = field(default_factory=list)
     # predict(..., explain=n): the n registered examples nearest to the input among its top-k classes
     # ([] where the registry stores no examples); None when not asked for.
     neighbours: list[Neighbour] | None = None
 
     def to_dict(self) -> dict:
-        return {"input": self.input, "label": self.label, "score": self.score,
-                "top_k": [{"label": lab, "score": s} for lab, s in self.top_k], "error": self.error,
-                } | self._neighbours_dict()
+        """The JSON shape of a prediction (CLI and HTTP service print this)."""
+        top_k = [{"label": lab, "score": s, "similarity": sim}
+                 for (lab, s), sim in zip(self.top_k, self.similarities or [None] * len(self.top_k))]
+        return {"input": self.input, "label": self.label, "score": self.score, "similarity": self.similarity,
+                "unknown": self.unknown, "top_k": top_k, "error": self.error} | self._neighbours_dict()
 
     def _neighbours_dict(self) -> dict:
         return {} if self.neighbours is None else {"neighbours": [asdict(n) for n in self.neighbours]}
@@ -90,15 +105,18 @@ class FewShotClassifier:
     encoder it was trained on, then mapped by the head; the head's metric is used.
     index: "auto" (exact search while the registry is small, an approximate index with exact
     re-scoring once it is large; see ``Registry``) or a FAISS factory string ("Flat" is always exact).
-    temperature: softmax temperature (default per metric). unknown_threshold: below this top-1 probability, the label
-    is None ("unknown"). store_examples: keep every example embedding, not only prototypes.
+    temperature: softmax temperature (default: fitted by the registry's self-calibration, else per metric).
+    unknown: answer "unknown" (label None) when the top-1 similarity is below the threshold the registry
+    fitted for that class (on by default; see ``fewshot.openset``). unknown_threshold: a similarity
+    threshold for every class instead of the fitted ones. store_examples: keep every example embedding,
+    not only prototypes (on by default: the unknown threshold is fitted from them).
     cache: True (default location), a path, or False for no embedding cache.
     """
 
     def __init__(self, encoder: str | Encoder = DEFAULT_ENCODER, *, weights: str | os.PathLike | None = None,
                  stages=None, head: str | os.PathLike | Head | None = None, metric: str = "cosine",
                  index: str = "auto", temperature: float | None = None, unknown_threshold: float | None = None,
-                 store_examples: bool = False, cache: bool | str | os.PathLike = True,
+                 unknown: bool = True, store_examples: bool = True, cache: bool | str | os.PathLike = True,
                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None):
         _check_settings(metric, temperature, unknown_threshold)  # now, not at the first predict
         self.encoder = encoder
@@ -109,6 +127,7 @@ class FewShotClassifier:
         self.index = index
         self.temperature = temperature
         self.unknown_threshold = unknown_threshold
+        self.unknown = unknown
         self.store_examples = store_examples
         self.cache = cache
         self.batch_size = batch_size
@@ -118,6 +137,8 @@ class FewShotClassifier:
         self._registry: Registry | None = None
         self._cache: EmbeddingCache | None = None
         self._head_files: dict[str, bytes] | None = None  # the head's saved files, copied into registries
+        self._calibration: Calibration | None = None
+        self._refit_later = False
 
     # -- lazily built parts ---------------------------------------------------------------------
     @property
@@ -207,7 +228,8 @@ class FewShotClassifier:
         if keep:  # all skipped: the class already holds every one of these images
             is_new = label not in self.registry_
             vectors, kept = result.vectors[ok[keep]], [sources[i] for i in keep]
-            self.registry_.add(label, vectors, sources=kept)
+            with self._change():
+                self.registry_.add(label, vectors, sources=kept)
             warnings += [f.message for f in self._registration_findings(label, vectors, kept, is_new)]
         return RegisterReport(label=label, added=len(keep), total=self.registry_.count(label),
                               errors=failures, warnings=warnings)
@@ -252,16 +274,49 @@ class FewShotClassifier:
             except ValueError:
                 raise ValueError(f"{Path(root) / label}: the folder name {label!r} cannot be a class label "
                                  "(not valid Unicode text); rename the folder") from None
-        with self.registry_.batch():
-            return [self.register(label, paths) for label, paths in folders.items()]
+        with self._change():
+            self._refit_later = True  # one refit for the whole folder, not one per class
+            try:
+                return [self.register(label, paths) for label, paths in folders.items()]
+            finally:
+                self._refit_later = False
 
     def remove(self, label: str) -> None:
         self._store_settings()
-        self.registry_.remove(label)
+        with self._change():
+            self.registry_.remove(label)
 
     def rename(self, old: str, new: str) -> None:
         self._store_settings()
-        self.registry_.rename(old, new)
+        with self._change():
+            self.registry_.rename(old, new)
+
+    @contextlib.contextmanager
+    def _change(self):
+        """A change to the registry and the refit of its unknown threshold, saved together once (opened
+        registries); if it fails, the fit is re-read from the registry when next needed."""
+        try:
+            with self.registry_.batch():
+                yield
+                if not self._refit_later:
+                    self.recalibrate()
+        except BaseException:
+            self._calibration = None
+            raise
+
+    def recalibrate(self, target_tpr: float | None = None) -> Calibration:
+        """Refit the unknown thresholds and temperature from the registry's examples (done
+        automatically on register / remove / rename); ``target_tpr``: share of known queries to keep
+        (default: the last one used, else 0.95). Stored in the registry's metadata."""
+        self._calibration = calibrate(self.registry_, target_tpr)
+        return self._calibration
+
+    @property
+    def calibration_(self) -> Calibration:
+        """The registry's fitted unknown thresholds and temperature (refitted if out of date)."""
+        if self._calibration is None:
+            self._calibration = current_calibration(self.registry_)
+        return self._calibration
 
     @property
     def classes(self) -> list[str]:
@@ -292,8 +347,7 @@ class FewShotClassifier:
         ok = np.flatnonzero(result.ok)
         if len(ok):
             for row, prediction in zip(ok, self._predict_vectors(result.vectors[ok], top_k)):
-                predictions[row] = Prediction(prediction.label, prediction.score, prediction.top_k,
-                                              input=result.sources[row])
+                predictions[row] = replace(prediction, input=result.sources[row])
         if explain:
             for row in ok:
                 predictions[row] = replace(predictions[row], neighbours=self._neighbours(
@@ -311,18 +365,32 @@ class FewShotClassifier:
         found = self.registry_.search(vectors, n_candidates)
         probabilities = softmax(found.scores / self.temperature_)
         predictions = []
-        for labels, probs in zip(found.labels, probabilities):
+        for labels, probs, sims in zip(found.labels, probabilities, found.scores):
             ranked = [(label, float(p)) for label, p in zip(labels[:top_k], probs[:top_k])]
-            best_label, best_score = ranked[0]
-            if self.unknown_threshold is not None and best_score < self.unknown_threshold:
-                best_label = None
-            predictions.append(Prediction(best_label, best_score, ranked))
+            similarity = float(sims[0])
+            unknown = self.is_unknown(labels[0], similarity)
+            predictions.append(Prediction(None if unknown else labels[0], ranked[0][1], ranked,
+                                          similarity=similarity, unknown=unknown,
+                                          similarities=[float(s) for s in sims[:top_k]]))
         return predictions
+
+    def is_unknown(self, label: str, similarity: float) -> bool:
+        """Whether a query whose nearest class is ``label`` at ``similarity`` is answered "unknown"."""
+        if not self.unknown:
+            return False
+        threshold = self.unknown_threshold
+        if threshold is None:
+            threshold = self.calibration_.threshold_for(label, self.registry_.count(label))
+        return threshold is not None and similarity < threshold
 
     @property
     def temperature_(self) -> float:
         metric = self.head_.metric if self.head_ is not None else self.metric  # a head brings its metric
-        temperature = self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[metric]
+        temperature = self.temperature
+        if temperature is None:
+            temperature = self.calibration_.temperature if self._registry is not None and len(self._registry) else None
+        if temperature is None:
+            temperature = DEFAULT_TEMPERATURE[metric]
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         return float(temperature)
@@ -338,6 +406,7 @@ class FewShotClassifier:
         self.registry_.metadata["classifier"] = {
             "temperature": self.temperature,
             "unknown_threshold": self.unknown_threshold,
+            "unknown": self.unknown,
             "weights": str(Path(self.weights).resolve()) if self.weights else None,
             "head": str(Path(self.head).resolve()) if self.head is not None and not isinstance(self.head, Head)
             else None,
@@ -401,6 +470,7 @@ class FewShotClassifier:
             head = head_from_files(registry.attachments) or _saved_head(fingerprint, saved.get("head"), path)
         options.setdefault("temperature", saved.get("temperature"))
         options.setdefault("unknown_threshold", saved.get("unknown_threshold"))
+        options.setdefault("unknown", saved.get("unknown", True))
         classifier = cls(encoder if isinstance(encoder, Encoder) else DEFAULT_ENCODER, weights=weights, head=head,
                          metric=registry.metric, index=registry.index_factory,
                          store_examples=registry.store_examples, **options)
@@ -448,8 +518,10 @@ def _check_settings(metric, temperature, unknown_threshold) -> None:
     if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a finite number > 0 (or None for the default), got {temperature!r}")
     if unknown_threshold is not None and not (isinstance(unknown_threshold, (int, float))
-                                              and 0 <= unknown_threshold <= 1):
-        raise ValueError(f"unknown_threshold must be a probability in [0, 1] (or None), got {unknown_threshold!r}")
+                                              and not isinstance(unknown_threshold, bool)
+                                              and math.isfinite(unknown_threshold)):
+        raise ValueError(f"unknown_threshold must be a finite similarity (or None for the fitted thresholds), "
+                         f"got {unknown_threshold!r}")
 
 
 def _source_name(name: str) -> str:

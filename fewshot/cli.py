@@ -8,7 +8,9 @@ error. Errors are one line on stderr; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -105,7 +107,9 @@ def cmd_predict(args) -> int:
         raise FewShotError(f"{args.registry} has no classes; add some with "
                            f"`fewshot register {args.registry} --class NAME IMAGES...`")
     if args.threshold is not None:
-        classifier.unknown_threshold = args.threshold  # checked by _probability
+        classifier.unknown_threshold = args.threshold  # checked by _finite_float
+    if args.no_unknown:
+        classifier.unknown = False
     explain = args.neighbours if args.explain else 0
     if explain and not classifier.registry_.store_examples:
         print(f"fewshot: note: {args.registry} does not store examples, so --explain has no neighbours to show; "
@@ -150,7 +154,7 @@ def _refuse_new_registry_options(args, registry) -> None:
     """--metric, --index and --store-examples shape a new registry; an existing one keeps its own."""
     for flag, given, actual in [("--metric", args.metric, registry.metric),
                                 ("--index", args.index, registry.index_factory),
-                                ("--store-examples", args.store_examples or None, registry.store_examples)]:
+                                ("--store-examples", args.store_examples, registry.store_examples)]:
         if given is not None and given != actual:
             raise UsageError(f"{flag} applies to a new registry; {args.registry} exists with "
                              f"{flag.lstrip('-').replace('-', '_')}={actual!r}: leave {flag} out")
@@ -181,7 +185,8 @@ def _format_prediction(p) -> str:
         return f"{escape_text(p.input)}\terror: {escape_text(p.error)}"
     label = display_label(p.label) if p.label is not None else UNKNOWN_ANSWER
     others = ", ".join(f"{display_label(lab)} {score:.3f}" for lab, score in p.top_k)
-    return f"{escape_text(p.input)}\t{label}\t{p.score:.3f}\t[{others}]"
+    similarity = f"\tsimilarity {p.similarity:.3f}" if p.similarity is not None else ""
+    return f"{escape_text(p.input)}\t{label}\t{p.score:.3f}{similarity}\t[{others}]"
 
 
 UNKNOWN_ANSWER = "unknown"  # text output's answer below the threshold; a class of that name is quoted
@@ -222,17 +227,23 @@ def cmd_classes(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    with _open_registry(args) as registry:  # saved before remove returns
+    from .openset import calibrate
+
+    with _open_registry(args) as registry, registry.batch():  # saved, refitted, before remove returns
         _require_class(args, registry, args.class_name)
         registry.remove(args.class_name)
+        calibrate(registry)
     print(f"removed {args.class_name!r}; {len(registry)} classes left")
     return 0
 
 
 def cmd_rename(args) -> int:
-    with _open_registry(args) as registry:
+    from .openset import calibrate
+
+    with _open_registry(args) as registry, registry.batch():
         _require_class(args, registry, args.old)
         registry.rename(args.old, args.new)
+        calibrate(registry)
     print(f"renamed {args.old!r} to {args.new!r}")
     return 0
 
@@ -241,6 +252,49 @@ def _require_class(args, registry, label: str) -> None:
     if label not in registry:
         raise FewShotError(f"no class {label!r} in {args.registry}; `fewshot classes {args.registry}` lists its "
                            f"{len(registry)} classes")
+
+
+def cmd_calibrate(args) -> int:
+    """Refit the registry's unknown thresholds (optionally for another target), and measure them on a
+    folder of background images (photos of things that are none of the classes) if given."""
+    from .openset import METADATA_KEY, accepted_share, calibrate
+
+    with _open_registry(args) as registry:
+        if not len(registry):
+            raise FewShotError(f"registry {args.registry} has no classes to calibrate; register some first")
+        calibration = calibrate(registry, args.target_tpr)
+        if args.background:
+            from .classifier import FewShotClassifier
+
+            classifier = FewShotClassifier.load(args.registry, cache=not args.no_cache)
+            found = [p for p in classifier.predict(args.background, top_k=1) if p.error is None]
+            if not found:
+                raise FewShotError(f"no usable image in {args.background}")
+            share = accepted_share(calibration, [p.similarity for p in found], [p.top_k[0][0] for p in found],
+                                   [registry.count(p.top_k[0][0]) for p in found])
+            calibration = dataclasses.replace(calibration, background_accepted=share)
+            registry.metadata[METADATA_KEY] = calibration.to_dict()
+        registry.save(args.registry)
+    if args.json:
+        print(json.dumps(calibration.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(_format_calibration(calibration))
+    return 0
+
+
+def _format_calibration(c) -> str:
+    def number(x):
+        return "none" if x is None else f"{x:.4f}"
+
+    lines = [f"unknown threshold fitted by {c.method} to keep {c.target_tpr:.0%} of known queries: "
+             f"{number(c.threshold)} (classes with 2+ examples), {number(c.one_shot_threshold)} (1 example), "
+             f"{len(c.per_class)} per-class threshold(s); temperature {number(c.temperature)}"]
+    if c.method == "cross-class":
+        lines.append("too few classes have 2+ examples: the threshold is a prior learnt from other photos; "
+                     "add a second example to a few classes for a threshold fitted to yours")
+    if c.background_accepted is not None:
+        lines.append(f"background images accepted as known: {c.background_accepted:.1%}")
+    return "\n".join(lines)
 
 
 def cmd_info(args) -> int:
@@ -309,6 +363,8 @@ def cmd_evaluate(args) -> int:
     if args.runs:
         result = evaluate_runs(args.runs, encoder, head=head, cache=_cache(args), progress=_progress())
         name = Path(args.runs).name
+    elif protocol.unknown_ways:
+        return _evaluate_open_set(args, protocol, data, encoder, head)
     elif protocol.runs:
         result = evaluate_runs(_runs_folder(data, protocol), encoder, head=head, cache=_cache(args),
                                progress=_progress())
@@ -334,8 +390,12 @@ def _protocol_and_data(args):
     """The protocol and dataset of an evaluation: as given, else as the --replay manifest records them."""
     from .episodes import load_protocol, manifest_origin
 
+    given = load_protocol(args.protocol) if args.protocol else None
+    if given is not None and given.unknown_ways and (args.save_episodes or args.replay):
+        raise UsageError("--save-episodes and --replay are for closed-set protocols; an open-set protocol "
+                         "replays exactly from its seed")
     recorded_protocol, recorded_data = manifest_origin(args.replay) if args.replay else (None, None)
-    protocol = load_protocol(args.protocol) if args.protocol else recorded_protocol
+    protocol = given or recorded_protocol
     if protocol is None:
         raise UsageError(f"--replay {args.replay} records no protocol; add --protocol FILE")
     data = args.data or recorded_data
@@ -354,6 +414,21 @@ def _runs_folder(data, protocol) -> Path:
 
 def _result_folder(head: str | None) -> str:
     return Path(head).resolve().name if head else "raw"
+
+
+def _evaluate_open_set(args, protocol, data, encoder, head) -> int:
+    from .workflows import evaluate_open_set_protocol, resolve_dataset
+
+    result = evaluate_open_set_protocol(resolve_dataset(data, protocol), protocol, encoder, head=head,
+                                        episodes=args.episodes, seed=args.seed, target_tpr=args.target_tpr,
+                                        cache=_cache(args))
+    paths = result.save(Path(args.out) if args.out else Path("evaluation") / protocol.name / _result_folder(args.head))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.summary())
+        print(f"wrote {paths['json']}, {paths['roc']} and {paths['reliability']}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -378,7 +453,7 @@ def _open_for_writing(args):
     encoder = None if args.head else _encoder(args)
     return FewShotClassifier.open(args.registry, encoder=encoder or "efficientnet_lite0", head=args.head,
                                   weights=args.weights, metric=args.metric or "cosine", index=args.index or "auto",
-                                  store_examples=args.store_examples, cache=not args.no_cache)
+                                  store_examples=args.store_examples is not False, cache=not args.no_cache)
 
 
 def _open_registry(args):
@@ -456,10 +531,10 @@ def _stages(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated stage indices like 2,3, got {text}") from None
 
 
-def _probability(text: str) -> float:
+def _finite_float(text: str) -> float:
     value = float(text)
-    if not 0 <= value <= 1:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
@@ -506,14 +581,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["cosine", "l2"], help="for a new registry (default cosine)")
     p.add_argument("--index", help="FAISS factory string for a new registry (default auto: exact "
                    "search while small, an approximate index with exact re-scoring once large)")
-    p.add_argument("--store-examples", action="store_true", help="keep every example embedding (new registry)")
+    p.add_argument("--store-examples", action=argparse.BooleanOptionalAction,
+                   help="keep every example embedding (new registry; default on: the unknown threshold is "
+                        "fitted from them)")
     p.set_defaults(run=cmd_register)
 
     p = sub.add_parser("predict", parents=[common, encoder, with_head], help="predict the class of images")
     p.add_argument("registry")
     p.add_argument("paths", nargs="+", help="images or folders of images")
     p.add_argument("--top-k", type=_positive_int, default=5)
-    p.add_argument("--threshold", type=_probability, help="top-1 probability below which the answer is 'unknown'")
+    p.add_argument("--threshold", type=_finite_float, help="top-1 similarity below which the answer is 'unknown' "
+                   "(default: the thresholds the registry fitted; see fewshot calibrate)")
+    p.add_argument("--no-unknown", action="store_true", help="always name the nearest class, never 'unknown'")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--explain", action="store_true", help="name the registered examples nearest to each input "
                    "(source and sha256; registries made with --store-examples)")
@@ -542,6 +621,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("old")
     p.add_argument("new")
     p.set_defaults(run=cmd_rename)
+
+    p = sub.add_parser("calibrate", parents=[common],
+                       help="refit a registry's unknown thresholds; measure them on background images")
+    p.add_argument("registry")
+    p.add_argument("--target-tpr", type=float, help="share of known queries to keep (default: the last one "
+                   "used, else 0.95)")
+    p.add_argument("--background", metavar="DIR", help="folder of images of none of the classes: reports the "
+                   "share the threshold accepts")
+    p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_calibrate)
 
     p = sub.add_parser("train-head", parents=[common, encoder],
                        help="train a head episodically on frozen embeddings of a dataset")
@@ -579,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-episodes", metavar="FILE", help="write the sampled episodes to a manifest")
     p.add_argument("--replay", metavar="FILE", help="evaluate the episodes of a manifest instead of sampling "
                    "(its protocol and dataset are recorded: --data and --protocol are then optional)")
+    p.add_argument("--target-tpr", type=float, help="open-set protocols: share of known queries the fitted "
+                   "threshold should keep (default 0.95)")
     p.add_argument("--out", help="folder for result.json, episodes.csv, confusion.png "
                                  "(default evaluation/<protocol>/<head folder name, or raw>)")
     p.add_argument("--json", action="store_true")

@@ -447,6 +447,51 @@ def _indices(names, table: dict[str, int], where: str, source: str) -> np.ndarra
     return np.array([table[n] for n in names], dtype=np.int64)
 
 
+# --- open-set episodes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenSetEpisode:
+    """An episode plus queries of classes that are not in it: what the registry must call unknown."""
+
+    episode: Episode
+    unknown_classes: np.ndarray  # (unknown_ways,) label values never in the support set
+    unknown_query: np.ndarray  # item indices of those classes
+
+
+def sample_open_set(labels, *, ways: int, shots: int, queries: int, unknown_ways: int,
+                    unknown_queries: int | None = None, episodes: int, seed=0) -> list[OpenSetEpisode]:
+    """Seeded open-set episodes: ``ways`` known classes (``shots`` support + ``queries`` query items each)
+    and ``unknown_ways`` other classes with up to ``unknown_queries`` (default ``queries``) query items
+    each. A class is known-eligible with ``shots + queries`` items, unknown-eligible with one."""
+    labels = np.asarray(labels)
+    for name, value in [("ways", ways), ("shots", shots), ("queries", queries), ("unknown_ways", unknown_ways),
+                        ("episodes", episodes)]:
+        _check_int(name, value, 1)
+    unknown_queries = queries if unknown_queries is None else unknown_queries
+    _check_int("unknown_queries", unknown_queries, 1)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+    eligible = np.array([c for c in range(len(classes)) if len(members[c]) >= shots + queries])
+    if len(eligible) < ways or len(classes) < ways + unknown_ways:
+        raise ValueError(f"an open-set episode needs {ways} classes with {shots + queries}+ items (found "
+                         f"{len(eligible)}) and {unknown_ways} more classes (found {len(classes)} in all); "
+                         "lower ways, unknown_ways, shots or queries")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(episodes):
+        known = rng.choice(eligible, ways, replace=False)
+        unknown = rng.choice(np.setdiff1d(np.arange(len(classes)), known), unknown_ways, replace=False)
+        drawn = [rng.permutation(members[c]) for c in known]
+        support = np.concatenate([d[:shots] for d in drawn])
+        query = np.concatenate([d[shots:shots + queries] for d in drawn])
+        unknown_query = np.concatenate([rng.permutation(members[c])[:unknown_queries] for c in unknown])
+        episode = Episode(classes[known], support, np.repeat(np.arange(ways), shots), query,
+                          np.repeat(np.arange(ways), queries))
+        out.append(OpenSetEpisode(episode, classes[unknown], unknown_query))
+    return out
+
+
 # --- protocols ----------------------------------------------------------------------------------
 
 
@@ -469,6 +514,8 @@ class Protocol:
     max_support: int = 500
     split: dict = field(default_factory=dict)  # {"by": "group"|"class", "test": [names] | count, "seed": int}
     runs: str | None = None  # fixed-run protocols: folder of runs relative to the data root
+    unknown_ways: int = 0  # open set: classes per episode that are never registered, only queried
+    unknown_queries: int | None = None  # queries per unknown class (default: queries)
 
     def to_dict(self) -> dict:
         """Plain dict, e.g. for ``save_episodes(..., protocol=protocol.to_dict())``."""
@@ -478,6 +525,16 @@ class Protocol:
         return EpisodeSampler(labels, ways=self.ways, shots=self.shots, queries=self.queries, groups=groups,
                               within_group=self.within_group, seed=self.seed, variable=self.variable,
                               min_ways=self.min_ways, max_ways=self.max_ways, max_support=self.max_support)
+
+    def open_set_episodes(self, labels, episodes: int | None = None) -> list[OpenSetEpisode]:
+        """The protocol's seeded open-set episodes (``unknown_ways`` > 0)."""
+        if not self.unknown_ways:
+            raise ValueError(f"protocol {self.name!r} has no unknown_ways: it is not an open-set protocol")
+        if self.ways is None or self.variable:
+            raise ValueError(f"protocol {self.name!r}: open-set episodes need a fixed number of ways")
+        return sample_open_set(labels, ways=self.ways, shots=self.shots, queries=self.queries,
+                               unknown_ways=self.unknown_ways, unknown_queries=self.unknown_queries,
+                               episodes=episodes or self.episodes, seed=self.seed)
 
     def test_split(self, dataset: ImageDataset) -> ImageDataset:
         """The part of ``dataset`` this protocol evaluates on (all of it when there is no split)."""
@@ -500,12 +557,14 @@ class Protocol:
 
 _TYPES = {"name": str, "description": str, "dataset": str, "ways": int, "shots": int, "queries": int,
           "episodes": int, "seed": int, "within_group": bool, "variable": bool, "min_ways": int,
-          "max_ways": int, "max_support": int, "split": dict, "runs": str}
+          "max_ways": int, "max_support": int, "split": dict, "runs": str, "unknown_ways": int,
+          "unknown_queries": int}
 
 
 _LIMITS = [("ways", 1, MAX_WAYS), ("shots", 1, MAX_ITEMS_PER_CLASS), ("queries", 1, MAX_ITEMS_PER_CLASS),
            ("episodes", 1, MAX_EPISODES), ("min_ways", 1, MAX_WAYS), ("max_ways", 1, MAX_WAYS),
-           ("max_support", 1, MAX_SUPPORT), ("seed", 0, MAX_SEED)]
+           ("max_support", 1, MAX_SUPPORT), ("seed", 0, MAX_SEED), ("unknown_ways", 0, MAX_WAYS),
+           ("unknown_queries", 1, MAX_ITEMS_PER_CLASS)]
 
 
 def load_protocol(path: str | os.PathLike) -> Protocol:

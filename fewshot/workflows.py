@@ -23,6 +23,8 @@ from .episodes import save_episodes as write_episodes
 from .evaluate import EvaluationResult, evaluate_episodes
 from .errors import ImageError
 from .heads import Head, create_head
+from .openset import DEFAULT_TARGET_TPR, check_target
+from .openset_evaluate import OpenSetResult, evaluate_open_set
 from .images import NamedBytes, describe, load_image
 from .train import TrainResult
 
@@ -206,6 +208,19 @@ def _check_replay_fits(episodes: list[Episode], protocol: Protocol, manifest) ->
             raise ValueError(f"{manifest} holds {held} episodes, but protocol {protocol.name!r} is {want}-{what}; "
                              f"replay it without --protocol (the manifest records its own protocol) or with the "
                              f"protocol it was saved with")
+
+
+def evaluate_open_set_protocol(dataset: ImageDataset, protocol: Protocol, encoder: Encoder, *,
+                               head: Head | None = None, episodes: int | None = None, seed: int | None = None,
+                               target_tpr: float | None = None, cache: EmbeddingCache | None = None,
+                               progress: bool | None = None) -> OpenSetResult:
+    """Open-set evaluation (``protocol.unknown_ways`` > 0) on the protocol's test split."""
+    if seed is not None:
+        protocol = dataclasses.replace(protocol, seed=seed)
+    features, test = embed_dataset(encoder, protocol.test_split(dataset), cache=cache, progress=progress)
+    sampled = protocol.open_set_episodes(test.labels, episodes)
+    return evaluate_open_set(features, sampled, head=head, progress=progress,
+                             target_tpr=DEFAULT_TARGET_TPR if target_tpr is None else check_target(target_tpr))
 
 
 def evaluate_runs(root: str | os.PathLike, encoder: Encoder, *, head: Head | None = None,

@@ -47,10 +47,11 @@ def test_predict_json_schema(reg, capsys, photos, corrupt_jpeg):
     code, out, _ = run(capsys, "predict", reg, photos["chelsea"], corrupt_jpeg, "--top-k", "2", "--json")
     assert code == 1  # one input failed; the others are still answered
     results = json.loads(out)
-    assert [set(r) for r in results] == [{"input", "label", "score", "top_k", "error"}] * 2
+    assert [set(r) for r in results] == [{"input", "label", "score", "similarity", "unknown", "top_k", "error"}] * 2
     good, bad = results
     assert good["label"] == "chelsea" and good["error"] is None and len(good["top_k"]) == 2
-    assert set(good["top_k"][0]) == {"label", "score"} and good["top_k"][0]["score"] == good["score"]
+    assert good["unknown"] is False and good["similarity"] == pytest.approx(1.0, abs=1e-5)  # the registered photo
+    assert set(good["top_k"][0]) == {"label", "score", "similarity"} and good["top_k"][0]["score"] == good["score"]
     assert bad["label"] is None and "broken.jpg" in bad["error"]
 
 
@@ -129,7 +130,7 @@ def test_text_output_escapes_control_characters_and_marks_a_class_named_unknown(
     assert out.splitlines() == ['"cat\\nfake-class\\t99\\x1b]0;pwned\\x07"\t1', '"unknown"\t1']
     code, out, _ = run(capsys, "predict", reg, photos["astronaut"], "--threshold", "1")
     fields = out.splitlines()[0].split("\t")
-    assert fields[1] == "unknown" and '"unknown" ' in fields[3]  # the answer vs the class of that name
+    assert fields[1] == "unknown" and '"unknown" ' in fields[-1]  # the answer vs the class of that name
     code, out, _ = run(capsys, "predict", reg, photos["coffee"])
     assert code == 0 and out.split("\t")[1] == '"unknown"' and "\x1b" not in out
     assert run(capsys, "classes", reg, "--json")[1].count("\\u001b") == 1  # JSON keeps the exact label
@@ -207,11 +208,11 @@ def test_within_group_on_a_flat_dataset_names_the_option(caltech_subset, tmp_pat
 def test_options_that_would_be_ignored_are_refused(reg, tmp_path, capsys, photos):
     code, _, err = run(capsys, "predict", reg, photos["coffee"], "--stages", "2")
     assert code == 2 and "--stages" in err
-    for option in (["--metric", "l2"], ["--index", "HNSW32"], ["--store-examples"]):
+    for option in (["--metric", "l2"], ["--index", "HNSW32"], ["--no-store-examples"]):
         code, _, err = run(capsys, "register", reg, "--class", "coffee", photos["coffee"], *option)
-        assert code == 2 and option[0] in err
+        assert code == 2 and option[0].replace("--no-", "--") in err
     assert run(capsys, "register", reg, "--class", "coffee", photos["coffee"], "--metric", "cosine")[0] == 0
-    for threshold in ["1.5", "-0.1", "nan"]:
+    for threshold in ["nan", "inf", "-inf"]:
         code, _, err = run(capsys, "predict", reg, photos["coffee"], "--threshold", threshold)
         assert code == 2 and "--threshold" in err
     (tmp_path / "empty").mkdir()
@@ -246,10 +247,11 @@ def test_protocol_errors_name_the_protocol_and_key(tmp_path, capsys, omniglot_sm
     code, _, err = run(capsys, "evaluate", "--data", omniglot_small, "--protocol", protocol, "--stages", "2",
                        "--pool", "2", "--input-size", "64")
     assert code == 1 and "my-split" in err and "ways" in err
+
+
 def test_doctor_exit_status_text_and_json(reg, capsys, photos):
     code, out, _ = run(capsys, "doctor", reg)
-    assert code == 0 and out.strip().endswith("0 finding(s) in 3 classes (examples not stored: mislabelling "
-                                              "not checked)")
+    assert code == 0 and out.strip().endswith("0 finding(s) in 3 classes")
     code, _, err = run(capsys, "register", reg, "--class", "cat", photos["chelsea"])
     assert code == 0 and "near-duplicates" in err and "is in classes 'chelsea', 'cat'" in err
     assert all(line.startswith("fewshot: warning: ") for line in err.splitlines())
@@ -257,7 +259,7 @@ def test_doctor_exit_status_text_and_json(reg, capsys, photos):
     assert code == 1 and out.splitlines()[-1].startswith("2 finding(s) in 4 classes")
     code, out, _ = run(capsys, "doctor", reg, "--json")
     report = json.loads(out)
-    assert code == 1 and report["classes"] == 4 and report["stores_examples"] is False
+    assert code == 1 and report["classes"] == 4 and report["stores_examples"] is True
     assert [(f["kind"], f["classes"]) for f in report["findings"]] == [
         ("near_duplicate_classes", ["chelsea", "cat"]), ("duplicate_image", ["chelsea", "cat"])]
     assert report["findings"][1]["source"] == str(photos["chelsea"]) and len(report["findings"][1]["digest"]) == 64
@@ -275,3 +277,21 @@ def test_predict_explain(tmp_path, capsys, photos, views_of):
     assert code == 0 and [n["source"] for n in result["neighbours"]] == [str(photos["rocket"])]
     code, out, _ = run(capsys, "predict", path, query, "--explain")
     assert code == 0 and out.splitlines()[1].startswith("\tnear 'rocket' ") and str(photos["rocket"]) in out
+
+
+def test_evaluate_open_set_protocol_reports_metrics_and_plots(tmp_path, capsys, caltech_subset):
+    protocol = tmp_path / "open.toml"
+    protocol.write_text('# open set on the test subset\nname = "open"\ndescription = "open set"\nways = 3\n'
+                        'shots = 2\nqueries = 3\nunknown_ways = 3\nepisodes = 20\n')
+    out = tmp_path / "result"
+    code, text, _ = run(capsys, "evaluate", "--data", caltech_subset, "--protocol", protocol, "--out", out, "--json")
+    assert code == 0
+    result = json.loads(text)
+    assert result["open_set"] is True and result["unknown_ways"] == 3 and result["episodes"] == 20
+    assert {"auroc", "fpr_at_95tpr", "precision_at_90recall", "closed_set_accuracy", "open_set_accuracy",
+            "expected_calibration_error"} <= set(result)
+    assert set(result["auroc"]) == {"mean", "ci95"}
+    assert json.loads((out / "result.json").read_text()) == result
+    assert (out / "roc.png").stat().st_size > 0 and (out / "reliability.png").stat().st_size > 0
+    code, _, err = run(capsys, "evaluate", "--data", caltech_subset, "--protocol", protocol, "--replay", "x.json")
+    assert code == 2 and "replays exactly from its seed" in err

@@ -14,7 +14,7 @@ from PIL import Image
 
 from fewshot.data import ImageDataset, load_dataset, split_by_group
 from fewshot.episodes import (Episode, EpisodeBatch, EpisodeSampler, Protocol, load_episodes, load_fixed_runs,
-                              load_protocol, save_episodes, write_fixed_runs)
+                              load_protocol, sample_open_set, save_episodes, write_fixed_runs)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -324,6 +324,11 @@ def test_every_protocol_loads_and_samples_on_its_data(path, tmp_path, small_omni
     for ep in episodes[:50]:
         check_episode(ep, test.labels)
         assert ep.ways == ways and len(ep.support) == ways * protocol.shots and len(ep.query) == ways * protocol.queries
+    if protocol.unknown_ways:
+        for open_ep in protocol.open_set_episodes(test.labels, 50):
+            assert len(open_ep.unknown_classes) == protocol.unknown_ways
+            assert not set(open_ep.unknown_classes) & set(open_ep.episode.classes)
+            assert set(test.labels[open_ep.unknown_query]) == set(open_ep.unknown_classes)
         if protocol.within_group:
             assert len(set(test.class_groups[ep.classes].tolist())) == 1
 
@@ -469,3 +474,31 @@ def test_sampler_refuses_episode_counts_beyond_the_limit():
         sampler.sample_many(MAX_EPISODES + 1)
     with pytest.raises(ValueError, match="at most"):
         sampler.sample_batch(10**12)
+
+
+def test_open_set_episodes_keep_unknown_classes_out_of_the_support_and_replay_from_the_seed():
+    labels = np.repeat(np.arange(12), 8)
+    first = sample_open_set(labels, ways=4, shots=2, queries=3, unknown_ways=3, unknown_queries=2, episodes=20, seed=5)
+    again = sample_open_set(labels, ways=4, shots=2, queries=3, unknown_ways=3, unknown_queries=2, episodes=20, seed=5)
+    for a, b in zip(first, again):
+        assert np.array_equal(a.unknown_query, b.unknown_query) and np.array_equal(a.episode.support, b.episode.support)
+    for open_ep in first:
+        check_episode(open_ep.episode, labels)
+        unknown = set(labels[open_ep.unknown_query])
+        assert unknown == set(open_ep.unknown_classes) and len(unknown) == 3 and len(open_ep.unknown_query) == 6
+        assert not unknown & set(open_ep.episode.classes)
+    with pytest.raises(ValueError, match="unknown_ways"):
+        sample_open_set(labels, ways=10, shots=2, queries=3, unknown_ways=3, episodes=1)
+
+
+def test_protocol_open_set_fields_are_checked(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('name = "p"\nways = 5\nunknown_ways = 5\nunknown_queries = 10\n')
+    protocol = load_protocol(path)
+    assert (protocol.unknown_ways, protocol.unknown_queries) == (5, 10)
+    path.write_text('name = "p"\nunknown_ways = -1\n')
+    with pytest.raises(ValueError, match="unknown_ways must be >= 0"):
+        load_protocol(path)
+    path.write_text('name = "p"\nways = "all"\nunknown_ways = 2\n')
+    with pytest.raises(ValueError, match="fixed number of ways"):
+        load_protocol(path).open_set_episodes(np.repeat(np.arange(10), 20))

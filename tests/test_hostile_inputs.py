@@ -172,8 +172,8 @@ def test_hostile_labels_are_data_never_paths(tmp_path, encoder, photos, monkeypa
                 clf.register(bad, photos["coins"])
     assert Registry.load(path).classes == HOSTILE_LABELS
     assert sorted(os.listdir(tmp_path)) == ["deep"] and os.listdir(tmp_path / "deep") == ["reg"]
-    ours = (".fewshot-", "manifest", "prototypes-", "index-", "provenance-")
-    assert all(n.startswith(ours) for n in os.listdir(path))
+    ours = (".fewshot-", "manifest", "prototypes-", "index-", "provenance-", "examples-", "example_class_ids-")
+    assert all(n.startswith(ours) for n in os.listdir(path))  # examples are stored by default (unknown threshold)
 
 
 def test_cli_folder_names_become_labels_safely(tmp_path, capsys, photos):

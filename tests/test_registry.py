@@ -362,6 +362,8 @@ def fsync_failing_for(monkeypatch, needle):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to identify files")
+
+
 @pytest.mark.parametrize("needle", ["prototypes-000002", "index-000002", "manifest.json"])
 def test_failed_save_leaves_previous_registry(saved, monkeypatch, needle):
     reg, path = saved
