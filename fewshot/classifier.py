@@ -152,7 +152,7 @@ class FewShotClassifier:
         return Embeddings(vectors=vectors, sources=result.sources, errors=errors)
 
     # -- registering ----------------------------------------------------------------------------
-    def register(self, label: str, images) -> RegisterReport:
+    def register(self, label: str, images, *, thumbnail: bytes | None = None) -> RegisterReport:
         """Add ``images`` (paths, folders, bytes, PIL images, arrays) as examples of class ``label``.
 
         A new label creates the class; an existing one gains examples (its prototype is a running
@@ -160,6 +160,8 @@ class FewShotClassifier:
         images could be used (or none were given), ``ImageError`` is raised and nothing changes.
         Labels are any text up to 1024 characters without NUL ("/" and ".." are fine: labels are never
         file names). Opened with ``FewShotClassifier.open``, the change is saved before this returns.
+        ``thumbnail``: a small encoded image (``fewshot.thumbnails.make_thumbnail``) kept as the class's
+        thumbnail, saved in the same atomic save as the examples.
         """
         _check_label(label)  # before the (slow) embedding
         result = self._embed(images)
@@ -170,7 +172,10 @@ class FewShotClassifier:
             raise ImageError(f"none of the {len(result.errors)} images for class {label!r} could be used:\n  "
                              + "\n  ".join(failures))
         self._store_settings()
-        self.registry_.add(label, result.vectors[result.ok])
+        with self.registry_.batch():  # examples and thumbnail: one save, so both or neither
+            self.registry_.add(label, result.vectors[result.ok])
+            if thumbnail is not None:
+                self.registry_.set_thumbnail(label, thumbnail)
         return RegisterReport(label=label, added=int(result.ok.sum()), total=self.registry_.count(label),
                               errors=failures)
 

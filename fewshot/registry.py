@@ -60,7 +60,8 @@ MAX_DIM = 65536
 MAX_LABEL_LEN = 1024
 MAX_MANIFEST_BYTES = 256 * 2**20  # a hostile manifest must not be able to exhaust memory
 _MAX_INT = 2**62  # upper bound for ids, counts and generations read from disk
-_DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids)-(\d+)\.(npy|faiss)$")
+_DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids|thumbnails|thumbnail_spans)-(\d+)\.(npy|faiss)$")
+MAX_THUMBNAIL_BYTES = 64 * 2**10  # a class thumbnail is a small JPEG; the registry keeps its bytes opaque
 _TMP_PREFIX, _TMP_SUFFIX = ".fewshot-", ".tmp"
 _LOAD_ATTEMPTS = 10  # reads racing a writer's saves retry this often before giving up
 _MAX_FACTORY_NUMBER = 2**22  # e.g. IVF lists: 4M lists would already suit billions of classes
@@ -328,6 +329,7 @@ class Registry:
         self._ids = np.zeros(0, np.int64)  # row -> FAISS id
         self._row_of_id = np.zeros(0, np.int64)  # FAISS id -> row (-1: gone)
         self._examples: dict[int, list] = {}  # FAISS id -> raw float32 (n, dim) arrays, if store_examples
+        self._thumbnails: dict[str, bytes] = {}  # label -> small JPEG (set_thumbnail), saved with the rest
         self._next_id = 0
         self._generation = 0
         self._index = None
@@ -543,6 +545,7 @@ class Registry:
             self._examples.pop(cid, None)
             self._free.append(row)
             self._index_remove(cid)
+            self._thumbnails.pop(label, None)
 
     @_saved
     def rename(self, old: str, new: str) -> None:
@@ -556,6 +559,25 @@ class Registry:
             # Rebuild the dict to keep the class at its position; the FAISS id is unchanged.
             self._row_of = {(new if k == old else k): v for k, v in self._row_of.items()}
             self._labels[row] = new
+            if old in self._thumbnails:
+                self._thumbnails[new] = self._thumbnails.pop(old)
+
+    @_saved
+    def set_thumbnail(self, label: str, data: bytes) -> None:
+        """Keep ``data`` (a small encoded image, at most ``MAX_THUMBNAIL_BYTES``; the registry never
+        decodes it) as class ``label``'s thumbnail, saved and checksummed with the registry. It follows
+        the class through ``rename`` and goes with ``remove``."""
+        if not isinstance(data, (bytes, bytearray)) or not 0 < len(data) <= MAX_THUMBNAIL_BYTES:
+            raise ValueError(f"a thumbnail must be 1 to {MAX_THUMBNAIL_BYTES} bytes of encoded image data")
+        with self._lock:
+            self._get(label)
+            self._thumbnails[label] = bytes(data)
+
+    def thumbnail(self, label: str) -> bytes | None:
+        """Class ``label``'s thumbnail (``set_thumbnail``), or None if it has none."""
+        with self._lock:
+            self._get(label)
+            return self._thumbnails.get(label)
 
     def _get(self, label) -> int:
         try:
@@ -958,6 +980,10 @@ class Registry:
             files["examples"] = _write_atomic(path, f"examples-{g}.npy", _npy(ex), written)
             files["example_class_ids"] = _write_atomic(path, f"example_class_ids-{g}.npy",
                                                        _npy(owner), written)
+        if self._thumbnails:
+            blob, spans = _thumbnail_arrays([self._thumbnails.get(label, b"") for label in self._row_of])
+            files["thumbnails"] = _write_atomic(path, f"thumbnails-{g}.npy", _npy(blob), written)
+            files["thumbnail_spans"] = _write_atomic(path, f"thumbnail_spans-{g}.npy", _npy(spans), written)
         return files
 
     @classmethod
@@ -1009,6 +1035,8 @@ class Registry:
             reg._row_of_id[ids] = np.arange(C)
         if reg._store_examples:
             _load_examples(path, m, reg)
+        if "thumbnails" in m["files"]:  # registries saved before thumbnails existed have none
+            reg._thumbnails = _load_thumbnails(path, m, labels)
         reg._index = _load_index(path, m, reg)
         reg._in_use, reg._fallback = _index_in_use(mpath, m, reg)
         reg._exact, reg._built_n = _kind(reg._index) == "flat", C
@@ -1255,7 +1283,8 @@ def _parse_manifest(mpath: Path) -> dict:
         raise RegistryFormatError(f"{mpath}: invalid class table")
     m["_labels"], m["_ids"], m["_counts"] = fast
     files = _field(m, "files", dict, mpath)
-    for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()):
+    thumbs = ("thumbnails", "thumbnail_spans") if "thumbnails" in files else ()
+    for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()) + thumbs:
         entry = _field(files, key, dict, mpath)
         name = _field(entry, "name", str, mpath)
         if (not name or name in (".", "..", MANIFEST) or "/" in name or "\\" in name
@@ -1405,6 +1434,25 @@ def _load_npy(path: Path, entry: dict, shape: tuple, dtype) -> np.ndarray:
             fortran and len(shape) > 1 and min(shape) > 1):
         raise RegistryFormatError(f"{bad}, got {got_dtype} {tuple(got_shape)}")
     return arr
+
+
+def _thumbnail_arrays(thumbnails: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """All thumbnails as one uint8 array plus (offset, length) per class (length 0: none)."""
+    lengths = np.array([len(t) for t in thumbnails], np.int64)
+    spans = np.stack([np.cumsum(lengths) - lengths, lengths], axis=1)
+    return np.frombuffer(b"".join(thumbnails), np.uint8), spans
+
+
+def _load_thumbnails(path: Path, m: dict, labels: list[str]) -> dict[str, bytes]:
+    files = m["files"]
+    spans = _load_npy(path, files["thumbnail_spans"], (len(labels), 2), np.int64)
+    fname = path / files["thumbnail_spans"]["name"]
+    if (spans < 0).any() or (spans[:, 1] > MAX_THUMBNAIL_BYTES).any():
+        raise RegistryFormatError(f"{fname}: thumbnail lengths outside 0..{MAX_THUMBNAIL_BYTES}")
+    blob = _load_npy(path, files["thumbnails"], (int(spans[:, 1].sum()),), np.uint8)
+    if (spans.sum(axis=1) > len(blob)).any():
+        raise RegistryFormatError(f"{fname}: thumbnail offsets outside the thumbnails file")
+    return {label: blob[a:a + n].tobytes() for label, (a, n) in zip(labels, spans.tolist()) if n}
 
 
 def _load_examples(path: Path, m: dict, reg: Registry) -> None:
