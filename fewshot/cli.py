@@ -218,7 +218,7 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
                              max_upload_mb=args.max_upload_mb, max_total_upload_mb=args.max_total_upload_mb,
                              max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                             cors_origins=args.cors_origin)
+                             compile=args.compile, cors_origins=args.cors_origin)
     args.no_cache = True  # uploads are not kept, so neither are their embeddings
     with _open_for_writing(args) as classifier:  # the lock error comes here, before the model loads
         classifier.progress = False
@@ -440,6 +440,9 @@ def _add_serve_parser(sub, parents) -> None:
                    help="images per model batch of predictions (1 turns batching off; default 16)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long a prediction waits for others to batch with (default 5)")
+    p.add_argument("--compile", choices=["none", "torchscript", "inductor", "auto"], default="torchscript",
+                   help="how the encoder's network runs: same features, other speed (default torchscript: "
+                        "built once at start-up)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN to call the API (repeatable; default none)")
     p.add_argument("--metric", choices=["cosine", "l2"], default="cosine", help="for a new registry")

@@ -23,7 +23,8 @@ def run(classifier: FewShotClassifier, settings: ServeSettings, *, host: str = "
 
     if not is_loopback(host) and not settings.api_key:
         raise ValueError(f"serving on {host} (not loopback) needs an API key: pass --api-key-file FILE")
-    service = Service(classifier, max_batch=settings.max_batch, batch_window_ms=settings.batch_window_ms)
+    service = Service(classifier, max_batch=settings.max_batch, batch_window_ms=settings.batch_window_ms,
+                      compile=settings.compile)
     app = create_app(service, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=10)

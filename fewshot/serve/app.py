@@ -42,6 +42,7 @@ class ServeSettings:
     max_total_upload_mb: float = 200.0
     max_batch: int = 16
     batch_window_ms: float = 5.0
+    compile: str | None = "torchscript"  # the encoder's network (see fewshot.encoders.COMPILE_MODES)
     cors_origins: list[str] = field(default_factory=list)
 
 
@@ -196,6 +197,7 @@ def _info(service: Service) -> dict:
         "classes": len(service.counts()),
         "index": classifier.registry_.index_in_use,
         "batching": {"max_batch": service.batcher.max_batch, "window_ms": service.batcher.window_s * 1000},
+        "compile": classifier.encoder_.compile,
         "versions": {"fewshot": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      "timm": timm.__version__, "faiss": faiss.__version__},
     }

@@ -34,8 +34,9 @@ class Service:
     """Owns an open ``FewShotClassifier`` (``FewShotClassifier.open``) and the thread that uses it."""
 
     def __init__(self, classifier: FewShotClassifier, *, max_batch: int = 16, batch_window_ms: float = 5.0,
-                 telemetry: Telemetry | None = None):
+                 compile: str | None = "torchscript", telemetry: Telemetry | None = None):
         self.classifier = classifier
+        self.compile = compile  # how the encoder's network runs (``Encoder.compile``); None: as it is
         self.telemetry = telemetry or Telemetry()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewshot-model")
         self.batcher: Batcher[PredictJob] = Batcher(self._predict_batch, self._worker, max_batch=max_batch,
@@ -50,7 +51,9 @@ class Service:
 
     def _warm_up(self) -> None:
         encoder = self.classifier.encoder_
-        encoder.embed_batch([np.full((224, 224, 3), 128, np.uint8)], progress=False)
+        if self.compile is not None:  # a long-running service pays a compile once, at start-up
+            encoder.compile = self.compile
+        encoder.embed_batch([np.full((224, 224, 3), 128, np.uint8)] * 2, progress=False)
         self.classifier.registry_  # noqa: B018 - creates an empty registry for a new path
 
     async def close(self) -> None:
