@@ -19,7 +19,7 @@ from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder,
 from .errors import EncoderMismatchError, ImageError, WeightsError
 from .data import class_folders
 from .heads import Head, load_head
-from .registry import MANIFEST, Registry, _check_label, _lock_dir
+from .registry import MANIFEST, Registry, _check_label, _lock_dir, check_thumbnail
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
 # squared L2 distances are already on a large scale.
@@ -164,6 +164,8 @@ class FewShotClassifier:
         thumbnail, saved in the same atomic save as the examples.
         """
         _check_label(label)  # before the (slow) embedding
+        if thumbnail is not None:
+            check_thumbnail(thumbnail)
         result = self._embed(images)
         failures = [e for e in result.errors if e]
         if not len(result.errors):

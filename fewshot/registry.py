@@ -113,6 +113,13 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+def check_thumbnail(data) -> bytes:
+    """``data`` if it can be a class thumbnail (1 to MAX_THUMBNAIL_BYTES bytes), else ValueError."""
+    if not isinstance(data, (bytes, bytearray)) or not 0 < len(data) <= MAX_THUMBNAIL_BYTES:
+        raise ValueError(f"a thumbnail must be 1 to {MAX_THUMBNAIL_BYTES} bytes of encoded image data")
+    return data
+
+
 def _chunk_rows(dim: int) -> int:
     return max(1, _CHUNK_FLOATS // max(1, dim))
 
@@ -567,8 +574,7 @@ class Registry:
         """Keep ``data`` (a small encoded image, at most ``MAX_THUMBNAIL_BYTES``; the registry never
         decodes it) as class ``label``'s thumbnail, saved and checksummed with the registry. It follows
         the class through ``rename`` and goes with ``remove``."""
-        if not isinstance(data, (bytes, bytearray)) or not 0 < len(data) <= MAX_THUMBNAIL_BYTES:
-            raise ValueError(f"a thumbnail must be 1 to {MAX_THUMBNAIL_BYTES} bytes of encoded image data")
+        check_thumbnail(data)
         with self._lock:
             self._get(label)
             self._thumbnails[label] = bytes(data)

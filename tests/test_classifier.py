@@ -116,3 +116,15 @@ def test_register_folder_and_caltech_one_shot(caltech_subset, encoder):
     folder_clf = FewShotClassifier(encoder)
     reports = folder_clf.register_folder(caltech_subset)
     assert sorted(r.label for r in reports) == sorted(support) and all(r.added == 6 for r in reports)
+
+
+def test_register_saves_a_thumbnail_with_the_examples_in_one_save(tmp_path, encoder, photos):
+    from fewshot.registry import Registry
+    from fewshot.thumbnails import make_thumbnail
+
+    with FewShotClassifier.open(tmp_path / "r", encoder=encoder, cache=False) as clf:
+        clf.register("cat", [photos["chelsea"]], thumbnail=make_thumbnail(photos["chelsea"]))
+        with pytest.raises(ValueError, match="thumbnail"):
+            clf.register("coffee", [photos["coffee"]], thumbnail=b"")  # refused: the examples are not kept either
+    saved = Registry.load(tmp_path / "r")
+    assert saved.classes == ["cat"] and saved.thumbnail("cat")[:2] == b"\xff\xd8"
