@@ -7,6 +7,7 @@ arrive as uploads, labels are only labels.
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import time
 from dataclasses import dataclass, field
@@ -104,25 +105,25 @@ def _add_routes(app: FastAPI, service: Service) -> None:
     async def readyz():
         if not service.ready:
             return JSONResponse({"error": "loading the model"}, status_code=503)
-        return {"status": "ready", "classes": len(service.counts())}
+        return {"status": "ready", "classes": service.class_count()}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics():
-        return Response(service.telemetry.render(classes=len(service.counts())),
+        return Response(service.telemetry.render(classes=service.class_count()),
                         media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/info", summary="Encoder, head, metric, threshold and versions")
     async def info():
-        return _info(service)
+        return await asyncio.to_thread(_info, service)
 
     @app.get("/v1/classes", summary="Every class with its number of examples")
     async def classes():
-        return [{"label": label, "count": count} for label, count in service.counts().items()]
+        return [{"label": label, "count": count} for label, count in (await service.counts()).items()]
 
     @app.get("/v1/classes/{label:path}/thumbnail", summary="The class's thumbnail (JPEG)",
              response_class=Response)
     async def thumbnail(label: str):
-        data = service.thumbnail(label)
+        data = await service.thumbnail(label)
         if data is None:
             raise ApiError(404, f"class {label!r} has no thumbnail")
         return Response(data, media_type="image/jpeg", headers={"cache-control": "no-cache"})
@@ -149,7 +150,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         if not 1 <= top_k <= MAX_TOP_K:
             raise ApiError(400, f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
         images = await _uploaded_images(request)
-        if not service.counts():
+        if not service.class_count():
             raise ApiError(409, "no classes registered yet; add one with POST /v1/classes/{label}/images")
         return [p.to_dict() for p in await service.predict(images, top_k)]
 
@@ -194,7 +195,7 @@ def _info(service: Service) -> dict:
         "metric": classifier.registry_.metric,
         "threshold": classifier.unknown_threshold,
         "temperature": classifier.temperature_,
-        "classes": len(service.counts()),
+        "classes": service.class_count(),
         "index": classifier.registry_.index_in_use,
         "batching": {"max_batch": service.batcher.max_batch, "window_ms": service.batcher.window_s * 1000},
         "compile": classifier.encoder_.compile,

@@ -64,12 +64,16 @@ class Service:
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    # -- reading (any thread: the registry's lock gives a consistent view) -------------------------
-    def counts(self) -> dict[str, int]:
-        return self.classifier.counts
+    # -- reading: in a helper thread, as the registry's lock may be held by a save for a while ----
+    async def counts(self) -> dict[str, int]:
+        return await asyncio.to_thread(lambda: self.classifier.counts)
 
-    def thumbnail(self, label: str) -> bytes | None:
-        return self.classifier.registry_.thumbnail(label)
+    async def thumbnail(self, label: str) -> bytes | None:
+        return await asyncio.to_thread(self.classifier.registry_.thumbnail, label)
+
+    def class_count(self) -> int:
+        """Classes in the registry (no lock, O(1)); 0 until the model is loaded."""
+        return len(self.classifier.registry_) if self.ready else 0
 
     # -- changes (the worker thread) --------------------------------------------------------------
     async def register(self, label: str, images: list[NamedBytes]) -> RegisterReport:
