@@ -10,7 +10,8 @@ time; the server's embedding cache is off, so every request runs the network) to
 waits for the answer, ``--requests`` times per client (at least 24 requests per run). The server is a real
 ``fewshot serve`` process on loopback, warmed up before timing; the clients run in this process on the
 same 2 cores. Batch sizes come from the server's ``/metrics``. Figures are medians over ``--repeats``
-runs. The CLI row is ``fewshot predict REG photo.jpg --json`` as a new process (median of 3): what each
+runs. "Server CPU ms/req" is the server process's CPU time per request, the figure least moved by
+other work on the machine (req/s and latency need a quiet machine to mean much). The CLI row is ``fewshot predict REG photo.jpg --json`` as a new process (median of 3): what each
 prediction costs without a service.
 """
 
@@ -65,7 +66,13 @@ def batch_stats(client: httpx.Client) -> tuple[float, float]:
     return values["fewshot_batch_size_count"], values["fewshot_batch_size_sum"]
 
 
-def run_clients(url: str, clients: int, per_client: int, photos: list[bytes]) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux): the server's cost, whatever else runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_clients(url: str, clients: int, per_client: int, photos: list[bytes], pid: int) -> dict:
     latencies: list[float] = []
     lock = threading.Lock()
     go = threading.Barrier(clients + 1)
@@ -85,7 +92,7 @@ def run_clients(url: str, clients: int, per_client: int, photos: list[bytes]) ->
                     latencies.append(elapsed)
 
     with httpx.Client(base_url=url) as probe:
-        before = batch_stats(probe)
+        before, cpu_before = batch_stats(probe), cpu_seconds(pid)
         threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
         for t in threads:
             t.start()
@@ -94,20 +101,22 @@ def run_clients(url: str, clients: int, per_client: int, photos: list[bytes]) ->
         for t in threads:
             t.join()
         wall = time.perf_counter() - start
-        after = batch_stats(probe)
+        after, cpu_after = batch_stats(probe), cpu_seconds(pid)
     ms = np.array(latencies) * 1e3
     return {"throughput": len(latencies) / wall, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99)), "batch": (after[1] - before[1]) / max(1, after[0] - before[0])}
+            "p99": float(np.percentile(ms, 99)), "batch": (after[1] - before[1]) / max(1, after[0] - before[0]),
+            "cpu_ms": (cpu_after - cpu_before) * 1e3 / len(latencies)}
 
 
 def measure_mode(registry: Path, extra: list[str], args, photos) -> dict[int, dict]:
     server = start_server(registry, *extra)
     try:
-        run_clients(server.url, 2, 4, photos)  # warm-up: allocator, first batches
+        pid = server.process.pid
+        run_clients(server.url, 2, 4, photos, pid)  # warm-up: allocator, first batches
         results = {}
         for clients in args.clients:
             per_client = max(args.requests, -(-24 // clients))
-            runs = [run_clients(server.url, clients, per_client, photos) for _ in range(args.repeats)]
+            runs = [run_clients(server.url, clients, per_client, photos, pid) for _ in range(args.repeats)]
             results[clients] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             print(f"  {' '.join(extra) or 'batching on'}: {clients} clients done", file=sys.stderr, flush=True)
         return results
@@ -146,13 +155,15 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"\n`fewshot serve`, {args.classes} classes, one JPEG per request, medians of {args.repeats} runs "
           f"(load average {load:.1f}, {os.cpu_count()} CPUs)\n")
-    print("| clients | batching | req/s | p50 ms | p99 ms | mean batch | req/s vs batching off |")
-    print("|---|---|---|---|---|---|---|")
+    print("| clients | batching | req/s | p50 ms | p99 ms | mean batch | server CPU ms/req | req/s vs off | "
+          "CPU/req vs off |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for clients in args.clients:
         for name, r in (("on", on[clients]), ("off", off[clients])):
             ratio = r["throughput"] / off[clients]["throughput"]
+            cpu_ratio = r["cpu_ms"] / off[clients]["cpu_ms"]
             print(f"| {clients} | {name} | {r['throughput']:.1f} | {r['p50']:.0f} | {r['p99']:.0f} | "
-                  f"{r['batch']:.1f} | {ratio:.2f}x |")
+                  f"{r['batch']:.1f} | {r['cpu_ms']:.0f} | {ratio:.2f}x | {cpu_ratio:.2f}x |")
     sequential = off[min(args.clients)]["throughput"]
     print(f"\nCLI `fewshot predict` per call (new process): {cli:.2f} s = {1 / cli:.2f} predictions/s; "
           f"the service with batching off, {min(args.clients)} client: {sequential:.1f}/s "
