@@ -10,9 +10,10 @@ time; the server's embedding cache is off, so every request runs the network) to
 waits for the answer, ``--requests`` times per client (at least 24 requests per run). The server is a real
 ``fewshot serve`` process on loopback, warmed up before timing; the clients run in this process on the
 same 2 cores. Batch sizes come from the server's ``/metrics``. Figures are medians over ``--repeats``
-runs. "Server CPU ms/req" is the server process's CPU time per request, the figure least moved by
-other work on the machine (req/s and latency need a quiet machine to mean much). The CLI row is ``fewshot predict REG photo.jpg --json`` as a new process (median of 3): what each
-prediction costs without a service.
+runs. "Server CPU ms/req" is the server process's CPU time per request, the figure least moved by other
+work on the machine (req/s and latency need a quiet machine to mean much). The CLI row is ``fewshot
+predict REG photo.jpg --json`` as a new process (median of 3): what each prediction costs without a
+service.
 """
 
 from __future__ import annotations
