@@ -70,3 +70,4 @@ bench: $(STAMP) $(L2L_STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/episodes.py
 	$(BIN)/python benchmarks/registry_scale.py --sweep
 	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/serve.py
