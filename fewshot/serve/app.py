@@ -55,7 +55,8 @@ class ApiError(Exception):
 
 def create_app(service: Service, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The service's ASGI app. Starting it (the lifespan) loads the model; stopping it closes the registry."""
-    app = FastAPI(title="fewshot", version=__version__, lifespan=_lifespan(service),
+    # No /docs or /redoc: their pages load scripts from a CDN, and the service fetches nothing from the internet.
+    app = FastAPI(title="fewshot", version=__version__, lifespan=_lifespan(service), docs_url=None, redoc_url=None,
                   description="Register few-shot image classes and recognise images.")
     _add_error_handlers(app)
     _add_routes(app, service)

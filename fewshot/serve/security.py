@@ -12,7 +12,7 @@ from pathlib import Path
 
 MIN_KEY_LENGTH = 16
 # Paths anyone may read: the page and its files, liveness, readiness, the API description.
-PUBLIC_PATHS = ("/", "/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/favicon.ico")
+PUBLIC_PATHS = ("/", "/healthz", "/readyz", "/openapi.json", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/",)
 
 
