@@ -59,7 +59,8 @@ def images(photos, views_of) -> dict[str, list[bytes]]:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     (root / "key").write_text(KEY + "\n")
-    srv = start_server(root / "reg", "--api-key-file", str(root / "key"), "--max-upload-mb", "2")
+    srv = start_server(root / "reg", "--api-key-file", str(root / "key"), "--max-upload-mb", "2",
+                       "--cors-origin", "https://till.example")
     yield srv
     srv.stop()
 
@@ -219,7 +220,7 @@ def test_unknown_routes_methods_and_parameters_get_json_errors(registered):
         assert r.status_code == 400 and "top_k" in r.json()["error"], r.text
 
 
-def test_info_metrics_openapi_and_no_cors_by_default(registered):
+def test_info_metrics_openapi_and_cors_only_for_the_origins_given(registered):
     info = registered.get("/v1/info").json()
     assert info["encoder"]["name"] == "efficientnet_lite0" and info["metric"] == "cosine"
     assert {"fewshot", "torch", "faiss"} <= info["versions"].keys()
@@ -231,6 +232,17 @@ def test_info_metrics_openapi_and_no_cors_by_default(registered):
     assert {"/v1/predict", "/v1/classes", "/v1/info", "/healthz", "/readyz", "/metrics"} <= paths.keys()
     r = registered.get("/v1/classes", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in r.headers
+    r = registered.get("/v1/classes", headers={"Origin": "https://till.example"})
+    assert r.headers["access-control-allow-origin"] == "https://till.example"
+
+
+def test_a_registration_keeps_the_good_files_and_lists_the_bad(registered, server, images):
+    r = registered.post("/v1/classes/coffee/images", files=files(("good.jpg", images["coffee"][2]),
+                                                                  ("bad.jpg", b"\xff\xd8 cut short")))
+    report = r.json()
+    assert r.status_code == 200 and report["added"] == 1
+    assert len(report["errors"]) == 1 and report["errors"][0].startswith("bad.jpg")
+    assert Registry.load(server.registry).count("coffee") == report["total"]
 
 
 def test_concurrent_predictions_are_batched_while_a_writer_adds(registered, images):
@@ -287,6 +299,8 @@ def test_another_address_needs_an_api_key(tmp_path):
 
 def test_sigkill_while_clients_register_loses_no_acknowledged_change(tmp_path, images):
     server = start_server(tmp_path / "reg")
+    no_cors = httpx.get(f"{server.url}/v1/classes", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in no_cors.headers  # none unless --cors-origin asks
     acknowledged: list[str] = []
     stop = threading.Event()
     two_images = files(("a.jpg", images["cat"][0]), ("b.jpg", images["coffee"][0]))
