@@ -8,7 +8,6 @@ requests from many clients go through a ``Batcher``, which groups them into one 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -108,12 +107,10 @@ class Service:
                 for i in members:
                     results[i] = exc
                 continue
-            start = 0
+            start = 0  # each Prediction's input is its upload's file name (NamedBytes)
             for i in members:
-                n = len(jobs[i].images)
-                results[i] = [dataclasses.replace(p, input=image.name)
-                              for p, image in zip(predictions[start:start + n], jobs[i].images)]
-                start += n
+                results[i] = predictions[start:start + len(jobs[i].images)]
+                start += len(jobs[i].images)
         return results
 
 
