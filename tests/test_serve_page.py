@@ -126,9 +126,9 @@ def test_keyboard_and_phone_sized_screen(page, server, photo_files, tmp_path):
     page.focus("#add-label")
     page.keyboard.type("mug")
     page.keyboard.press("Tab")
-    assert page.evaluate("document.activeElement.id") == "add-drop"
+    assert page.evaluate("document.activeElement.id") == "add-files"  # the drop zone's file input
     with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")  # the drop zone opens the file picker from the keyboard
+        page.keyboard.press("Space")  # opens the file picker from the keyboard
     chooser.value.set_files(str(photo_files["coffee"][0]))
     page.wait_for_selector("#add-pending img")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone

@@ -233,10 +233,9 @@ function bars(topK) {
 }
 
 // -- files: picker, drag and drop, webcam -------------------------------------------------------
+// The zone is a <label> around a visually hidden file input: clicking it, or Tab then Space/Enter on the
+// input, opens the browser's own file picker; dropping files on it hands them over directly.
 function wireDropzone(zone, input, onFiles) {
-  const open = () => input.click();
-  zone.addEventListener("click", open);
-  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); } });
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
   zone.addEventListener("drop", (e) => {
