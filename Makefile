@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,demo]"
+	$(BIN)/python -m pip install --quiet -e ".[test,demo,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -71,3 +71,4 @@ bench: $(STAMP) $(L2L_STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/registry_scale.py --sweep
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/openset.py
+	$(BIN)/python benchmarks/serve.py

@@ -26,7 +26,7 @@ from .data import class_folders
 from .heads import Head, load_head, save_head
 from .hygiene import Finding, diagnose, duplicate_images, likely_mislabelled, near_duplicate_classes
 from .openset import Calibration, calibrate, current_calibration
-from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, _check_label, _lock_dir
+from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, _check_label, _lock_dir, check_thumbnail
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
 # squared L2 distances are already on a large scale.
@@ -199,7 +199,7 @@ class FewShotClassifier:
         return Embeddings(vectors=vectors, sources=result.sources, errors=errors, digests=result.digests)
 
     # -- registering ----------------------------------------------------------------------------
-    def register(self, label: str, images) -> RegisterReport:
+    def register(self, label: str, images, *, thumbnail: bytes | None = None) -> RegisterReport:
         """Add ``images`` (paths, folders, bytes, PIL images, arrays) as examples of class ``label``.
 
         A new label creates the class; an existing one gains examples (its prototype is a running
@@ -211,8 +211,13 @@ class FewShotClassifier:
         The registry records each image's name and content digest. An image the class already holds
         (same digest) is skipped rather than counted twice; that, an image also in another class, a
         near-duplicate new class and likely mislabelled examples are in ``RegisterReport.warnings``.
+
+        ``thumbnail``: a small encoded image (``fewshot.thumbnails.make_thumbnail``) kept as the class's
+        thumbnail, saved in the same atomic save as the examples.
         """
         label = _check_label(label)  # before the (slow) embedding; labels are stored in Unicode NFC
+        if thumbnail is not None:
+            check_thumbnail(thumbnail)
         result = self._embed(images)
         failures = [e for e in result.errors if e]
         if not len(result.errors):
@@ -228,8 +233,10 @@ class FewShotClassifier:
         if keep:  # all skipped: the class already holds every one of these images
             is_new = label not in self.registry_
             vectors, kept = result.vectors[ok[keep]], [sources[i] for i in keep]
-            with self._change():
+            with self._change():  # examples, thumbnail and refitted threshold: one save, all or none
                 self.registry_.add(label, vectors, sources=kept)
+                if thumbnail is not None:
+                    self.registry_.set_thumbnail(label, thumbnail)
             warnings += [f.message for f in self._registration_findings(label, vectors, kept, is_new)]
         return RegisterReport(label=label, added=len(keep), total=self.registry_.count(label),
                               errors=failures, warnings=warnings)

@@ -438,6 +438,31 @@ def cmd_demo(args) -> int:
                     encoder=args.encoder, weights=args.weights, progress=_progress())
 
 
+def cmd_serve(args) -> int:
+    """Serve the registry over HTTP (and the web page) until interrupted; see the README's "Serve it"."""
+    try:
+        from .serve import ServeSettings, is_loopback, read_api_key, run
+    except ImportError as e:
+        raise FewShotError(f"fewshot serve needs the serve extra ({e}); pip install 'fewshot[serve]'") from None
+    if not is_loopback(args.host) and not args.api_key_file:
+        raise UsageError(f"--host {args.host} is not a loopback address: anyone who can reach it could change "
+                         "the registry, so give --api-key-file FILE (clients send the key as 'Authorization: "
+                         "Bearer KEY' or 'X-API-Key: KEY')")
+    for name in ("max_upload_mb", "max_total_upload_mb"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0")
+    settings = ServeSettings(api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
+                             max_upload_mb=args.max_upload_mb, max_total_upload_mb=args.max_total_upload_mb,
+                             max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                             compile=args.compile, cors_origins=args.cors_origin)
+    args.no_cache = True  # uploads are not kept, so neither are their embeddings
+    with _open_for_writing(args) as classifier:  # the lock error comes here, before the model loads
+        classifier.progress = False
+        print(f"fewshot serve: {args.registry} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+        run(classifier, settings, host=args.host, port=args.port)
+    return 0
+
+
 # -- helpers ----------------------------------------------------------------------------------
 def _registry_exists(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file()
@@ -676,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_evaluate)
 
+    _add_serve_parser(sub, [common, encoder, with_head])
+
     p = sub.add_parser("info", parents=[common, encoder], help="versions, threads and encoders")
     p.set_defaults(run=cmd_info)
 
@@ -686,6 +713,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_demo)
     return parser
+
+
+def _add_serve_parser(sub, parents) -> None:
+    p = sub.add_parser("serve", parents=parents, help="HTTP service and web page over a registry (created if absent)")
+    p.add_argument("registry", help="registry directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", metavar="FILE", help="file holding the API key clients must send "
+                   "(required for a --host other than loopback)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20)")
+    p.add_argument("--max-total-upload-mb", type=float, default=200.0,
+                   help="upload bytes held for all requests in progress at once (default 200)")
+    p.add_argument("--max-batch", type=_positive_int, default=16,
+                   help="images per model batch of predictions (1 turns batching off; default 16)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long a prediction waits for others to batch with (default 5)")
+    p.add_argument("--compile", choices=["none", "torchscript", "inductor", "auto"], default="torchscript",
+                   help="how the encoder's network runs: same features, other speed (default torchscript: "
+                        "built once at start-up)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN to call the API (repeatable; default none)")
+    p.add_argument("--metric", choices=["cosine", "l2"], default="cosine", help="for a new registry")
+    p.add_argument("--index", default="auto", help="FAISS factory string for a new registry (default auto)")
+    p.add_argument("--store-examples", action="store_true", help="keep every example embedding (new registry)")
+    p.set_defaults(run=cmd_serve)
 
 
 if __name__ == "__main__":

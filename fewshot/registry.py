@@ -66,9 +66,11 @@ MAX_DIM = 65536
 MAX_LABEL_LEN = 1024
 MAX_MANIFEST_BYTES = 256 * 2**20  # a hostile manifest must not be able to exhaust memory
 _MAX_INT = 2**62  # upper bound for ids, counts and generations read from disk
-_DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids|provenance)-(\d+)\.(npy|faiss|json)$")
+_DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids|provenance|thumbnails|thumbnail_spans)"
+                      r"-(\d+)\.(npy|faiss|json)$")
 MAX_SOURCE_LEN = 4096  # characters of an example's source name (a path; Linux's PATH_MAX)
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+MAX_THUMBNAIL_BYTES = 64 * 2**10  # a class thumbnail is a small JPEG; the registry keeps its bytes opaque
 # Attachments: small named files saved with the registry (e.g. a copy of its head), same checksums.
 _ATTACHMENT_RE = re.compile(r"^(attachment)-(\d+)-([a-z0-9][a-z0-9_.-]{0,63})$")
 _ATTACHMENT_KEY = "attachment:"
@@ -159,6 +161,13 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def check_thumbnail(data) -> bytes:
+    """``data`` if it can be a class thumbnail (1 to MAX_THUMBNAIL_BYTES bytes), else ValueError."""
+    if not isinstance(data, (bytes, bytearray)) or not 0 < len(data) <= MAX_THUMBNAIL_BYTES:
+        raise ValueError(f"a thumbnail must be 1 to {MAX_THUMBNAIL_BYTES} bytes of encoded image data")
+    return data
 
 
 def _chunk_rows(dim: int) -> int:
@@ -385,6 +394,7 @@ class Registry:
         # content digest -> FAISS ids of the classes holding it; built on first use, then kept up to date
         # (so that checking a registration for repeated images does not scan every class's sources)
         self._owners: dict[str, set[int]] | None = None
+        self._thumbnails: dict[str, bytes] = {}  # label -> small JPEG (set_thumbnail), saved with the rest
         self._next_id = 0
         self._generation = 0
         self._index = None
@@ -611,6 +621,7 @@ class Registry:
                     self._owners[source.digest].discard(cid)
             self._free.append(row)
             self._index_remove(cid)
+            self._thumbnails.pop(label, None)
 
     @_saved
     def rename(self, old: str, new: str) -> None:
@@ -625,6 +636,24 @@ class Registry:
             # Rebuild the dict to keep the class at its position; the FAISS id is unchanged.
             self._row_of = {(new if k == old else k): v for k, v in self._row_of.items()}
             self._labels[row] = new
+            if old in self._thumbnails:
+                self._thumbnails[new] = self._thumbnails.pop(old)
+
+    @_saved
+    def set_thumbnail(self, label: str, data: bytes) -> None:
+        """Keep ``data`` (a small encoded image, at most ``MAX_THUMBNAIL_BYTES``; the registry never
+        decodes it) as class ``label``'s thumbnail, saved and checksummed with the registry. It follows
+        the class through ``rename`` and goes with ``remove``."""
+        check_thumbnail(data)
+        with self._lock:
+            self._get(label)
+            self._thumbnails[label] = bytes(data)
+
+    def thumbnail(self, label: str) -> bytes | None:
+        """Class ``label``'s thumbnail (``set_thumbnail``), or None if it has none."""
+        with self._lock:
+            self._get(label)
+            return self._thumbnails.get(label)
 
     def _record_sources(self, cid: int, count: int, n: int, sources: list[ExampleSource] | None) -> None:
         """Keep the sources of n examples added to a class of count examples (unrecorded where None)."""
@@ -1104,6 +1133,10 @@ class Registry:
                  for cid in self._ids[rows].tolist() if cid in self._sources]
         text = json.dumps({"classes": table}, separators=(",", ":")).encode()
         files["provenance"] = _write_atomic(path, f"provenance-{g}.json", lambda f: f.write(text), written)
+        if self._thumbnails:
+            blob, spans = _thumbnail_arrays([self._thumbnails.get(label, b"") for label in self._row_of])
+            files["thumbnails"] = _write_atomic(path, f"thumbnails-{g}.npy", _npy(blob), written)
+            files["thumbnail_spans"] = _write_atomic(path, f"thumbnail_spans-{g}.npy", _npy(spans), written)
         return files
 
     @classmethod
@@ -1172,6 +1205,8 @@ class Registry:
             _load_examples(path, m, reg, opened)
         if "provenance" in m["files"]:
             reg._sources = _load_sources(path, m, opened)
+        if "thumbnails" in m["files"]:  # registries saved before thumbnails existed have none
+            reg._thumbnails = _load_thumbnails(path, m, labels, opened)
         reg.attachments = _load_attachments(path, m, opened)
         reg._index = _load_index(path, m, reg, opened)
         reg._in_use, reg._fallback = _index_in_use(mpath, m, reg)
@@ -1428,6 +1463,7 @@ def _parse_manifest(mpath: Path) -> dict:
     if version >= 4:
         _field(files, "provenance", dict, mpath)
     optional = ("provenance",) if "provenance" in files else ()  # format 4 has one; older ones may
+    optional += ("thumbnails", "thumbnail_spans") if "thumbnails" in files else ()
     attached = tuple(k for k in files if isinstance(k, str) and k.startswith(_ATTACHMENT_KEY))
     for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()) + optional + attached:
         entry = _field(files, key, dict, mpath)
@@ -1520,7 +1556,7 @@ def _read_manifest(path: Path) -> dict:
 def _open_generation(path: Path, m: dict) -> dict:
     """{file name: open file} for every data file the manifest ``m`` names."""
     keys = (("prototypes", "index") + (("examples", "example_class_ids") if m["store_examples"] else ())
-            + (("provenance",) if "provenance" in m["files"] else ())
+            + tuple(k for k in ("provenance", "thumbnails", "thumbnail_spans") if k in m["files"])
             + tuple(k for k in m["files"] if k.startswith(_ATTACHMENT_KEY)))
     opened: dict = {}
     try:
@@ -1634,6 +1670,25 @@ def _load_npy(path: Path, entry: dict, shape: tuple, dtype, opened: dict) -> np.
             fortran and len(shape) > 1 and min(shape) > 1):
         raise RegistryFormatError(f"{bad}, got {got_dtype} {tuple(got_shape)}")
     return arr
+
+
+def _thumbnail_arrays(thumbnails: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """All thumbnails as one uint8 array plus (offset, length) per class (length 0: none)."""
+    lengths = np.array([len(t) for t in thumbnails], np.int64)
+    spans = np.stack([np.cumsum(lengths) - lengths, lengths], axis=1)
+    return np.frombuffer(b"".join(thumbnails), np.uint8), spans
+
+
+def _load_thumbnails(path: Path, m: dict, labels: list[str], opened: dict) -> dict[str, bytes]:
+    files = m["files"]
+    spans = _load_npy(path, files["thumbnail_spans"], (len(labels), 2), np.int64, opened)
+    fname = path / files["thumbnail_spans"]["name"]
+    if (spans < 0).any() or (spans[:, 1] > MAX_THUMBNAIL_BYTES).any():
+        raise RegistryFormatError(f"{fname}: thumbnail lengths outside 0..{MAX_THUMBNAIL_BYTES}")
+    blob = _load_npy(path, files["thumbnails"], (int(spans[:, 1].sum()),), np.uint8, opened)
+    if (spans.sum(axis=1) > len(blob)).any():
+        raise RegistryFormatError(f"{fname}: thumbnail offsets outside the thumbnails file")
+    return {label: blob[a:a + n].tobytes() for label, (a, n) in zip(labels, spans.tolist()) if n}
 
 
 def _load_examples(path: Path, m: dict, reg: Registry, opened: dict) -> None:

@@ -262,3 +262,13 @@ def test_explain_without_stored_examples_gives_no_neighbours(encoder, photos):
     assert p.neighbours == []
     with pytest.raises(ValueError, match="explain"):
         clf.predict(photos["rocket"], explain=-1)
+def test_register_saves_a_thumbnail_with_the_examples_in_one_save(tmp_path, encoder, photos):
+    from fewshot.registry import Registry
+    from fewshot.thumbnails import make_thumbnail
+
+    with FewShotClassifier.open(tmp_path / "r", encoder=encoder, cache=False) as clf:
+        clf.register("cat", [photos["chelsea"]], thumbnail=make_thumbnail(photos["chelsea"]))
+        with pytest.raises(ValueError, match="thumbnail"):
+            clf.register("coffee", [photos["coffee"]], thumbnail=b"")  # refused: the examples are not kept either
+    saved = Registry.load(tmp_path / "r")
+    assert saved.classes == ["cat"] and saved.thumbnail("cat")[:2] == b"\xff\xd8"

@@ -853,3 +853,38 @@ def test_provenance_file_is_covered_by_the_checksum(tmp_path):
     (tmp_path / "r" / name).write_bytes(bytes(data))
     with pytest.raises(RegistryFormatError, match=f"{name}: sha256 mismatch"):
         Registry.load(tmp_path / "r")
+def test_thumbnails_are_saved_checksummed_and_follow_their_class(tmp_path):
+    reg, _ = filled(n_classes=3)
+    jpeg_like = {"class-0": b"\xff\xd8 zero", "class-2": b"\xff\xd8 two" * 50}
+    for label, data in jpeg_like.items():
+        reg.set_thumbnail(label, data)
+    reg.save(tmp_path / "r")
+    loaded = Registry.load(tmp_path / "r")
+    assert [loaded.thumbnail(c) for c in ("class-0", "class-1", "class-2")] == [
+        jpeg_like["class-0"], None, jpeg_like["class-2"]]
+    with Registry.open(tmp_path / "r") as bound:  # each change saved: the thumbnail moves and goes with it
+        bound.rename("class-2", "renamed")
+        bound.remove("class-0")
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.thumbnail("renamed") == jpeg_like["class-2"]
+    assert loaded.thumbnail("class-1") is None and "class-0" not in loaded
+    with pytest.raises(UnknownClassError):
+        loaded.set_thumbnail("nope", b"x")
+    for bad in (b"", "text", b"x" * (64 * 1024 + 1)):
+        with pytest.raises(ValueError, match="thumbnail"):
+            loaded.set_thumbnail("class-1", bad)
+    # A flipped byte in the thumbnails file is caught like one in any data file.
+    name = manifest(tmp_path / "r")["files"]["thumbnails"]["name"]
+    data = bytearray((tmp_path / "r" / name).read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "r" / name).write_bytes(bytes(data))
+    with pytest.raises(RegistryFormatError, match="sha256"):
+        Registry.load(tmp_path / "r")
+
+
+def test_registries_without_thumbnails_load_and_write_no_thumbnail_files(tmp_path):
+    reg, _ = filled(n_classes=2)
+    reg.save(tmp_path / "r")
+    assert "thumbnails" not in manifest(tmp_path / "r")["files"]
+    assert not [n for n in os.listdir(tmp_path / "r") if n.startswith("thumbnail")]
+    assert Registry.load(tmp_path / "r").thumbnail("class-0") is None

@@ -1,0 +1,124 @@
+"""The classifier behind the HTTP API: one worker thread runs the model and every registry change.
+
+Everything that touches the model or changes the registry runs in that one thread, so changes are
+serialised (the registry's one writer) and predictions never run beside a half-applied change. Predict
+requests from many clients go through a ``Batcher``, which groups them into one model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..classifier import FewShotClassifier, Prediction, RegisterReport
+from ..errors import ImageError
+from ..images import NamedBytes
+from ..thumbnails import make_thumbnail
+from .batching import Batcher
+from .telemetry import Telemetry
+
+MAX_TOP_K = 1000
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    images: list[NamedBytes]
+    top_k: int
+
+
+class Service:
+    """Owns an open ``FewShotClassifier`` (``FewShotClassifier.open``) and the thread that uses it."""
+
+    def __init__(self, classifier: FewShotClassifier, *, max_batch: int = 16, batch_window_ms: float = 5.0,
+                 compile: str | None = "torchscript", telemetry: Telemetry | None = None):
+        self.classifier = classifier
+        self.compile = compile  # how the encoder's network runs (``Encoder.compile``); None: as it is
+        self.telemetry = telemetry or Telemetry()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewshot-model")
+        self.batcher: Batcher[PredictJob] = Batcher(self._predict_batch, self._worker, max_batch=max_batch,
+                                                    window_s=batch_window_ms / 1000,
+                                                    on_batch=self.telemetry.record_batch)
+        self.ready = False
+
+    async def start(self) -> None:
+        """Load the model and run it once, so that the first request is as fast as the others."""
+        await self._in_worker(self._warm_up)
+        self.ready = True
+
+    def _warm_up(self) -> None:
+        encoder = self.classifier.encoder_
+        if self.compile is not None:  # a long-running service pays a compile once, at start-up
+            encoder.compile = self.compile
+        encoder.embed_batch([np.full((224, 224, 3), 128, np.uint8)] * 2, progress=False)
+        self.classifier.registry_  # noqa: B018 - creates an empty registry for a new path
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        self._worker.shutdown(wait=True)
+        self.classifier.close()
+
+    async def _in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    # -- reading: in a helper thread, as the registry's lock may be held by a save for a while ----
+    async def counts(self) -> dict[str, int]:
+        return await asyncio.to_thread(lambda: self.classifier.counts)
+
+    async def thumbnail(self, label: str) -> bytes | None:
+        return await asyncio.to_thread(self.classifier.registry_.thumbnail, label)
+
+    def class_count(self) -> int:
+        """Classes in the registry (no lock, O(1)); 0 until the model is loaded."""
+        return len(self.classifier.registry_) if self.ready else 0
+
+    # -- changes (the worker thread) --------------------------------------------------------------
+    async def register(self, label: str, images: list[NamedBytes]) -> RegisterReport:
+        return await self._in_worker(self._register, label, images)
+
+    def _register(self, label: str, images: list[NamedBytes]) -> RegisterReport:
+        registry = self.classifier.registry_
+        thumbnail = None
+        if not (label in registry and registry.thumbnail(label) is not None):
+            thumbnail = _first_thumbnail(images)
+        return self.classifier.register(label, images, thumbnail=thumbnail)
+
+    async def remove(self, label: str) -> None:
+        await self._in_worker(self.classifier.remove, label)
+
+    async def rename(self, old: str, new: str) -> None:
+        await self._in_worker(self.classifier.rename, old, new)
+
+    # -- predicting (batched, the worker thread) ---------------------------------------------------
+    async def predict(self, images: list[NamedBytes], top_k: int) -> list[Prediction]:
+        return await self.batcher.submit(PredictJob(images, top_k), size=len(images))
+
+    def _predict_batch(self, jobs: list[PredictJob]) -> list[list[Prediction] | Exception]:
+        """One model call per distinct top_k in the batch (normally one), split back per request."""
+        results: list[list[Prediction] | Exception | None] = [None] * len(jobs)
+        for top_k in sorted({job.top_k for job in jobs}):
+            members = [i for i, job in enumerate(jobs) if job.top_k == top_k]
+            images = [image for i in members for image in jobs[i].images]
+            try:
+                predictions = self.classifier.predict(images, top_k=top_k)
+            except Exception as exc:  # e.g. no classes yet: every request of this group gets it
+                for i in members:
+                    results[i] = exc
+                continue
+            start = 0  # each Prediction's input is its upload's file name (NamedBytes)
+            for i in members:
+                results[i] = predictions[start:start + len(jobs[i].images)]
+                start += len(jobs[i].images)
+        return results
+
+
+def _first_thumbnail(images: list[NamedBytes]) -> bytes | None:
+    """A thumbnail of the first image that decodes (None if none does: register reports why)."""
+    for image in images:
+        try:
+            return make_thumbnail(image)
+        except ImageError:
+            continue
+    return None
