@@ -91,8 +91,7 @@ def _format_prediction(p) -> str:
 
 
 def cmd_classes(args) -> int:
-    classifier = _load(args, need_encoder=False)
-    counts = classifier.counts
+    counts = _load_registry(args).counts  # the registry alone: no encoder, so no torch to import
     if args.json:
         print(json.dumps([{"label": k, "count": v} for k, v in counts.items()], indent=2, ensure_ascii=False))
     else:
@@ -224,9 +223,22 @@ def _open_registry(args):
     """The registry at args.registry, for writing without an encoder (remove, rename)."""
     from .registry import Registry
 
-    if not _registry_exists(args.registry):
-        _load(args, need_encoder=False)  # raises the usual "no registry" error
+    _require_registry(args.registry)
     return Registry.open(args.registry)
+
+
+def _load_registry(args):
+    """The registry at args.registry, read-only and without an encoder (listing classes)."""
+    from .registry import Registry
+
+    _require_registry(args.registry)
+    return Registry.load(args.registry)
+
+
+def _require_registry(path: str) -> None:
+    if not _registry_exists(path):
+        raise FewShotError(f"no registry at {path}; create one with "
+                           f"`fewshot register {path} --class NAME IMAGES...`")
 
 
 def _encoder(args):
@@ -252,9 +264,7 @@ def _load(args, need_encoder: bool = True):
     from .classifier import FewShotClassifier
     from .registry import Registry
 
-    if not _registry_exists(args.registry):
-        raise FewShotError(f"no registry at {args.registry}; create one with "
-                           f"`fewshot register {args.registry} --class NAME IMAGES...`")
+    _require_registry(args.registry)
     if not need_encoder:  # listing, removing and renaming never run the network
         classifier = FewShotClassifier()
         classifier._registry = Registry.load(args.registry)
