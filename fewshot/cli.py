@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_register(args) -> int:
+    if args.from_embeddings:
+        return cmd_register_from_embeddings(args)
     if bool(args.class_name) == bool(args.folder):
         raise UsageError("give either --class NAME PATH... or --folder DIR")
     if args.class_name and not args.paths:
@@ -67,6 +69,46 @@ def cmd_register(args) -> int:
         failures += len(report.errors)
     print(f"saved {args.registry} ({len(classifier.classes)} classes)")
     return 1 if failures else 0
+
+
+def cmd_register_from_embeddings(args) -> int:
+    """`register REG --from-embeddings EMB.parquet`: classes from `fewshot embed` output, no network run."""
+    from .jobs import dataset_fingerprint, register_embeddings
+    from .registry import Registry
+
+    if args.class_name or args.folder or args.paths or args.head:
+        raise UsageError("--from-embeddings takes no --class, --folder, --head or image paths: the classes come "
+                         "from the embeddings' class column")
+    fingerprint = dataset_fingerprint(args.from_embeddings)
+    if fingerprint is None:
+        raise FewShotError(f"no embeddings at {args.from_embeddings}; write them with "
+                           f"`fewshot embed DATA --out {args.from_embeddings}`")
+    if _registry_exists(args.registry):
+        registry = Registry.open(args.registry)  # register_embeddings refuses another encoder's vectors
+    else:
+        registry = Registry.open(args.registry, fingerprint["features"]["dim"], metric=args.metric, index=args.index,
+                                 fingerprint=fingerprint, store_examples=args.store_examples)
+    with registry:
+        counts = register_embeddings(registry, args.from_embeddings)
+    print(f"{counts['classes']} classes from {counts['images']} embeddings ({counts['unlabelled']} without a class, "
+          f"{counts['failed']} failed rows skipped)")
+    print(f"saved {args.registry} ({len(registry)} classes)")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    """`embed DATA --out EMB.parquet`: embed a dataset to Parquet, locally or on Ray; resumes."""
+    from .jobs import embed_to_parquet
+
+    spec = {"name": args.encoder or "efficientnet_lite0", "weights": args.weights, "stages": args.stages,
+            "pool": args.pool, "input_size": args.input_size}
+    report = embed_to_parquet(args.data, args.out, encoder=spec, engine=args.engine, address=args.address,
+                              actors=args.actors, batch_size=args.batch_size,
+                              progress=False if args.no_progress else None)
+    print(f"{report.out}: {report.written} written ({report.failed} failed), {report.skipped} already there")
+    if report.failed:
+        print(f"fewshot: {report.failed} image(s) could not be embedded; see the 'error' column", file=sys.stderr)
+    return 0
 
 
 def cmd_predict(args) -> int:
@@ -332,7 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default="auto", help="FAISS factory string for a new registry (default auto: exact "
                    "search while small, an approximate index with exact re-scoring once large)")
     p.add_argument("--store-examples", action="store_true", help="keep every example embedding (new registry)")
+    p.add_argument("--from-embeddings", metavar="EMB", help="add the classes of a `fewshot embed` Parquet dataset "
+                   "(bulk; refuses embeddings of another encoder)")
     p.set_defaults(run=cmd_register)
+    _add_embed_parser(sub, parents=[common, encoder])
 
     p = sub.add_parser("predict", parents=[common, encoder, with_head], help="predict the class of images")
     p.add_argument("registry")
@@ -407,6 +452,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_demo)
     return parser
+
+
+def _add_embed_parser(sub, parents: list) -> None:
+    p = sub.add_parser("embed", parents=parents, help="embed a dataset to Parquet (locally or on Ray); resumes")
+    p.add_argument("data", help="dataset folder or zip (classes from its layout), a folder of images, or a .txt "
+                                "file listing image paths")
+    p.add_argument("--out", required=True, metavar="EMB.parquet", help="Parquet dataset (a folder of parts) to "
+                   "write; paths already in it are skipped")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--address", help="Ray cluster address ('auto': the running cluster; default: a local Ray)")
+    p.add_argument("--actors", type=_positive_int, help="Ray actors, each loading the encoder once "
+                                                         "(default: one per CPU)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per actor call (Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_embed)
 
 
 if __name__ == "__main__":
