@@ -111,6 +111,26 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """`export --out DIR [--head H | --registry REG] [--int8]`: an onnxruntime + numpy deployment folder."""
+    from .export import export_bundle
+    from .heads import load_head
+
+    if args.head and args.registry:
+        raise UsageError("give --head or --registry, not both: a registry exports the head it was built with")
+    if args.registry:
+        classifier = _load(args)
+        files = export_bundle(args.out, encoder=classifier.encoder_, head=classifier.head_,
+                              registry=classifier.registry_, temperature=classifier.temperature_,
+                              unknown_threshold=classifier.unknown_threshold, int8=args.int8)
+    else:
+        head = load_head(args.head) if args.head else None
+        files = export_bundle(args.out, encoder=_head_or_plain_encoder(args, head), head=head, int8=args.int8)
+    for role, path in files.items():
+        print(f"{role}\t{path}")
+    return 0
+
+
 def cmd_predict(args) -> int:
     classifier = _load(args)
     if args.threshold is not None:
@@ -378,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(bulk; refuses embeddings of another encoder)")
     p.set_defaults(run=cmd_register)
     _add_embed_parser(sub, parents=[common, encoder])
+    _add_export_parser(sub, parents=[common, encoder, with_head])
 
     p = sub.add_parser("predict", parents=[common, encoder, with_head], help="predict the class of images")
     p.add_argument("registry")
@@ -467,6 +488,16 @@ def _add_embed_parser(sub, parents: list) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per actor call (Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_embed)
+
+
+def _add_export_parser(sub, parents: list) -> None:
+    p = sub.add_parser("export", parents=parents, help="export the encoder (and head, registry) to ONNX for "
+                                                        "deployment with onnxruntime and numpy only")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write encoder.onnx, preprocess.json, ...")
+    p.add_argument("--registry", metavar="REG", help="also export this registry's prototypes and labels (and the "
+                                                     "encoder and head it was built with)")
+    p.add_argument("--int8", action="store_true", help="also write encoder.int8.onnx (int8 weights)")
+    p.set_defaults(run=cmd_export)
 
 
 if __name__ == "__main__":
