@@ -39,8 +39,10 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 
 
-def export_module(module, path: str | os.PathLike, example) -> Path:
-    """Export a torch module taking one ``(N, ...)`` float32 tensor to ONNX with a dynamic batch, atomically."""
+def export_module(module, path: str | os.PathLike, example, *, names: tuple[str, str] = (INPUT_NAME, OUTPUT_NAME)
+                  ) -> Path:
+    """Export a torch module taking one ``(N, ...)`` float32 tensor to ONNX with a dynamic batch, atomically;
+    ``names``: its input and output names."""
     import torch
 
     path = Path(path)
@@ -51,8 +53,8 @@ def export_module(module, path: str | os.PathLike, example) -> Path:
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's
             # The TorchScript-based exporter: ~1 s for Lite0, where the dynamo exporter takes ~15 s.
             torch.onnx.export(module.eval(), (example,), str(tmp), dynamo=False, opset_version=OPSET,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                              input_names=[names[0]], output_names=[names[1]],
+                              dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}})
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -146,7 +148,8 @@ def export_bundle(out: str | os.PathLike, *, encoder, head=None, registry=None, 
     if head is not None:
         import torch
 
-        files["head"] = export_module(head, out / "head.onnx", torch.zeros(2, head.in_dim))
+        files["head"] = export_module(head, out / "head.onnx", torch.zeros(2, head.in_dim),
+                                      names=(OUTPUT_NAME, "head_vectors"))
         _write_json(out / "head.json", {"name": head.name, "metric": head.metric, "in_dim": head.in_dim,
                                         "out_dim": head.out_dim, "fingerprint": head.fingerprint})
         files["head_info"] = out / "head.json"

@@ -348,8 +348,9 @@ def _ray_batches(spec: dict, encoder, todo: list[Source], address: str | None, a
     pool = actors or max(1, int(ray.available_resources().get("CPU", 1)))
     rows = [{"path": s.path, "zip": s.zip or "", "member": s.member or "", "class": s.label or "",
              "group": s.group or ""} for s in todo]
-    # An actor embeds many batches: compile its network once (same features, faster) unless told otherwise.
-    spec = {"compile": "torchscript", **spec}
+    # An actor embeds many small batches: pick the fast network once (same features), unless told otherwise.
+    # (The local engine's calls of DEFAULT_PART_ROWS images get the same from runtime="auto".)
+    spec = {"runtime": "onnxruntime", "compile": "torchscript", **spec}
     ds = ray.data.from_items(rows).map_batches(
         EmbedActor, fn_constructor_kwargs={"spec": spec, "fingerprint": encoder.fingerprint},
         batch_size=batch_size, concurrency=pool, num_cpus=1, batch_format="numpy")
