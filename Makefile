@@ -70,4 +70,6 @@ bench: $(STAMP) $(L2L_STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/episodes.py
 	$(BIN)/python benchmarks/registry_scale.py --sweep
 	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/export.py
+	$(BIN)/python benchmarks/jobs.py
 	$(BIN)/python benchmarks/startup.py
