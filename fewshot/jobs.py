@@ -351,7 +351,8 @@ def _ray_batches(spec: dict, encoder, todo: list[Source], address: str | None, a
     # An actor embeds many small batches: pick the fast network once (same features), unless told otherwise.
     # (The local engine's calls of DEFAULT_PART_ROWS images get the same from runtime="auto".)
     spec = {"runtime": "onnxruntime", "compile": "torchscript", **spec}
-    ds = ray.data.from_items(rows).map_batches(
+    blocks = -(-len(rows) // batch_size)  # one block per actor call, not Ray's default of one per row here
+    ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         EmbedActor, fn_constructor_kwargs={"spec": spec, "fingerprint": encoder.fingerprint},
         batch_size=batch_size, concurrency=pool, num_cpus=1, batch_format="numpy")
     for batch in ds.iter_batches(batch_size=part_rows, batch_format="numpy"):
