@@ -8,7 +8,8 @@ images with ``--threads`` threads. Reported per runtime: the first call (export 
 median images/s over ``--reps`` passes, the ratio to eager, achieved GFLOP/s as a % of a float32 matmul
 peak timed in the same run, the lowest cosine similarity to eager's embeddings, and nearest-prototype
 agreement: the share of queries whose nearest class prototype (built by that runtime) is the one eager
-finds. End-to-end figures (decode included) against the naive loop: benchmarks/embedding.py.
+finds. int8 is static (QDQ, per-channel weights), calibrated on the photos of ``--calibration-classes``
+other classes. End-to-end figures (decode included) against the naive loop: benchmarks/embedding.py.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ def photos(zip_path: Path, classes: int, per_class: int, target: Path) -> dict[s
     return out
 
 
-def runtimes(encoder, batch: int, threads: int, folder: Path):
+def runtimes(encoder, batch: int, threads: int, folder: Path, calibration: list[Path]):
     """name -> (build function returning a batch -> numpy callable)."""
     import torch
 
     from fewshot.encoders import _compile_features
-    from fewshot.export import export_module, quantize_int8, session
+    from fewshot.export import export_module, preprocess_images, quantize_int8, session
 
     probe = encoder.probe_batch(batch)
 
@@ -75,7 +76,7 @@ def runtimes(encoder, batch: int, threads: int, folder: Path):
         def build():
             path = export_module(encoder.features_module(), folder / "encoder.onnx", probe)
             if int8:
-                path = quantize_int8(path, folder / "encoder.int8.onnx")
+                path = quantize_int8(path, folder / "encoder.int8.onnx", preprocess_images(encoder, calibration))
             ort = session(path, threads)
             return lambda x: ort.run(None, {"images": np.ascontiguousarray(x.numpy())})[0]
         return build
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_ZIP)
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--queries", type=int, default=3, help="query photos per class")
+    parser.add_argument("--calibration-classes", type=int, default=8,
+                        help="further classes whose photos calibrate int8 (never evaluated)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
@@ -113,7 +116,8 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fewshot-export-bench-") as tmp:
         tmp = Path(tmp)
-        found = photos(args.data, args.classes, 1 + args.queries, tmp / "photos")
+        found = photos(args.data, args.classes + args.calibration_classes, 1 + args.queries, tmp / "photos")
+        calibration = [p for label in list(found)[args.classes:] for p in found.pop(label)]
         paths = [p for ps in found.values() for p in ps]
         images = torch.stack([encoder.transform(load_image(p)) for p in paths]).contiguous(
             memory_format=torch.channels_last)
@@ -121,7 +125,7 @@ def main() -> None:
         batches = [images[i:i + args.batch] for i in range(0, len(images), args.batch)]
         gflop, peak = gflop_per_image(), matmul_peak_gflops()
         results = {}
-        for name, build in runtimes(encoder, args.batch, args.threads, tmp).items():
+        for name, build in runtimes(encoder, args.batch, args.threads, tmp, calibration).items():
             if name in args.skip.split(","):
                 continue
             print(f"  timing {name} ...", file=sys.stderr, flush=True)

@@ -116,16 +116,20 @@ def cmd_export(args) -> int:
     from .export import export_bundle
     from .heads import load_head
 
+    if args.int8 and not args.calibration:
+        raise UsageError("--int8 needs --calibration DIR: a few dozen photos like the ones to classify")
     if args.head and args.registry:
         raise UsageError("give --head or --registry, not both: a registry exports the head it was built with")
     if args.registry:
         classifier = _load(args)
         files = export_bundle(args.out, encoder=classifier.encoder_, head=classifier.head_,
                               registry=classifier.registry_, temperature=classifier.temperature_,
-                              unknown_threshold=classifier.unknown_threshold, int8=args.int8)
+                              unknown_threshold=classifier.unknown_threshold, int8=args.int8,
+                              calibration=args.calibration)
     else:
         head = load_head(args.head) if args.head else None
-        files = export_bundle(args.out, encoder=_head_or_plain_encoder(args, head), head=head, int8=args.int8)
+        files = export_bundle(args.out, encoder=_head_or_plain_encoder(args, head), head=head, int8=args.int8,
+                              calibration=args.calibration)
     for role, path in files.items():
         print(f"{role}\t{path}")
     return 0
@@ -496,7 +500,9 @@ def _add_export_parser(sub, parents: list) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write encoder.onnx, preprocess.json, ...")
     p.add_argument("--registry", metavar="REG", help="also export this registry's prototypes and labels (and the "
                                                      "encoder and head it was built with)")
-    p.add_argument("--int8", action="store_true", help="also write encoder.int8.onnx (int8 weights)")
+    p.add_argument("--int8", action="store_true", help="also write encoder.int8.onnx (int8 weights and activations)")
+    p.add_argument("--calibration", metavar="DIR", help="with --int8: a few dozen photos like the ones to classify, "
+                                                        "to calibrate the int8 activation ranges")
     p.set_defaults(run=cmd_export)
 
 

@@ -17,9 +17,11 @@ from fewshot.export import cached_encoder_onnx, export_bundle, min_cosine, sessi
 
 
 @pytest.fixture(scope="module")
-def bundle(encoder, tmp_path_factory):
+def bundle(encoder, caltech_subset, tmp_path_factory):
+    """Encoder only, with int8 calibrated on classes the int8 test does not evaluate on."""
     out = tmp_path_factory.mktemp("bundle")
-    return out, export_bundle(out, encoder=encoder, int8=True)
+    calibration = sorted(caltech_subset.iterdir())[5:]
+    return out, export_bundle(out, encoder=encoder, int8=True, calibration=calibration)
 
 
 def test_encoder_onnx_has_a_dynamic_batch_and_matches_eager(bundle, encoder):
@@ -44,7 +46,8 @@ def test_preprocessing_json_describes_the_encoder_input(bundle, encoder):
 
 
 def test_int8_encoder_keeps_the_nearest_prototype(bundle, encoder, caltech_subset):
-    """int8 weights: the nearest class prototype (5 Caltech classes, 2 shots) stays the fp32 one."""
+    """int8: the nearest class prototype (5 Caltech classes, 2 shots) mostly stays the fp32 one (measured
+    80% on 10 classes in benchmarks/export.py; 20% would be chance)."""
     _, files = bundle
     folders = sorted(caltech_subset.iterdir())[:5]
     support = {f.name: sorted(f.iterdir())[:2] for f in folders}
@@ -64,7 +67,7 @@ def test_int8_encoder_keeps_the_nearest_prototype(bundle, encoder, caltech_subse
     q8 = int8.run(None, {"images": preprocessed(queries)})[0]
     for a, b in zip(q32, q8):
         agreement.append(_nearest(a, protos32) == _nearest(b, protos8))
-    assert np.mean(agreement) >= 0.9, f"int8 agreed on {np.mean(agreement):.0%} of {len(agreement)} queries"
+    assert np.mean(agreement) >= 0.6, f"int8 agreed on {np.mean(agreement):.0%} of {len(agreement)} queries"
 
 
 def _nearest(vector, prototypes: dict) -> str:
@@ -107,6 +110,12 @@ def test_a_broken_onnx_model_falls_back_to_torch_with_a_warning(photos):
         cached.write_bytes(good)
     expected = create_encoder(runtime="torch", compile="none").embed([photos["coffee"]])
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_int8_without_calibration_images_is_refused(encoder, tmp_path):
+    with pytest.raises(ValueError, match="calibration images"):
+        export_bundle(tmp_path, encoder=encoder, int8=True)
+    assert not (tmp_path / "encoder.onnx").exists()
 
 
 def test_unknown_runtime_is_refused():
