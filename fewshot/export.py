@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def export_module(module, path: str | os.PathLike, example, *, names: tuple[str,
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # concurrent exporters never share one
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's
