@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,demo,serve]"
+	$(BIN)/python -m pip install --quiet -e ".[test,demo,serve,jobs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -41,7 +41,7 @@ learn2learn: $(L2L_STAMP)
 $(L2L_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet "cython>=3.0" "gym>=0.26" requests
 	rm -rf $(VENV)/l2l-build && mkdir -p $(VENV)/l2l-build
-	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: learn2learn==$(L2L_VERSION) -d $(VENV)/l2l-build
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary learn2learn learn2learn==$(L2L_VERSION) -d $(VENV)/l2l-build
 	tar -xzf $(VENV)/l2l-build/learn2learn-$(L2L_VERSION).tar.gz -C $(VENV)/l2l-build
 	cd $(VENV)/l2l-build/learn2learn-$(L2L_VERSION) && \
 		../../bin/cython -3 learn2learn/data/meta_dataset.pyx learn2learn/data/task_dataset.pyx learn2learn/data/transforms.pyx && \
@@ -72,3 +72,6 @@ bench: $(STAMP) $(L2L_STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/openset.py
 	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/export.py
+	$(BIN)/python benchmarks/jobs.py
+	$(BIN)/python benchmarks/startup.py

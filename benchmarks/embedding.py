@@ -1,7 +1,7 @@
 """Embedding throughput end to end (JPEG files -> vectors), against a naive loop measured in the same run.
 
     .venv/bin/python benchmarks/embedding.py [--images 300] [--data ../shared/datasets/caltech101/caltech101_base.zip]
-                                             [--reps 3] [--modes none,torchscript,inductor]
+                                             [--reps 3] [--modes none,torchscript,inductor,onnxruntime]
 
 Extracts N real Caltech-101 JPEGs to a temporary folder and times, each in its own process (so peak RSS
 and torch's thread state belong to that row alone):
@@ -9,8 +9,8 @@ and torch's thread state belong to that row alone):
 * naive: what a user writes first: timm's eager model, one image at a time,
   ``PIL.Image.open(p).convert("RGB")`` + timm's transform, ``torch.no_grad()``, torch's default threads.
   Also with one torch thread, since on a busy machine torch's default two OpenMP threads can be far slower.
-* ``encoder.embed(paths)`` with every default (``compile="auto"``: TorchScript for calls >= 256 images).
-* ``encoder.embed(paths)`` with each ``compile=`` mode.
+* ``encoder.embed(paths)`` with every default (``runtime="auto"``: onnxruntime for calls >= 256 images).
+* ``encoder.embed(paths)`` with each torch ``compile=`` mode (``runtime="torch"``), and ``runtime="onnxruntime"``.
 
 Each row: the first call (cold: includes any compilation), then the median over ``--reps`` warm calls,
 images/s, the ratio to the naive loop, achieved GFLOP/s (FLOPs counted once with
@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ZIP = ROOT.parent / "shared" / "datasets" / "caltech101" / "caltech101_base.zip"
-ALL_MODES = ("none", "torchscript", "inductor")
+ALL_MODES = ("none", "torchscript", "inductor", "onnxruntime")
 
 
 def extract_jpegs(zip_path: Path, n: int, target: Path, seed: int = 0) -> list[Path]:
@@ -83,7 +83,12 @@ def run_variant(variant: str, paths: list[Path], reps: int) -> dict:
     else:
         from fewshot import create_encoder
 
-        encoder = create_encoder() if variant == "default" else create_encoder(compile=variant)
+        if variant == "default":
+            encoder = create_encoder()
+        elif variant == "onnxruntime":
+            encoder = create_encoder(runtime="onnxruntime")
+        else:
+            encoder = create_encoder(compile=variant, runtime="torch")
 
         def call():
             encoder.embed(paths, progress=False)
@@ -180,7 +185,8 @@ def main() -> None:
           "| peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     labels = {"naive": "naive loop (eager, batch 1, default threads)", "naive-1thread": "naive loop, 1 torch thread",
-              "default": "`encoder.embed` defaults (compile=auto)"}
+              "default": "`encoder.embed` defaults (runtime=auto)",
+              "onnxruntime": "`encoder.embed`, runtime=onnxruntime"}
     for variant, rs in results.items():
         label = labels.get(variant, f"`encoder.embed`, compile={variant}")
         cold = statistics.median(r["cold_s"] for r in rs)
@@ -189,8 +195,9 @@ def main() -> None:
         cpu_ms = 1000 * statistics.median([c for r in rs for c in r["warm_cpu_s"]]) / n
         print(f"| {label} | {cold:.1f} | {rate[variant]:.1f} | {rate[variant] / rate['naive']:.2f}x | {cpu_ms:.1f} | "
               f"{gflops:.0f} | {gflops / peak:.0%} | {rss:.0f} |")
-    print(f"\nTarget: `encoder.embed` defaults >= 3x the naive loop end to end: "
-          f"{rate['default'] / rate['naive']:.2f}x here ({rate['default'] / rate['naive-1thread']:.2f}x the naive loop "
+    print(f"\nTarget: `encoder.embed` defaults >= 3.5x the naive loop end to end and >= 50% of the matmul peak: "
+          f"{rate['default'] / rate['naive']:.2f}x and {rate['default'] * gflop / peak:.0%} here "
+          f"({rate['default'] / rate['naive-1thread']:.2f}x the naive loop "
           f"on one torch thread). CPU ms/img counts every thread of the process: it shows efficiency even when "
           f"other jobs take the cores (OpenMP threads spinning against them show up there).")
 

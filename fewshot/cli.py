@@ -73,6 +73,8 @@ def _silence_stdout() -> None:
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_register(args) -> int:
+    if args.from_embeddings:
+        return cmd_register_from_embeddings(args)
     if (args.class_name is not None) == bool(args.folder):  # --class "" is a bad label, not a missing option
         raise UsageError("give either --class NAME PATH... or --folder DIR")
     if args.class_name is not None and not args.paths:
@@ -97,6 +99,71 @@ def cmd_register(args) -> int:
         failures += len(report.errors)
     print(f"saved {args.registry} ({len(classifier.classes)} classes)")
     return 1 if failures else 0
+
+
+def cmd_register_from_embeddings(args) -> int:
+    """`register REG --from-embeddings EMB.parquet`: classes from `fewshot embed` output, no network run."""
+    from .jobs import dataset_fingerprint, register_embeddings
+    from .registry import Registry
+
+    if args.class_name or args.folder or args.paths or args.head:
+        raise UsageError("--from-embeddings takes no --class, --folder, --head or image paths: the classes come "
+                         "from the embeddings' class column")
+    fingerprint = dataset_fingerprint(args.from_embeddings)
+    if fingerprint is None:
+        raise FewShotError(f"no embeddings at {args.from_embeddings}; write them with "
+                           f"`fewshot embed DATA --out {args.from_embeddings}`")
+    if _registry_exists(args.registry):
+        registry = Registry.open(args.registry)  # register_embeddings refuses another encoder's vectors
+    else:
+        registry = Registry.open(args.registry, fingerprint["features"]["dim"], metric=args.metric, index=args.index,
+                                 fingerprint=fingerprint,
+                                 store_examples=args.store_examples is not False)
+    with registry:
+        counts = register_embeddings(registry, args.from_embeddings)
+    print(f"{counts['classes']} classes from {counts['images']} embeddings ({counts['unlabelled']} without a class, "
+          f"{counts['failed']} failed rows skipped)")
+    print(f"saved {args.registry} ({len(registry)} classes)")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    """`embed DATA --out EMB.parquet`: embed a dataset to Parquet, locally or on Ray; resumes."""
+    from .jobs import embed_to_parquet
+
+    spec = {"name": args.encoder or "efficientnet_lite0", "weights": args.weights, "stages": args.stages,
+            "pool": args.pool if args.pool is not None else "avg", "input_size": args.input_size}
+    report = embed_to_parquet(args.data, args.out, encoder=spec, engine=args.engine, address=args.address,
+                              actors=args.actors, batch_size=args.batch_size,
+                              progress=False if args.no_progress else None)
+    print(f"{report.out}: {report.written} written ({report.failed} failed), {report.skipped} already there")
+    if report.failed:
+        print(f"fewshot: {report.failed} image(s) could not be embedded; see the 'error' column", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """`export --out DIR [--head H | --registry REG] [--int8]`: an onnxruntime + numpy deployment folder."""
+    from .export import export_bundle
+    from .heads import load_head
+
+    if args.int8 and not args.calibration:
+        raise UsageError("--int8 needs --calibration DIR: a few dozen photos like the ones to classify")
+    if args.head and args.registry:
+        raise UsageError("give --head or --registry, not both: a registry exports the head it was built with")
+    if args.registry:
+        classifier = _load(args)
+        files = export_bundle(args.out, encoder=classifier.encoder_, head=classifier.head_,
+                              registry=classifier.registry_, temperature=classifier.temperature_,
+                              unknown_threshold=classifier.unknown_threshold, int8=args.int8,
+                              calibration=args.calibration)
+    else:
+        head = load_head(args.head) if args.head else None
+        files = export_bundle(args.out, encoder=_head_or_plain_encoder(args, head), head=head, int8=args.int8,
+                              calibration=args.calibration)
+    for role, path in files.items():
+        print(f"{role}\t{path}")
+    return 0
 
 
 def cmd_predict(args) -> int:
@@ -485,9 +552,17 @@ def _open_registry(args):
     """The registry at args.registry, for writing without an encoder (remove, rename)."""
     from .registry import Registry
 
-    if not _registry_exists(args.registry):
-        _load(args, need_encoder=False)  # raises the usual "no registry" error
+    _require_registry(args.registry, args.command)
     return Registry.open(args.registry)
+
+
+def _require_registry(path: str, command: str) -> None:
+    if not _registry_exists(path) and Path(path).exists():
+        raise FewShotError(f"{path} is not a registry (it holds no manifest.json); the registry comes "
+                           f"first: fewshot {command} REGISTRY ...")
+    if not _registry_exists(path):
+        raise FewShotError(f"no registry at {path}; create one with "
+                           f"`fewshot register {path} --class NAME IMAGES...`")
 
 
 def _encoder(args):
@@ -518,12 +593,7 @@ def _load(args, need_encoder: bool = True):
     from .classifier import FewShotClassifier
     from .registry import Registry
 
-    if not _registry_exists(args.registry) and Path(args.registry).exists():
-        raise FewShotError(f"{args.registry} is not a registry (it holds no manifest.json); the registry comes "
-                           f"first: fewshot {args.command} REGISTRY ...")
-    if not _registry_exists(args.registry):
-        raise FewShotError(f"no registry at {args.registry}; create one with "
-                           f"`fewshot register {args.registry} --class NAME IMAGES...`")
+    _require_registry(args.registry, args.command)
     if not need_encoder:  # listing, removing and renaming never run the network
         classifier = FewShotClassifier()
         classifier._registry = Registry.load(args.registry)
@@ -537,8 +607,7 @@ def _saved_counts(args) -> dict[str, int]:
     """A registry's classes and counts from its manifest alone: listing reads no prototypes."""
     from .registry import Registry
 
-    if not _registry_exists(args.registry):
-        return _load(args, need_encoder=False).counts  # raises the usual "no registry" error
+    _require_registry(args.registry, args.command)
     return Registry.saved_counts(args.registry)
 
 
@@ -609,7 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-examples", action=argparse.BooleanOptionalAction,
                    help="keep every example embedding (new registry; default on: the unknown threshold is "
                         "fitted from them)")
+    p.add_argument("--from-embeddings", metavar="EMB", help="add the classes of a `fewshot embed` Parquet dataset "
+                   "(bulk; refuses embeddings of another encoder)")
     p.set_defaults(run=cmd_register)
+    _add_embed_parser(sub, parents=[common, encoder])
+    _add_export_parser(sub, parents=[common, encoder, with_head])
 
     p = sub.add_parser("predict", parents=[common, encoder, with_head], help="predict the class of images")
     p.add_argument("registry")
@@ -734,10 +807,39 @@ def _add_serve_parser(sub, parents) -> None:
                         "built once at start-up)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN to call the API (repeatable; default none)")
-    p.add_argument("--metric", choices=["cosine", "l2"], default="cosine", help="for a new registry")
-    p.add_argument("--index", default="auto", help="FAISS factory string for a new registry (default auto)")
-    p.add_argument("--store-examples", action="store_true", help="keep every example embedding (new registry)")
+    p.add_argument("--metric", choices=["cosine", "l2"], help="for a new registry (default cosine)")
+    p.add_argument("--index", help="FAISS factory string for a new registry (default auto)")
+    p.add_argument("--store-examples", action=argparse.BooleanOptionalAction,
+                   help="keep every example embedding (new registry; default on: the unknown threshold is "
+                        "fitted from them)")
     p.set_defaults(run=cmd_serve)
+
+
+def _add_embed_parser(sub, parents: list) -> None:
+    p = sub.add_parser("embed", parents=parents, help="embed a dataset to Parquet (locally or on Ray); resumes")
+    p.add_argument("data", help="dataset folder or zip (classes from its layout), a folder of images, or a .txt "
+                                "file listing image paths")
+    p.add_argument("--out", required=True, metavar="EMB.parquet", help="Parquet dataset (a folder of parts) to "
+                   "write; paths already in it are skipped")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--address", help="Ray cluster address ('auto': the running cluster; default: a local Ray)")
+    p.add_argument("--actors", type=_positive_int, help="Ray actors, each loading the encoder once "
+                                                         "(default: one per CPU)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per actor call (Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_embed)
+
+
+def _add_export_parser(sub, parents: list) -> None:
+    p = sub.add_parser("export", parents=parents, help="export the encoder (and head, registry) to ONNX for "
+                                                        "deployment with onnxruntime and numpy only")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write encoder.onnx, preprocess.json, ...")
+    p.add_argument("--registry", metavar="REG", help="also export this registry's prototypes and labels (and the "
+                                                     "encoder and head it was built with)")
+    p.add_argument("--int8", action="store_true", help="also write encoder.int8.onnx (int8 weights and activations)")
+    p.add_argument("--calibration", metavar="DIR", help="with --int8: a few dozen photos like the ones to classify, "
+                                                        "to calibrate the int8 activation ranges")
+    p.set_defaults(run=cmd_export)
 
 
 if __name__ == "__main__":

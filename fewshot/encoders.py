@@ -76,6 +76,16 @@ COMPILE_MODES = ("none", "torchscript", "inductor", "auto")
 DEFAULT_COMPILE = "auto"
 _AUTO_MIN_IMAGES = 256
 
+# Which engine runs the network; none changes the fingerprint (a registry built with one works with the other).
+#   "torch": PyTorch, as chosen by ``compile``.
+#   "onnxruntime": the network exported to ONNX (once per fingerprint, kept in the cache folder) and run by
+#       onnxruntime: ~2x eager per image on CPU. Checked against eager on a probe batch (cosine >= 0.9999);
+#       if it is not installed, fails or disagrees, torch runs instead, with a warning.
+#   "auto" (default): onnxruntime for calls of at least _AUTO_MIN_IMAGES images when it is installed (the
+#       fastest runtime measured here, see benchmarks/export.py), else torch; one-off calls run eager.
+RUNTIMES = ("torch", "onnxruntime", "auto")
+DEFAULT_RUNTIME = "auto"
+
 # Parallel embedding streams are capped: each holds a batch of activations in memory.
 _MAX_STREAMS = 8
 # Input resolutions beyond this are refused: memory grows with its square (20000 px took 8 GB before
@@ -110,10 +120,12 @@ class Encoder:
     flattened channel-major, so heads can still see spatial layout (``feature_shape`` = (C, g, g)).
     ``input_size`` overrides the model's input resolution (e.g. 112 for small line drawings).
     ``compile`` picks how the network runs (``COMPILE_MODES``): same features, other speed.
+    ``runtime`` picks the engine (``RUNTIMES``: torch or onnxruntime), again without changing the fingerprint.
     """
 
     def __init__(self, model: torch.nn.Module, *, name: str, stages: Sequence[int] | None = None,
-                 pool: str | int = "avg", input_size: int | None = None, compile: str = DEFAULT_COMPILE):
+                 pool: str | int = "avg", input_size: int | None = None, compile: str = DEFAULT_COMPILE,
+                 runtime: str = DEFAULT_RUNTIME):
         # channels-last is markedly faster for these convnets on CPU (measured ~2x on 2 cores).
         self.model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.name = name
@@ -127,6 +139,7 @@ class Encoder:
         image_step, self._batch_step = _split_transform(self.transform, self.data_config["input_size"][1:])
         self._image_step = lambda image: image_step(limit_aspect(image))  # resize work bounded by output size
         self.compile = _check_compile(compile)
+        self.runtime = _check_runtime(runtime)
         self._compiled: dict[tuple, Callable | None] = {}  # (mode, batch size, threads) -> module or None
         self._compile_lock = threading.Lock()
         self._check_stages()
@@ -174,6 +187,16 @@ class Encoder:
                 "crop_pct": float(cfg["crop_pct"]),
             },
         }
+
+    def features_module(self) -> torch.nn.Module:
+        """The feature function as one torch module: preprocessed batch -> embeddings (export, compile)."""
+        return _Features(self.model, self.stages, self.pool).eval()
+
+    def probe_batch(self, n: int) -> torch.Tensor:
+        """A seeded random preprocessed batch of ``n`` images (channels-last), for checks and tracing."""
+        generator = torch.Generator().manual_seed(0)
+        return (torch.rand(n, *self.data_config["input_size"], generator=generator) * 2 - 1).contiguous(
+            memory_format=torch.channels_last)
 
     @property
     def resize_size(self) -> int:
@@ -284,6 +307,9 @@ class Encoder:
     # -- compiled network -----------------------------------------------------------------------
     def _network(self, n_images: int, batch_size: int, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """The function the streams call on each batch: eager ``_forward`` or a compiled module."""
+        fast = self._onnx_network(n_images, threads)
+        if fast is not None:
+            return fast
         mode = self.compile
         if mode == "auto":
             mode = "torchscript" if n_images >= _AUTO_MIN_IMAGES else "none"
@@ -298,14 +324,29 @@ class Encoder:
             return self._forward
         return lambda batch: _run_padded(module, batch, batch_size)
 
+    def _onnx_network(self, n_images: int, threads: int) -> Callable | None:
+        """The onnxruntime network where ``runtime`` asks for it and it works, else None (torch then runs)."""
+        from .export import onnxruntime_available
+
+        wanted = self.runtime == "onnxruntime" or (self.runtime == "auto" and n_images >= _AUTO_MIN_IMAGES
+                                                   and onnxruntime_available())
+        if not wanted:
+            return None
+        key = ("onnxruntime", threads)
+        with self._compile_lock:
+            if key not in self._compiled:
+                self._compiled[key] = self._build("onnxruntime", 0, threads)
+        return self._compiled[key]
+
     def _build(self, mode: str, batch_size: int, threads: int) -> Callable | None:
         """Compile the feature function once; None (with a warning) where that fails or disagrees."""
         before = torch.get_num_threads()
         try:
             torch.set_num_threads(threads)  # inductor bakes the thread count into its kernels
-            probe = (torch.rand(batch_size, *self.data_config["input_size"]) * 2 - 1).contiguous(
-                memory_format=torch.channels_last)
-            module = _compile_features(_Features(self.model, self.stages, self.pool).eval(), mode, probe)
+            if mode == "onnxruntime":
+                return self._build_onnx(threads)
+            probe = self.probe_batch(batch_size)
+            module = _compile_features(self.features_module(), mode, probe)
             with torch.inference_mode():
                 got = module(probe)
             expected = self._forward(probe)
@@ -315,12 +356,29 @@ class Encoder:
                                    f"{float((got - expected).abs().max()):.3g}")
             return module
         except Exception as exc:  # compilation is an optimisation: any failure means eager, never an error
-            warnings.warn(f"compile={mode!r} is unavailable for encoder {self.name!r} "
-                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); using eager mode",
+            setting = "runtime='onnxruntime'" if mode == "onnxruntime" else f"compile={mode!r}"
+            instead = "torch" if mode == "onnxruntime" else "eager mode"
+            warnings.warn(f"{setting} is unavailable for encoder {self.name!r} "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); using {instead}",
                           RuntimeWarning, stacklevel=5)
             return None
         finally:
             torch.set_num_threads(before)
+
+    def _build_onnx(self, threads: int) -> Callable:
+        """The onnxruntime network, checked against eager on a probe batch (raises if it disagrees)."""
+        from .export import MIN_RUNTIME_COSINE, OnnxFeatures, min_cosine
+
+        network = OnnxFeatures(self, threads)
+        probe = self.probe_batch(3)  # an odd size: the batch dimension must really be dynamic
+        got, expected = network(probe).numpy(), self._forward(probe).numpy()
+        if got.shape != expected.shape:
+            raise RuntimeError(f"it gave embeddings of shape {got.shape}, eager {expected.shape}")
+        agreement = min_cosine(got, expected)
+        if not agreement >= MIN_RUNTIME_COSINE:
+            raise RuntimeError(f"its embeddings agree with eager mode only to cosine {agreement:.6f} "
+                               f"(< {MIN_RUNTIME_COSINE})")
+        return network
 
     def _digests(self, items: list, errors: list[str | None]) -> list[str | None]:
         digests: list[str | None] = []
@@ -464,6 +522,12 @@ def _check_compile(mode: str) -> str:
     return mode
 
 
+def _check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(repr(r) for r in RUNTIMES)}, got {runtime!r}")
+    return runtime
+
+
 def _check_pool(pool: str | int) -> str | int:
     if pool == "avg":
         return pool
@@ -511,6 +575,7 @@ def create_encoder(
     pool: str | int = "avg",
     input_size: int | None = None,
     compile: str = DEFAULT_COMPILE,
+    runtime: str = DEFAULT_RUNTIME,
 ) -> Encoder:
     """Create a frozen encoder by name.
 
@@ -522,8 +587,11 @@ def create_encoder(
     ``stages``, ``pool`` and ``input_size`` choose the features (see ``Encoder``).
     ``compile``: how the network runs, one of ``COMPILE_MODES`` (see there); it never changes the
     features beyond float rounding, nor the fingerprint, and falls back to eager with a warning.
+    ``runtime``: "torch", "onnxruntime" or "auto" (``RUNTIMES``); like ``compile``, it never changes the
+    fingerprint, and onnxruntime falls back to torch with a warning where it fails its check.
     """
     _check_compile(compile)
+    _check_runtime(runtime)
     arch = PACKAGED_WEIGHTS[name][0] if name in PACKAGED_WEIGHTS else name
     if arch not in timm.list_models() and arch not in timm.list_pretrained():
         raise ValueError(f"unknown encoder {name!r}: use one of {sorted(PACKAGED_WEIGHTS)} or a timm model name "
@@ -541,7 +609,8 @@ def create_encoder(
     elif pretrained and name in PACKAGED_WEIGHTS:
         path = _packaged_weights_path(name)
         _load_into(model, read_state_dict(path), source=str(path), by_position=True)
-    return Encoder(model, name=name, stages=stages, pool=pool, input_size=input_size, compile=compile)
+    return Encoder(model, name=name, stages=stages, pool=pool, input_size=input_size, compile=compile,
+                   runtime=runtime)
 
 
 def check_fingerprint(fingerprint) -> None:
@@ -618,7 +687,7 @@ def _hub_reachable(endpoint: str, timeout: float) -> bool:
 
 
 def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weights=None,
-                             compile: str = DEFAULT_COMPILE) -> Encoder:
+                             compile: str = DEFAULT_COMPILE, runtime: str = DEFAULT_RUNTIME) -> Encoder:
     """Re-create the encoder a fingerprint describes (the caller compares fingerprints after); the
     fingerprint is checked first (``check_fingerprint``)."""
     check_fingerprint(fingerprint)
@@ -626,7 +695,7 @@ def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weig
     size = (fingerprint.get("preprocess") or {}).get("input_size")
     return create_encoder(name or fingerprint.get("name", DEFAULT_ENCODER), weights=weights,
                           stages=features.get("stages"), pool=features.get("pool", "avg"),
-                          input_size=size[-1] if size else None, compile=compile)
+                          input_size=size[-1] if size else None, compile=compile, runtime=runtime)
 
 
 def _packaged_weights_path(name: str) -> Path:

@@ -170,7 +170,7 @@ def test_auto_compiles_once_and_only_for_large_calls(photos, monkeypatch):
     builds = []
     original = encoders.Encoder._build
     monkeypatch.setattr(encoders.Encoder, "_build", lambda self, *a: builds.append(a) or original(self, *a))
-    auto = create_encoder()  # compile="auto" is the default
+    auto = create_encoder(runtime="torch")  # compile="auto" is the default (torch runtime: see the next test)
     paths = list(photos.values())
     auto.embed(paths[:2])
     assert builds == []  # small call: eager, no compile to wait for
@@ -178,6 +178,26 @@ def test_auto_compiles_once_and_only_for_large_calls(photos, monkeypatch):
     again = auto.embed(paths)
     assert [b[0] for b in builds] == ["torchscript"]  # built once per encoder, not per call
     np.testing.assert_allclose(first, again, rtol=1e-6, atol=1e-6)
+
+
+def test_default_runtime_uses_onnxruntime_for_large_calls_only(encoder, photos, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import fewshot.encoders as encoders
+
+    monkeypatch.setattr(encoders, "_AUTO_MIN_IMAGES", 4)
+    builds = []
+    original = encoders.Encoder._build
+    monkeypatch.setattr(encoders.Encoder, "_build", lambda self, *a: builds.append(a) or original(self, *a))
+    auto = create_encoder()  # runtime="auto" is the default
+    paths = list(photos.values())
+    auto.embed(paths[:2])
+    assert builds == []  # small call: eager, no export to wait for
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # onnxruntime passed its check: no fallback warning
+        first = auto.embed(paths)
+        auto.embed(paths)
+    assert [b[0] for b in builds] == ["onnxruntime"]  # built once per encoder, not per call
+    np.testing.assert_allclose(first, encoder.embed(paths), atol=1e-4)
 
 
 def test_failed_compilation_falls_back_to_eager_with_a_warning(encoder, photos, monkeypatch):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -72,3 +73,31 @@ def test_readme_classifier_snippets_run_as_written(marker, tmp_path, photos, vie
     done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=env)
     assert done.returncode == 0, done.stderr
+
+
+def test_onnx_predict_matches_fewshot_predict(caltech_subset, tmp_path):
+    """An exported registry predicts, with onnxruntime + numpy + Pillow only, what fewshot predicts."""
+    import json
+
+    from fewshot import FewShotClassifier
+    from fewshot.cli import main
+
+    folders = sorted(caltech_subset.iterdir())[:5]
+    classifier = FewShotClassifier(cache=False)
+    for folder in folders:
+        classifier.register(folder.name, sorted(folder.iterdir())[:2])
+    classifier.save(tmp_path / "shop.reg")
+    assert main(["export", "--registry", str(tmp_path / "shop.reg"), "--out", str(tmp_path / "bundle")]) == 0
+    queries = [p for folder in folders for p in sorted(folder.iterdir())[2:4]]
+    out = run_example("onnx_predict.py", tmp_path / "bundle", *queries, "--json")
+    exported = json.loads(out)
+    expected = classifier.predict(queries, top_k=3)
+    assert [r["label"] for r in exported] == [p.label for p in expected]
+    assert np.allclose([r["score"] for r in exported], [p.score for p in expected], atol=0.02)
+    # The script needs neither torch nor fewshot: run it in a fresh interpreter and look.
+    probe = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.argv = ['onnx_predict.py', "
+                            f"{str(tmp_path / 'bundle')!r}, {str(queries[0])!r}]; "
+                            f"runpy.run_path({str(EXAMPLES / 'onnx_predict.py')!r}, run_name='__main__'); "
+                            "print('TORCH', 'torch' in sys.modules, 'fewshot' in sys.modules)"],
+                           capture_output=True, text=True, timeout=300)
+    assert probe.stdout.strip().splitlines()[-1] == "TORCH False False", probe.stderr

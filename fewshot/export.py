@@ -1,0 +1,231 @@
+"""ONNX export and the onnxruntime runtime: deploy a classifier with onnxruntime, numpy and Pillow only.
+
+``export_bundle(out, encoder=..., head=..., registry=...)`` writes a folder a deployment needs:
+
+* ``encoder.onnx``: the encoder's feature function, preprocessed images ``(N, 3, H, W)`` float32 ->
+  embeddings ``(N, dim)``, with a dynamic batch dimension (``encoder.int8.onnx`` too with ``int8=True``:
+  int8 weights and activations, calibrated on images you give);
+* ``preprocess.json``: how to turn a photo into that input (resize, centre crop, mean/std), and the
+  encoder fingerprint;
+* ``head.onnx`` + ``head.json`` for a trained head (embeddings -> head space, and the head's metric);
+* for a registry: ``prototypes.npy`` (float32, one row per class, unit rows for cosine), ``labels.json``
+  (class labels in row order) and ``registry.json`` (metric, temperature, unknown threshold).
+``examples/onnx_predict.py`` predicts from such a folder.
+
+``OnnxFeatures`` runs an encoder's network under onnxruntime inside fewshot (``create_encoder(...,
+runtime="onnxruntime")``): the model is exported once per fingerprint to the cache folder and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "embeddings"
+OPSET = 17
+MIN_RUNTIME_COSINE = 0.9999  # an onnxruntime network must match eager this closely on a probe batch
+
+
+def onnxruntime_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def export_module(module, path: str | os.PathLike, example, *, names: tuple[str, str] = (INPUT_NAME, OUTPUT_NAME)
+                  ) -> Path:
+    """Export a torch module taking one ``(N, ...)`` float32 tensor to ONNX with a dynamic batch, atomically;
+    ``names``: its input and output names."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # concurrent exporters never share one
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's
+            # The TorchScript-based exporter: ~1 s for Lite0, where the dynamo exporter takes ~15 s.
+            torch.onnx.export(module.eval(), (example,), str(tmp), dynamo=False, opset_version=OPSET,
+                              input_names=[names[0]], output_names=[names[1]],
+                              dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: np.ndarray,
+                  batch_size: int = 8) -> Path:
+    """Static int8 quantisation of an encoder's ONNX model: per-channel int8 weights, uint8 activations whose
+    ranges are calibrated on ``calibration`` (preprocessed images, ``(N, 3, H, W)`` float32).
+
+    Static rather than dynamic: on Lite0, dynamic quantisation was slower than fp32 and kept the nearest
+    prototype for only 60% of queries; static QDQ ran ~2x fp32 and kept 80% (benchmarks/export.py)."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    if calibration.ndim != 4 or not len(calibration):
+        raise ValueError("int8 quantisation needs calibration images: a few dozen photos like those to classify")
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{INPUT_NAME: calibration[i:i + batch_size]}
+                                 for i in range(0, len(calibration), batch_size)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    logging.disable(logging.WARNING)  # the quantiser logs shape-inference notes on the root logger
+    try:
+        quantize_static(str(src), str(dst), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    return Path(dst)
+
+
+def preprocess_images(encoder, images) -> np.ndarray:
+    """Images (paths, folders, bytes, PIL images) -> the encoder's input batch ``(N, 3, H, W)`` float32;
+    inputs that cannot be decoded are left out."""
+    import torch
+
+    from .images import expand_inputs, load_images
+
+    results = load_images(expand_inputs(images), transform=encoder.transform, min_size=encoder.resize_size)
+    tensors = [r.value for r in results if r.ok]
+    if not tensors:
+        raise ValueError("none of the calibration images could be decoded; pass a folder of photos")
+    return torch.stack(tensors).numpy()
+
+
+def session(path: str | os.PathLike, threads: int = 1):
+    """An onnxruntime CPU session for ``path`` running on ``threads`` threads of the caller."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # warnings about unused initialisers are noise here
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def cached_encoder_onnx(encoder) -> Path:
+    """The encoder's ONNX file in the cache folder, exported the first time (keyed by fingerprint)."""
+    from .cache import default_cache_path
+
+    path = default_cache_path().parent / "onnx" / f"{encoder.fingerprint_id}.onnx"
+    if not path.is_file():
+        export_module(encoder.features_module(), path, encoder.probe_batch(2))
+    return path
+
+
+class OnnxFeatures:
+    """An encoder's network under onnxruntime: torch batch in, torch embeddings out (what the streams call)."""
+
+    def __init__(self, encoder, threads: int = 1):
+        self.session = session(cached_encoder_onnx(encoder), threads)
+
+    def __call__(self, batch):
+        import torch
+
+        array = np.ascontiguousarray(batch.numpy(), dtype=np.float32)  # channels-last memory -> NCHW
+        return torch.from_numpy(self.session.run(None, {INPUT_NAME: array})[0])
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest row-wise cosine similarity between two (N, D) arrays."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float((num / np.maximum(den, 1e-30)).min())
+
+
+# -- the deployment bundle ----------------------------------------------------------------------
+def preprocess_config(encoder) -> dict:
+    """What a deployment does to a photo before ``encoder.onnx``, in plain numbers."""
+    cfg = encoder.data_config
+    return {
+        "input": INPUT_NAME, "output": OUTPUT_NAME, "layout": "NCHW", "dtype": "float32",
+        "resize_shorter_to": encoder.resize_size, "interpolation": cfg["interpolation"],
+        "center_crop": list(cfg["input_size"][1:]), "scale": 1 / 255,
+        "mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
+        "dim": encoder.dim, "fingerprint": encoder.fingerprint,
+    }
+
+
+def export_bundle(out: str | os.PathLike, *, encoder, head=None, registry=None, temperature: float | None = None,
+                  unknown_threshold: float | None = None, int8: bool = False, calibration=None) -> dict[str, Path]:
+    """Write the deployment folder ``out`` (see the module docstring); returns the files by role.
+
+    ``int8=True`` also writes ``encoder.int8.onnx``, calibrated on ``calibration`` (images: paths, a folder,
+    ...; a few dozen photos like the ones the deployment will see).
+    ``registry``'s vectors must come from ``encoder`` (and ``head``): another fingerprint raises
+    ``EncoderMismatchError``.
+    """
+    from .errors import EncoderMismatchError
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    expected = {**encoder.fingerprint, "head": head.fingerprint} if head is not None else encoder.fingerprint
+    if int8 and calibration is None:
+        raise ValueError("int8 export needs calibration images (CLI: --calibration DIR): a few dozen photos like "
+                         "the ones the deployment will classify")
+    if registry is not None and registry.fingerprint and registry.fingerprint != expected:
+        raise EncoderMismatchError("the registry was built with another encoder (or head) than the one exported; "
+                                   "export it with the encoder and head it was built with")
+    files = {"encoder": export_module(encoder.features_module(), out / "encoder.onnx", encoder.probe_batch(2))}
+    _write_json(out / "preprocess.json", preprocess_config(encoder))
+    files["preprocess"] = out / "preprocess.json"
+    if int8:
+        files["encoder_int8"] = quantize_int8(files["encoder"], out / "encoder.int8.onnx",
+                                              preprocess_images(encoder, calibration))
+    if head is not None:
+        import torch
+
+        files["head"] = export_module(head, out / "head.onnx", torch.zeros(2, head.in_dim),
+                                      names=(OUTPUT_NAME, "head_vectors"))
+        _write_json(out / "head.json", {"name": head.name, "metric": head.metric, "in_dim": head.in_dim,
+                                        "out_dim": head.out_dim, "fingerprint": head.fingerprint})
+        files["head_info"] = out / "head.json"
+    if registry is not None:
+        files.update(_export_registry(out, registry, temperature, unknown_threshold))
+    _write_json(out / "bundle.json", {"files": {role: _file_entry(p) for role, p in files.items()}})
+    return files
+
+
+def _export_registry(out: Path, registry, temperature: float | None, unknown_threshold: float | None) -> dict:
+    labels, prototypes = registry.prototypes()
+    prototypes = np.ascontiguousarray(prototypes, dtype=np.float32)
+    if registry.metric == "cosine":
+        prototypes /= np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
+    np.save(out / "prototypes.npy", prototypes, allow_pickle=False)
+    _write_json(out / "labels.json", list(labels))
+    from .classifier import DEFAULT_TEMPERATURE
+
+    _write_json(out / "registry.json", {"metric": registry.metric, "classes": len(labels), "dim": registry.dim,
+                                        "temperature": temperature or DEFAULT_TEMPERATURE[registry.metric],
+                                        "unknown_threshold": unknown_threshold, "fingerprint": registry.fingerprint})
+    return {"prototypes": out / "prototypes.npy", "labels": out / "labels.json", "registry": out / "registry.json"}
+
+
+def _file_entry(path: Path) -> dict:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest}
+
+
+def _write_json(path: Path, obj) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                     encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(f.name, path)
