@@ -104,6 +104,7 @@ def cmd_register(args) -> int:
 def cmd_register_from_embeddings(args) -> int:
     """`register REG --from-embeddings EMB.parquet`: classes from `fewshot embed` output, no network run."""
     from .jobs import dataset_fingerprint, register_embeddings
+    from .openset import calibrate
     from .registry import Registry
 
     if args.class_name or args.folder or args.paths or args.head:
@@ -116,11 +117,12 @@ def cmd_register_from_embeddings(args) -> int:
     if _registry_exists(args.registry):
         registry = Registry.open(args.registry)  # register_embeddings refuses another encoder's vectors
     else:
-        registry = Registry.open(args.registry, fingerprint["features"]["dim"], metric=args.metric, index=args.index,
-                                 fingerprint=fingerprint,
+        registry = Registry.open(args.registry, fingerprint["features"]["dim"], metric=args.metric or "cosine",
+                                 index=args.index or "auto", fingerprint=fingerprint,
                                  store_examples=args.store_examples is not False)
-    with registry:
+    with registry, registry.batch():  # the classes and the refitted unknown threshold: one save
         counts = register_embeddings(registry, args.from_embeddings)
+        calibrate(registry)
     print(f"{counts['classes']} classes from {counts['images']} embeddings ({counts['unlabelled']} without a class, "
           f"{counts['failed']} failed rows skipped)")
     print(f"saved {args.registry} ({len(registry)} classes)")
