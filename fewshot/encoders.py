@@ -503,8 +503,13 @@ def create_encoder(
     ``stages``, ``pool`` and ``input_size`` choose the features (see ``Encoder``).
     ``compile``: how the network runs, one of ``COMPILE_MODES`` (see there); it never changes the
     features beyond float rounding, nor the fingerprint, and falls back to eager with a warning.
+    ``name@SIZE`` sets the input resolution; ``"a+b"`` (e.g. ``"efficientnet_lite0+efficientnet_lite2"``)
+    is an ensemble of encoders, their normalised features concatenated (see ``fewshot.ensemble``).
     """
     _check_compile(compile)
+    if "+" in name or "@" in name:  # an ensemble "a+b", or a resolution "name@SIZE"
+        return _create_ensemble(name, weights=weights, pretrained=pretrained, stages=stages, pool=pool,
+                                input_size=input_size, compile=compile)
     arch = PACKAGED_WEIGHTS[name][0] if name in PACKAGED_WEIGHTS else name
     if arch not in timm.list_models() and arch not in timm.list_pretrained():
         raise ValueError(f"unknown encoder {name!r}: use one of {sorted(PACKAGED_WEIGHTS)} or a timm model name "
@@ -523,9 +528,26 @@ def create_encoder(
     return Encoder(model, name=name, stages=stages, pool=pool, input_size=input_size, compile=compile)
 
 
+def _create_ensemble(name: str, *, weights, pretrained: bool, stages, pool, input_size, compile: str) -> Encoder:
+    from .ensemble import EnsembleEncoder, split_encoder_name
+
+    members = split_encoder_name(name)
+    if weights is not None and len(members) > 1:
+        raise ValueError(f"weights=FILE names one encoder's weights; {name!r} is an ensemble of packaged or "
+                         f"timm-pretrained encoders")
+    encoders = [create_encoder(member, weights=weights, pretrained=pretrained, stages=stages, pool=pool,
+                               input_size=size or input_size, compile=compile) for member, size in members]
+    return encoders[0] if len(encoders) == 1 else EnsembleEncoder(encoders)
+
+
 def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weights=None,
                              compile: str = DEFAULT_COMPILE) -> Encoder:
     """Re-create the encoder a fingerprint describes (the caller compares fingerprints after)."""
+    if fingerprint.get("members") and name is None:  # an ensemble: re-create each member
+        from .ensemble import EnsembleEncoder
+
+        return EnsembleEncoder([encoder_from_fingerprint(m, weights=weights, compile=compile)
+                                for m in fingerprint["members"]])
     features = fingerprint.get("features") or {}
     size = (fingerprint.get("preprocess") or {}).get("input_size")
     return create_encoder(name or fingerprint.get("name", DEFAULT_ENCODER), weights=weights,
