@@ -148,10 +148,11 @@ def cmd_train_head(args) -> int:
         dataset, _encoder(args), args.head, ways=args.ways, shots=args.shots, queries=args.queries,
         episodes=args.episodes, within_group=args.within_group, val_fraction=args.val_fraction, seed=args.seed,
         lr=args.lr, head_params=dict(args.param), augment=args.augment, val_every=args.val_every,
-        patience=args.patience, cache=_cache(args))
+        patience=args.patience, cache=_cache(args), force=args.force)
     save_head(head, args.out)
     training = head.metadata["training"]
-    summary = {"head": args.head, "out": args.out, "best_val_accuracy": result.best_val_accuracy,
+    summary = {"head": args.head, "out": args.out, "kept": training["kept"],
+               "best_val_accuracy": result.best_val_accuracy,
                "best_episode": result.best_episode, "episodes_run": result.episodes_run,
                "stopped_early": result.stopped_early, "train_classes": len(dataset.classes),
                "val_accuracy_raw_features": training["val_accuracy_raw_features"],
@@ -162,7 +163,8 @@ def cmd_train_head(args) -> int:
         print(f"trained {args.head} head on {len(dataset.classes)} classes, {result.episodes_run} episodes; "
               f"validation classes: head {summary['val_accuracy_head']:.2%}, "
               f"raw features {summary['val_accuracy_raw_features']:.2%}")
-        print(f"saved {args.out}")
+        kept = "the trained head" if training["kept"] == "head" else "raw features: the head did not beat them"
+        print(f"saved {args.out} ({kept})")
     return 0
 
 
@@ -370,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="head parameter, e.g. arch=conv, distance=cosine, loss=supcon, out_dim=128")
+    p.add_argument("--force", action="store_true",
+                   help="save the trained head even if raw features score higher on the validation classes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_train_head)
 
