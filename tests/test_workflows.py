@@ -118,3 +118,32 @@ def test_evaluate_usage_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--data", str(tmp_path)])  # neither --protocol nor --runs
     assert exit_info.value.code == 2
+
+
+def test_a_head_worse_than_raw_features_is_not_kept_unless_forced(omniglot, protocol, tmp_path, capsys):
+    from fewshot import load_head
+
+    # A 2-dimensional projection cannot match raw features on 5-way episodes.
+    args = ["train-head", "--data", omniglot, "--protocol", protocol, "--head", "protonet", "--ways", "5",
+            "--episodes", "20", "--val-every", "10", "--within-group", "--param", "out_dim=2", "--json", *FEATURES]
+    with pytest.warns(RuntimeWarning, match="worse than raw features"):
+        code, out, _ = run(capsys, *args, "--out", tmp_path / "guarded")
+    summary = json.loads(out)
+    assert code == 0 and summary["kept"] == "raw features"
+    assert summary["val_accuracy_head"] < summary["val_accuracy_raw_features"]
+    guarded = load_head(tmp_path / "guarded")
+    assert guarded.name == "identity" and not guarded.center
+    assert guarded.metadata["training"]["trained_head"] == "protonet"
+    assert guarded.metadata["training"]["val_accuracy_raw_features"] == summary["val_accuracy_raw_features"]
+    # Evaluating with the kept head is evaluating raw features.
+    _, raw, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--json", "--out",
+                    tmp_path / "raw", *FEATURES)
+    _, kept, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--head", tmp_path / "guarded",
+                     "--json", "--out", tmp_path / "kept")
+    assert json.loads(kept)["accuracy"] == pytest.approx(json.loads(raw)["accuracy"], abs=1e-9)
+
+    with pytest.warns(RuntimeWarning, match="--force"):
+        code, out, _ = run(capsys, *args, "--force", "--out", tmp_path / "forced")
+    forced = load_head(tmp_path / "forced")
+    assert code == 0 and json.loads(out)["kept"] == "head" and forced.name == "protonet" and forced.out_dim == 2
+    assert forced.metadata["training"]["forced"] is True
