@@ -57,7 +57,8 @@ def caltech_heads_table(args) -> str:
     lines = ["| head | validation: raw / head | kept by train-head | " +
              " | ".join(f"{p.name}: head | {p.name}: kept" for p in protocols) + " |",
              "|---|---|---|" + "---|---|" * len(protocols),
-             "| raw features | | | " + " | ".join(f"{_pct(raw[p.name])} | " for p in protocols) + "|"]
+             "| raw features | | | " + " | ".join(f"{_pct(raw[p.name])} | {_pct(raw[p.name])}"
+                                                  for p in protocols) + " |"]
     for label, params in CALTECH_HEADS.items():
         head, _ = train_head_on_dataset(base, encoder, "protonet", ways=5, shots=1, queries=5, episodes=args.episodes,
                                         seed=args.seed, head_params=params, cache=cache, force=True,

@@ -204,7 +204,7 @@ def cmd_compare_encoders(args) -> int:
     rows = compare_encoders(load_dataset(args.data), args.encoder or None, shots=args.shots,
                             ways=None if args.ways == "all" else args.ways, queries=args.queries,
                             episodes=args.episodes, seed=args.seed, speed_images=args.speed_images,
-                            cache=_cache(args))
+                            max_per_class=args.max_per_class, cache=_cache(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "encoders.json").write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
@@ -442,6 +442,7 @@ def _add_compare_encoders(sub, common) -> None:
     p.add_argument("--episodes", type=_positive_int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speed-images", type=int, default=32, help="images timed per encoder, uncached (0: skip)")
+    p.add_argument("--max-per-class", type=_positive_int, help="use only each class's first N images (faster)")
     p.add_argument("--out", default="compare-encoders", help="folder for encoders.json and encoders.png")
     p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
     p.add_argument("--json", action="store_true")
