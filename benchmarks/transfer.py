@@ -1,7 +1,7 @@
 """Transfer learning beyond the frozen default: accuracy tables on splits of the shared data (issue #12).
 
     .venv/bin/python benchmarks/transfer.py --data ../shared/datasets [--tables caltech-heads caltech-encoders
-        caltech-compare] [--episodes 2000] [--seed 0] [--out benchmarks/results/transfer]
+        caltech-compare] [--episodes 2000] [--seed 0] [--per-class N] [--out benchmarks/results/transfer]
 
 One function per table (add a table: write a function taking ``args`` and returning its Markdown, then
 name it in ``TABLES``). Every figure is a mean over the protocol's seeded episodes with its 95% CI, on
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from fewshot import EmbeddingCache, create_encoder, create_head, load_protocol
-from fewshot.compare import compare_encoders, format_table, plot_comparison
+from fewshot.compare import compare_encoders, first_per_class, format_table, plot_comparison
 from fewshot.data import load_dataset
 from fewshot.workflows import embed_dataset, evaluate_protocol, resolve_dataset, train_head_on_dataset
 
@@ -78,6 +78,8 @@ def caltech_encoders_table(args) -> str:
     """Caltech all-way 1-shot per encoder: raw features, and centred on the base-class mean."""
     protocol = load_protocol(EPISODES / "caltech-allway-1shot.toml")
     dataset = resolve_dataset(args.data, protocol)
+    if args.per_class:
+        dataset = first_per_class(dataset, args.per_class)
     base = protocol.train_split(dataset)
     cache = EmbeddingCache()
     lines = ["| encoder | dimension | raw features | centred (SimpleShot) |", "|---|---|---|---|"]
@@ -95,9 +97,10 @@ def caltech_compare_table(args) -> str:
     """``fewshot compare-encoders`` on every shared Caltech class (all-way 1-shot), with its PNG."""
     zip_path = Path(args.data) / "caltech101" / "caltech101_base.zip"
     rows = compare_encoders(load_dataset(zip_path), OFFLINE + ENSEMBLES, episodes=100, seed=args.seed,
-                            speed_images=32, cache=EmbeddingCache())
+                            speed_images=32, max_per_class=args.per_class, cache=EmbeddingCache())
+    images = f"first {args.per_class} images per class" if args.per_class else "every image"
     png = plot_comparison(rows, Path(args.out) / "caltech-compare-encoders.png",
-                          title="51 Caltech-101 classes, all-way 1-shot, 100 episodes")
+                          title=f"51 Caltech-101 classes ({images}), all-way 1-shot, 100 episodes")
     return format_table(rows) + f"\n\n(plot: {png})"
 
 
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES))
     parser.add_argument("--episodes", type=int, default=2000, help="training episodes per head")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-class", type=int, help="encoder tables: only each class's first N images (faster)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transfer"))
     args = parser.parse_args()
     if not (Path(args.data) / "caltech101" / "caltech101_base.zip").is_file():

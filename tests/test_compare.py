@@ -41,3 +41,17 @@ def test_bad_ways_is_a_usage_error(caltech_subset, capsys):
     with pytest.raises(SystemExit):
         main(["compare-encoders", "--data", str(caltech_subset), "--ways", "none"])
     assert "--ways" in capsys.readouterr().err
+
+
+def test_first_per_class_keeps_each_class_first_images(caltech_subset):
+    from fewshot.compare import first_per_class
+    from fewshot.data import load_dataset
+
+    data = load_dataset(caltech_subset)
+    small = first_per_class(data, 2)
+    assert small.classes == data.classes and len(small) == 2 * len(data.classes)
+    for label in range(len(data.classes)):
+        assert [n for n, y in zip(small.names, small.labels) if y == label] == \
+            [n for n, y in zip(data.names, data.labels) if y == label][:2]
+    with pytest.raises(ValueError, match="max_per_class"):
+        first_per_class(data, 0)
