@@ -472,6 +472,10 @@ def describe_fingerprint(fingerprint: dict | None) -> str:
     """One-line description of the encoder a fingerprint stands for."""
     if not fingerprint:
         return "an unknown encoder"
+    if isinstance(fingerprint.get("members"), list):  # an ensemble (fewshot.ensemble)
+        head = fingerprint.get("head")
+        return ("the ensemble " + " + ".join(describe_fingerprint(m) for m in fingerprint["members"])
+                + (f" with head {head.get('name')} {str(head.get('sha256'))[:12]}" if isinstance(head, dict) else ""))
     features = fingerprint.get("features") or {}
     where = f", stages {features['stages']}" if features.get("stages") else ""
     where += f", pool {features['pool']}" if features.get("pool", "avg") != "avg" else ""
