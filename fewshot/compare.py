@@ -131,14 +131,17 @@ def plot_comparison(rows: Sequence[EncoderScore], path: str | os.PathLike, *, ti
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for row in rows:
+    for rank, row in enumerate(rows):
         ax.errorbar(row.images_per_second, 100 * row.accuracy, yerr=100 * row.ci95, fmt="o", capsize=4)
-        ax.annotate(f"{row.encoder}\n({row.dim}-d)", (row.images_per_second, 100 * row.accuracy),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # Short names, and labels alternately above and below: close points stay readable.
+        ax.annotate(f"{row.encoder.replace('efficientnet_', '')} ({row.dim}-d)",
+                    (row.images_per_second, 100 * row.accuracy), textcoords="offset points",
+                    xytext=(7, 5 if rank % 2 == 0 else -12), fontsize=8)
     ax.set_xlabel("images/s (decode + embed, this machine)")
     ax.set_ylabel("accuracy (%), 95% CI")
     first = rows[0] if rows else None
-    ax.set_title(title or (f"{first.ways}-way {first.shots}-shot, {first.episodes} episodes" if first else ""))
+    ax.set_title(title or (f"{first.ways}-way {first.shots}-shot, {first.episodes} episodes" if first else ""),
+                 fontsize=10, wrap=True)
     ax.grid(alpha=0.3)
     ax.margins(x=0.35, y=0.15)
     fig.tight_layout()
