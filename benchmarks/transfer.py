@@ -1,7 +1,8 @@
 """Transfer learning beyond the frozen default: accuracy tables on splits of the shared data (issue #12).
 
     .venv/bin/python benchmarks/transfer.py --data ../shared/datasets [--tables caltech-heads caltech-encoders
-        caltech-compare] [--episodes 2000] [--seed 0] [--per-class N] [--out benchmarks/results/transfer]
+        caltech-compare] [--episodes 2000] [--seed 0] [--per-class N] [--test-per-class N]
+        [--out benchmarks/results/transfer]
 
 One function per table (add a table: write a function taking ``args`` and returning its Markdown, then
 name it in ``TABLES``). Every figure is a mean over the protocol's seeded episodes with its 95% CI, on
@@ -78,9 +79,11 @@ def caltech_encoders_table(args) -> str:
     """Caltech all-way 1-shot per encoder: raw features, and centred on the base-class mean."""
     protocol = load_protocol(EPISODES / "caltech-allway-1shot.toml")
     dataset = resolve_dataset(args.data, protocol)
-    if args.per_class:
-        dataset = first_per_class(dataset, args.per_class)
     base = protocol.train_split(dataset)
+    if args.per_class:  # the centring mean needs only a sample of the base classes
+        base = first_per_class(base, args.per_class)
+    if args.test_per_class:
+        dataset = first_per_class(dataset, args.test_per_class)
     cache = EmbeddingCache()
     lines = ["| encoder | dimension | raw features | centred (SimpleShot) |", "|---|---|---|---|"]
     for name in OFFLINE + ENSEMBLES:
@@ -118,7 +121,10 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES))
     parser.add_argument("--episodes", type=int, default=2000, help="training episodes per head")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-class", type=int, help="encoder tables: only each class's first N images (faster)")
+    parser.add_argument("--per-class", type=int, help="encoder tables: only each class's first N images (faster); "
+                        "caltech-encoders: of the base classes (the centring mean)")
+    parser.add_argument("--test-per-class", type=int, help="caltech-encoders: only each test class's first N images "
+                        "(default: the whole protocol)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "transfer"))
     args = parser.parse_args()
     if not (Path(args.data) / "caltech101" / "caltech101_base.zip").is_file():
