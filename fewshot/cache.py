@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,11 @@ import numpy as np
 
 # SQLite caps the number of host parameters per statement; stay well below it.
 _QUERY_CHUNK = 500
+# How long a call waits for another process's write lock before going on without the cache: the cache
+# only saves time, so waiting longer than an embedding would take is never worth it.
+LOCK_WAIT_S = 1.0
+# Embeddings are committed at least this often (rows, seconds), so an interrupted run keeps its work.
+COMMIT_ROWS, COMMIT_SECONDS = 256, 5.0
 
 
 def default_cache_path() -> Path:
@@ -37,19 +43,35 @@ class EmbeddingCache:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._broken = False
+        self._warned_locked = False
 
     def _connect(self) -> sqlite3.Connection | None:
         if self._conn is None and not self._broken:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("CREATE TABLE IF NOT EXISTS embeddings (encoder TEXT, digest TEXT, vector BLOB, "
-                             "PRIMARY KEY (encoder, digest))")
+                conn = sqlite3.connect(self.path, timeout=LOCK_WAIT_S, check_same_thread=False)
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute("CREATE TABLE IF NOT EXISTS embeddings (encoder TEXT, digest TEXT, vector BLOB, "
+                                 "PRIMARY KEY (encoder, digest))")
+                except BaseException:
+                    conn.close()
+                    raise
                 self._conn = conn
             except (sqlite3.Error, OSError) as exc:
-                self._disable(exc)
+                self._failed(exc)
         return self._conn
+
+    def _failed(self, exc: Exception) -> None:
+        """A busy cache (another process writing) is skipped for this call only; any other error
+        disables it for good."""
+        if _is_locked(exc):
+            if not self._warned_locked:
+                self._warned_locked = True
+                warnings.warn(f"embedding cache {self.path} is locked by another process; continuing without "
+                              f"it for now", RuntimeWarning, stacklevel=4)
+            return
+        self._disable(exc)
 
     def _disable(self, exc: Exception) -> None:
         self._broken = True
@@ -76,7 +98,7 @@ class EmbeddingCache:
                             if np.isfinite(vector).all():
                                 found[digest] = vector.copy()
             except sqlite3.Error as exc:
-                self._disable(exc)
+                self._failed(exc)
         return found
 
     def put_many(self, encoder_id: str, vectors: dict[str, np.ndarray]) -> None:
@@ -93,7 +115,11 @@ class EmbeddingCache:
                 with conn:
                     conn.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)", rows)
             except sqlite3.Error as exc:
-                self._disable(exc)
+                self._failed(exc)
+
+    def writer(self, encoder_id: str) -> "CacheWriter":
+        """A buffer that commits vectors in chunks as they are added (see ``CacheWriter``)."""
+        return CacheWriter(self, encoder_id)
 
     def __len__(self) -> int:
         with self._lock:
@@ -105,3 +131,28 @@ class EmbeddingCache:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+class CacheWriter:
+    """Collects fresh embeddings and commits them every ``COMMIT_ROWS`` rows or ``COMMIT_SECONDS``
+    seconds, and on ``flush()``: a long run that is interrupted (Ctrl-C, a kill) keeps what it had
+    embedded up to its last commit instead of nothing."""
+
+    def __init__(self, cache: EmbeddingCache, encoder_id: str):
+        self.cache, self.encoder_id = cache, encoder_id
+        self._pending: dict[str, np.ndarray] = {}
+        self._last = time.monotonic()
+
+    def add(self, vectors: dict[str, np.ndarray]) -> None:
+        self._pending.update(vectors)
+        if len(self._pending) >= COMMIT_ROWS or time.monotonic() - self._last >= COMMIT_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending, self._last = self._pending, {}, time.monotonic()
+        if pending:
+            self.cache.put_many(self.encoder_id, pending)
+
+
+def _is_locked(exc: Exception) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))

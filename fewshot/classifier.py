@@ -8,17 +8,18 @@ the negative distances (cosine: similarities) to the nearest prototypes, divided
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .cache import EmbeddingCache
-from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder, create_encoder,
-                       describe_fingerprint, encoder_from_fingerprint)
-from .errors import EncoderMismatchError, ImageError, WeightsError
+from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder, check_fingerprint,
+                       check_weights_file, create_encoder, describe_fingerprint, encoder_from_fingerprint)
+from .errors import EncoderMismatchError, ImageError, RegistryFormatError, WeightsError
 from .data import class_folders
-from .heads import Head, load_head
+from .heads import Head, load_head, save_head
 from .registry import MANIFEST, Registry, _check_label, _lock_dir
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
@@ -76,6 +77,7 @@ class FewShotClassifier:
                  index: str = "auto", temperature: float | None = None, unknown_threshold: float | None = None,
                  store_examples: bool = False, cache: bool | str | os.PathLike = True,
                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None):
+        _check_settings(metric, temperature, unknown_threshold)  # now, not at the first predict
         self.encoder = encoder
         self.weights = weights
         self.stages = stages
@@ -92,6 +94,7 @@ class FewShotClassifier:
         self._head: Head | None = head if isinstance(head, Head) else None
         self._registry: Registry | None = None
         self._cache: EmbeddingCache | None = None
+        self._head_files: dict[str, bytes] | None = None  # the head's saved files, copied into registries
 
     # -- lazily built parts ---------------------------------------------------------------------
     @property
@@ -161,7 +164,7 @@ class FewShotClassifier:
         Labels are any text up to 1024 characters without NUL ("/" and ".." are fine: labels are never
         file names). Opened with ``FewShotClassifier.open``, the change is saved before this returns.
         """
-        _check_label(label)  # before the (slow) embedding
+        label = _check_label(label)  # before the (slow) embedding; labels are stored in Unicode NFC
         result = self._embed(images)
         failures = [e for e in result.errors if e]
         if not len(result.errors):
@@ -241,7 +244,8 @@ class FewShotClassifier:
 
     @property
     def temperature_(self) -> float:
-        temperature = self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[self.metric]
+        metric = self.head_.metric if self.head_ is not None else self.metric  # a head brings its metric
+        temperature = self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[metric]
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         return float(temperature)
@@ -261,6 +265,10 @@ class FewShotClassifier:
             "head": str(Path(self.head).resolve()) if self.head is not None and not isinstance(self.head, Head)
             else None,
         }
+        if self.head_ is not None:  # a registry carries its head: retraining or moving it breaks nothing
+            if self._head_files is None:
+                self._head_files = head_files(self.head_)
+            self.registry_.attachments.update(self._head_files)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, encoder: str | Encoder | None = None,
@@ -308,10 +316,12 @@ class FewShotClassifier:
         """Load a saved classifier. The encoder (and head) it was built with are re-created from the
         registry's fingerprint unless given; different ones are refused with ``EncoderMismatchError``."""
         registry = Registry.load(path)
-        saved = registry.metadata.get("classifier", {})
+        saved = _saved_settings(path, registry)
         fingerprint = registry.fingerprint
-        weights = weights or saved.get("weights")
-        head = head if head is not None else _saved_head(fingerprint, saved.get("head"), path)
+        if weights is None and saved.get("weights") is not None:
+            weights = check_weights_file(saved["weights"])
+        if head is None:
+            head = head_from_files(registry.attachments) or _saved_head(fingerprint, saved.get("head"), path)
         options.setdefault("temperature", saved.get("temperature"))
         options.setdefault("unknown_threshold", saved.get("unknown_threshold"))
         classifier = cls(encoder if isinstance(encoder, Encoder) else DEFAULT_ENCODER, weights=weights, head=head,
@@ -328,6 +338,41 @@ class FewShotClassifier:
         return classifier
 
 
+def _saved_settings(path, registry: Registry) -> dict:
+    """The classifier settings a registry's manifest records, checked (types and sizes) before anything
+    is created from them: the manifest's checksum catches damage, not someone who re-seals it."""
+    def refuse(problem: str):
+        return RegistryFormatError(f"{Path(path) / MANIFEST}: {problem}; this registry was not saved by "
+                                   "fewshot as it is, or was tampered with: re-create it with fewshot register")
+
+    try:
+        check_fingerprint(registry.fingerprint)
+    except ValueError as e:
+        raise refuse(str(e)) from None
+    head = registry.fingerprint.get("head")
+    if head is not None and not isinstance(head, dict):
+        raise refuse("the head fingerprint must be an object")
+    saved = registry.metadata.get("classifier", {})
+    if not isinstance(saved, dict):
+        raise refuse("metadata 'classifier' must be an object")
+    for key in ("weights", "head"):
+        if saved.get(key) is not None and (not isinstance(saved[key], str) or not saved[key] or "\0" in saved[key]):
+            raise refuse(f"saved {key} must be a file path, got {str(saved[key])[:100]!r}")
+    for key in ("temperature", "unknown_threshold"):
+        value = saved.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise refuse(f"saved {key} must be a number, got {str(value)[:100]!r}")
+    return saved
+def _check_settings(metric, temperature, unknown_threshold) -> None:
+    if metric not in DEFAULT_TEMPERATURE:
+        raise ValueError(f"metric must be one of {', '.join(DEFAULT_TEMPERATURE)}, got {metric!r}")
+    if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0 (or None for the default), got {temperature!r}")
+    if unknown_threshold is not None and not (isinstance(unknown_threshold, (int, float))
+                                              and 0 <= unknown_threshold <= 1):
+        raise ValueError(f"unknown_threshold must be a probability in [0, 1] (or None), got {unknown_threshold!r}")
+
+
 def head_encoder(head: Head, *, weights=None) -> Encoder:
     """Re-create the encoder whose features ``head`` was trained on."""
     fingerprint = head.metadata.get("encoder")
@@ -342,21 +387,44 @@ def head_encoder(head: Head, *, weights=None) -> Encoder:
     return encoder
 
 
+_HEAD_PREFIX = "head-"  # attachment names of a head's files in a registry
+
+
+def head_files(head: Head) -> dict[str, bytes]:
+    """The files ``save_head`` writes for ``head``, as registry attachments (``head-<file name>``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_head(head, Path(tmp) / "head")
+        return {_HEAD_PREFIX + p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def head_from_files(attachments: dict[str, bytes]) -> Head | None:
+    """The head a registry carries (see ``head_files``), checked as ``load_head`` checks; None if none."""
+    files = {name[len(_HEAD_PREFIX):]: data for name, data in attachments.items() if name.startswith(_HEAD_PREFIX)}
+    if not files:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return load_head(tmp)
+
+
 def _saved_head(fingerprint: dict, saved_path: str | None, registry_path) -> str | None:
-    """The head a registry was built with, from where it was when the registry was saved."""
+    """The head a registry saved before heads were copied into registries was built with, from where
+    it was when the registry was saved."""
     if "head" not in fingerprint:
         return None
     if saved_path and Path(saved_path).is_dir():
         return saved_path
     raise WeightsError(f"registry {registry_path} was built with head {fingerprint['head'].get('name')} "
-                       f"({saved_path or 'path unknown'}), which is not there; pass head=PATH (CLI: --head PATH)")
+                       f"({saved_path or 'path unknown'}), which is not there; give that head again (--head PATH; "
+                       f"in Python, the head argument)")
 
 
 def _encoder_for(fingerprint: dict, *, name: str | None, weights) -> Encoder:
     """Re-create the encoder a registry was built with (or the one the user named)."""
     if weights is not None and not Path(weights).is_file():
         raise WeightsError(f"this registry was built with weights from {weights}, which is gone; "
-                           f"pass weights=FILE (CLI: --weights FILE) with the same weights")
+                           f"give the same weights file again (--weights FILE; in Python, the weights argument)")
     return encoder_from_fingerprint(fingerprint, name=name, weights=weights)
 
 

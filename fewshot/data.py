@@ -15,20 +15,27 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .images import IMAGE_EXTENSIONS, NamedBytes
+from .images import IMAGE_EXTENSIONS, NamedBytes, expand_inputs
 
 LAYOUTS = ("auto", "flat", "grouped")
 _DEPTH = {"flat": 1, "grouped": 2}  # folder levels between the root and an image
 _EXPECTED = ("expected '<class>/<image>' (layout='flat') or '<group>/<class>/<image>' (layout='grouped'), "
              "e.g. 'cat/001.jpg' or 'Arcadian/character01/0001_01.png'")
 _JUNK_DIRS = frozenset({"__MACOSX"})  # resource forks that macOS zips carry beside the real files
+# Zip members are read into memory, so a member must look like an image file before it is: at most
+# 256 MiB (an uncompressed RGB image at Pillow's bomb limit is ~268 MB) and, above 1 MiB, compressed
+# at most 100:1 (photos and PNGs barely compress further; a zip bomb reaches ~1000:1).
+MAX_ZIP_MEMBER_BYTES = 256 * 2**20
+MAX_ZIP_RATIO = 100
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,9 @@ def _plural(kind: str) -> str:
 def load_dataset(root: str | os.PathLike, *, layout: str = "auto") -> ImageDataset:
     """Load a flat (``class/image``) or grouped (``group/class/image``) dataset from a folder or a ``.zip``.
 
-    Zips are read in place (never extracted), their members' bytes eagerly; a single top-level folder
+    Zips are read in place (never extracted), their members' bytes eagerly; members bigger than
+    ``MAX_ZIP_MEMBER_BYTES`` or compressed beyond ``MAX_ZIP_RATIO``, and members that cannot be read (bad
+    CRC, encrypted, unsupported compression), are skipped with one warning. A single top-level folder
     wrapping everything in a zip (``images_background/``) is stripped. ``layout="auto"`` picks grouped
     when images sit two folder levels below the root and flat when one. Hidden files and folders
     (``.x``, ``__MACOSX``) are skipped and only ``IMAGE_EXTENSIONS`` files (any case) are kept.
@@ -175,7 +184,38 @@ def _zip_images(path: Path, layout: str) -> list[tuple[tuple[str, ...], NamedByt
             if parts in seen:
                 raise ValueError(f"{path} holds {'/'.join(parts)} twice; rebuild the zip without duplicates")
             seen.add(parts)
-        return [(parts, NamedBytes(zf.read(info), f"{path}:{info.filename}")) for parts, info in members]
+        found, skipped = [], []
+        for parts, info in members:
+            data = _read_member(zf, info, skipped)
+            if data is not None:
+                found.append((parts, NamedBytes(data, f"{path}:{info.filename}")))
+        if skipped:
+            shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            warnings.warn(f"{path}: skipped {len(skipped)} member(s) that cannot be read safely: {shown}",
+                          RuntimeWarning, stacklevel=3)
+        return found
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, skipped: list[str]) -> bytes | None:
+    """A member's bytes, or None (with the reason appended to ``skipped``) when it is not a plausible
+    image or cannot be read. Sizes are checked from the directory before anything is decompressed, and
+    zipfile never returns more than the declared size (more data fails the CRC check)."""
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > MAX_ZIP_MEMBER_BYTES:
+        reason = f"{info.file_size} bytes uncompressed, more than the {MAX_ZIP_MEMBER_BYTES} allowed"
+    elif info.file_size > 2**20 and ratio > MAX_ZIP_RATIO:
+        reason = f"compressed {ratio:.0f}:1, more than the {MAX_ZIP_RATIO}:1 an image file reaches"
+    else:
+        try:
+            return zf.read(info)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__  # e.g. "Bad CRC-32 for file ..."
+        except RuntimeError as exc:  # zipfile's words for an encrypted member
+            reason = f"encrypted ({' '.join(str(exc).split())})"
+        except NotImplementedError as exc:
+            reason = f"unsupported compression ({' '.join(str(exc).split())})"
+    skipped.append(f"{info.filename} ({reason})")
+    return None
 
 
 def _is_wrapper(members: list, layout: str) -> bool:
@@ -308,14 +348,20 @@ def _draw(test, names: list[str], units: list[list[str]], seed: int, kind: str, 
 
 
 def class_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
-    """``{label: sorted image paths}`` for each subfolder of ``root`` holding images (recursively)."""
+    """``{label: sorted image paths}`` for each subfolder of ``root`` holding images (recursively, the
+    images a folder given to ``register`` would expand to); images directly in ``root`` are skipped
+    with a warning, as they belong to no class."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root} is not a folder; expected one subfolder of images per class")
+    stray = sorted(p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not p.name.startswith("."))
+    if stray:
+        warnings.warn(f"{len(stray)} image(s) directly in {root} belong to no class and are skipped (first: "
+                      f"{stray[0]}); put them in a subfolder named after their class", UserWarning, stacklevel=2)
     classes = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                        and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        images = [Path(p) for p in expand_inputs(str(folder))]
         if images:
             classes[folder.name] = images
     if not classes:

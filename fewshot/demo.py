@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+from tqdm.auto import tqdm
 
 from .classifier import FewShotClassifier
 from .data import class_folders, support_query_split
@@ -26,56 +27,76 @@ PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "coins.png
 DIGITS_PER_CLASS = 40
 VIEWS_PER_PHOTO = 4
 SHEET_MAX = 48
+PREDICT_CHUNK = 32  # queries per predict call, so the progress bar moves
 
 
 def run_demo(*, data=None, out: Path = Path("demo-output"), shots: int = 5, seed: int = 0,
-             encoder: str | None = None, weights=None) -> int:
+             encoder: str | None = None, weights=None, progress: bool | None = None) -> int:
+    """``progress``: None = bars on stderr when it is a terminal, True/False = always/never."""
     out.mkdir(parents=True, exist_ok=True)
-    classifier = FewShotClassifier(encoder or "efficientnet_lite0", weights=weights)
+    classifier = FewShotClassifier(encoder or "efficientnet_lite0", weights=weights, progress=False)
     rng = np.random.default_rng(seed)
     folder = Path(data) if data else write_digits(out / "digits")
-    shown = []
+    shown, total = [], 0
     name = "your folder" if data else "digits"
-    accuracy, samples = few_shot_run(classifier, folder, shots=shots, seed=seed)
+    accuracy, samples = few_shot_run(classifier, folder, shots=shots, seed=seed, progress=progress)
     print(f"{name}: {shots}-shot, {len(classifier.classes)} classes, accuracy {accuracy:.1%} "
           f"on {len(samples)} queries")
     shown += _sample(samples, SHEET_MAX if data else SHEET_MAX // 2, rng)
+    total += len(samples)
     if not data:
-        accuracy, samples = one_shot_photos(classifier, rng)
+        accuracy, samples = one_shot_photos(classifier, rng, progress=progress)
         print(f"photos: 1-shot, {len(PHOTOS)} instances, accuracy {accuracy:.1%} on {len(samples)} augmented views")
         shown += _sample(samples, SHEET_MAX // 2, rng)
+        total += len(samples)
     classifier.save(out / "registry")
-    sheet = contact_sheet(shown, out / "contact_sheet.png")
-    print(f"wrote {sheet} and {out / 'registry'} ({len(classifier.classes)} classes)")
+    sheet = contact_sheet(shown, out / "contact_sheet.png", total=total)
+    print(f"wrote {sheet} ({sheet_title(len(shown), total)}) and {out / 'registry'} "
+          f"({len(classifier.classes)} classes)")
     return 0
 
 
-def few_shot_run(classifier: FewShotClassifier, folder: Path, *, shots: int, seed: int):
+def few_shot_run(classifier: FewShotClassifier, folder: Path, *, shots: int, seed: int,
+                 progress: bool | None = None):
     """Register ``shots`` images per class folder; predict the rest. Returns (accuracy, samples)."""
     support, query = support_query_split(class_folders(folder), shots, seed)
-    for label, paths in support.items():
+    for label, paths in tqdm(support.items(), desc="registering", unit="class", disable=_hidden(progress)):
         classifier.register(label, paths)
     paths = [p for items in query.values() for p in items]
     truth = [label for label, items in query.items() for _ in items]
     if not paths:
         raise ValueError(f"no images left to predict in {folder}: each class needs more than {shots} images")
-    return _score(classifier.predict(paths), truth, paths)
+    return _score(predict_with_progress(classifier, paths, progress), truth, paths)
 
 
-def one_shot_photos(classifier: FewShotClassifier, rng: np.random.Generator):
+def one_shot_photos(classifier: FewShotClassifier, rng: np.random.Generator, progress: bool | None = None):
     """Register each bundled photo from its file; predict augmented views of it."""
     import skimage
 
     root = Path(skimage.__file__).parent / "data"
     views, truth = [], []
-    for name in PHOTOS:
+    for name in tqdm(PHOTOS, desc="registering", unit="photo", disable=_hidden(progress)):
         label = Path(name).stem
         classifier.register(label, root / name)
         with Image.open(root / name) as photo:
             photo = photo.convert("RGB")
             views += [augment(photo, rng) for _ in range(VIEWS_PER_PHOTO)]
             truth += [label] * VIEWS_PER_PHOTO
-    return _score(classifier.predict(views), truth, views)
+    return _score(predict_with_progress(classifier, views, progress), truth, views)
+
+
+def predict_with_progress(classifier: FewShotClassifier, images: list, progress: bool | None) -> list:
+    predictions = []
+    with tqdm(total=len(images), desc="predicting", unit="img", disable=_hidden(progress)) as bar:
+        for start in range(0, len(images), PREDICT_CHUNK):
+            chunk = images[start:start + PREDICT_CHUNK]
+            predictions += classifier.predict(chunk)
+            bar.update(len(chunk))
+    return predictions
+
+
+def _hidden(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # None: tqdm hides itself when not on a terminal
 
 
 def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -116,8 +137,19 @@ def _sample(samples, n, rng):
     return [samples[i] for i in sorted(picks)]
 
 
-def contact_sheet(samples, path: Path, columns: int = 8) -> Path:
-    """A grid of query thumbnails titled with their predicted class: green if right, red if wrong."""
+def caption(predicted: str | None, truth: str) -> str:
+    """A thumbnail's title: the answer, and for a wrong one the true class too."""
+    answer = "unknown" if predicted is None else predicted
+    return answer if predicted == truth else f"{answer}\n(true: {truth})"
+
+
+def sheet_title(shown: int, total: int) -> str:
+    return f"{shown} of {total} queries shown, a seeded sample" if total > shown else f"all {shown} queries"
+
+
+def contact_sheet(samples, path: Path, columns: int = 8, total: int | None = None) -> Path:
+    """A grid of query thumbnails titled with their predicted class: green if right, red (with the true
+    class) if wrong. ``total``: the number of queries the sample was drawn from, said in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,8 +161,10 @@ def contact_sheet(samples, path: Path, columns: int = 8) -> Path:
         ax.axis("off")
     for ax, (image, predicted, truth) in zip(np.ravel(axes), samples):
         ax.imshow(load_image(image, min_size=128))
-        ax.set_title(str(predicted), fontsize=8, color="green" if predicted == truth else "red")
-    fig.suptitle("fewshot demo: predicted class per query (green = right, red = wrong)", fontsize=10)
+        ax.set_title(caption(predicted, truth), fontsize=8, color="green" if predicted == truth else "red",
+                     parse_math=False)
+    fig.suptitle(f"fewshot demo: predicted class per query (green = right, red = wrong, with the true class); "
+                 f"{sheet_title(len(samples), total or len(samples))}", fontsize=10, parse_math=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

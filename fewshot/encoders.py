@@ -24,7 +24,11 @@ import contextlib
 import hashlib
 import importlib
 import json
+import stat
+import os
+import socket
 import threading
+import urllib.parse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .cache import EmbeddingCache
 from .errors import ImageError, WeightsError
-from .images import _load_one, content_digest, describe, expand_inputs
+from .images import _load_one, content_digest, describe, expand_inputs, limit_aspect
 
 DEFAULT_ENCODER = "efficientnet_lite0"
 
@@ -74,6 +78,10 @@ _AUTO_MIN_IMAGES = 256
 
 # Parallel embedding streams are capped: each holds a batch of activations in memory.
 _MAX_STREAMS = 8
+# Input resolutions beyond this are refused: memory grows with its square (20000 px took 8 GB before
+# the first image), and no model here is trained above 1024.
+MAX_INPUT_SIZE = 1024
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -112,9 +120,11 @@ class Encoder:
         self.pool = _check_pool(pool)
         self.data_config = timm.data.resolve_data_config({}, model=model)
         if input_size is not None:
+            _check_size(input_size, "input_size")
             self.data_config["input_size"] = (3, int(input_size), int(input_size))
         self.transform = timm.data.create_transform(**self.data_config)
-        self._image_step, self._batch_step = _split_transform(self.transform, self.data_config["input_size"][1:])
+        image_step, self._batch_step = _split_transform(self.transform, self.data_config["input_size"][1:])
+        self._image_step = lambda image: image_step(limit_aspect(image))  # resize work bounded by output size
         self.compile = _check_compile(compile)
         self._compiled: dict[tuple, Callable | None] = {}  # (mode, batch size, threads) -> module or None
         self._compile_lock = threading.Lock()
@@ -201,19 +211,26 @@ class Encoder:
         digests = self._digests(items, errors)
         todo = self._fill_from_cache(cache, digests, vectors)
         show = progress if progress is not None else len(todo) >= _PROGRESS_MIN_ITEMS
+        writer = cache.writer(self.fingerprint_id) if cache is not None else None
+
+        def done(rows: list[int]) -> None:  # a batch is embedded: hand its good rows to the cache
+            if writer is not None:
+                writer.add({digests[i]: vectors[i].copy() for i in rows if errors[i] is None and digests[i]})
+
         if todo:
-            with (tqdm(total=len(todo), desc="embedding", unit="img", disable=not show or None, leave=False) as bar,
-                  _torch_threads_kept() as threads):
-                self._run_streams(items, todo, vectors, errors, batch_size, workers, bar, threads)
-        if cache is not None:
-            fresh = {digests[i]: vectors[i] for i in todo if errors[i] is None and digests[i]}
-            cache.put_many(self.fingerprint_id, fresh)
+            try:
+                with (tqdm(total=len(todo), desc="embedding", unit="img", disable=not show or None,
+                           leave=False) as bar, _torch_threads_kept() as threads):
+                    self._run_streams(items, todo, vectors, errors, batch_size, workers, bar, threads, done)
+            finally:  # also on Ctrl-C: keep every batch that was finished
+                if writer is not None:
+                    writer.flush()
         return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors)
 
     def _run_streams(self, items: list, todo: list[int], vectors: np.ndarray, errors: list, batch_size: int,
-                     workers: int | None, bar, total_threads: int) -> None:
+                     workers: int | None, bar, total_threads: int, done: Callable[[list[int]], None]) -> None:
         """Embed ``items[todo]`` into ``vectors`` with parallel single-threaded streams of whole batches,
-        sharing ``total_threads`` torch threads."""
+        sharing ``total_threads`` torch threads; ``done(rows)`` is called after each batch."""
         chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         planned = workers or min(total_threads, _MAX_STREAMS)
         streams = max(1, min(planned, len(chunks)))
@@ -230,9 +247,10 @@ class Encoder:
                     rows = next(queue, None)
                 if rows is None:
                     return
-                done = self._embed_rows(items, rows, vectors, errors, network)
+                handled = self._embed_rows(items, rows, vectors, errors, network)
                 with lock:
-                    bar.update(done)
+                    bar.update(handled)
+                    done(rows)
 
         if streams == 1 and per_stream == torch.get_num_threads():  # e.g. one image: no thread pool to start
             stream()
@@ -520,10 +538,12 @@ def create_encoder(
                          f"(see timm.list_models())")
     online = pretrained and weights is None and name not in PACKAGED_WEIGHTS
     try:
-        model = timm.create_model(arch, pretrained=online, num_classes=0)
+        with _offline_unless_hub_reachable() if online else contextlib.nullcontext():
+            model = timm.create_model(arch, pretrained=online, num_classes=0)
     except Exception as exc:  # timm raises many kinds when the hub is unreachable
-        raise WeightsError(f"could not download pretrained weights for {name!r} ({exc}); when offline, pass "
-                           f"weights=FILE (a .safetensors or torch state dict) or use {DEFAULT_ENCODER!r}") from exc
+        raise WeightsError(f"could not download pretrained weights for {name!r} ({exc}); when offline, give a "
+                           f"local weights file (--weights FILE, a .safetensors or torch state dict; in Python, "
+                           f"the weights argument) or use {DEFAULT_ENCODER!r}") from exc
     if weights is not None:
         _load_into(model, read_state_dict(Path(weights)), source=str(weights), by_position=False)
     elif pretrained and name in PACKAGED_WEIGHTS:
@@ -543,13 +563,89 @@ def _create_ensemble(name: str, *, weights, pretrained: bool, stages, pool, inpu
                                input_size=size or input_size, compile=compile) for member, size in members]
     return encoders[0] if len(encoders) == 1 else EnsembleEncoder(encoders)
 
+def check_fingerprint(fingerprint) -> None:
+    """Raise ValueError naming the field unless ``fingerprint`` (read from a file: a registry manifest,
+    a head's metadata) has the types and sane sizes ``encoder_from_fingerprint`` relies on; checked
+    before anything is created from it."""
+    if not isinstance(fingerprint, dict):
+        raise ValueError(f"the encoder fingerprint must be an object, got {type(fingerprint).__name__}")
+    name = fingerprint.get("name", DEFAULT_ENCODER)
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise ValueError(f"encoder name must be a model name, got {str(name)[:200]!r}")
+    features, preprocess = fingerprint.get("features") or {}, fingerprint.get("preprocess") or {}
+    if not isinstance(features, dict) or not isinstance(preprocess, dict):
+        raise ValueError("encoder 'features' and 'preprocess' must be objects")
+    stages = features.get("stages")
+    if stages is not None and (not isinstance(stages, list) or not 0 < len(stages) <= 16
+                               or not all(type(s) is int and 0 <= s < 64 for s in stages)):
+        raise ValueError(f"encoder stages must be a list of stage indices, got {str(stages)[:200]!r}")
+    pool = features.get("pool", "avg")
+    if pool != "avg" and not (type(pool) is int and 1 <= pool <= 16):
+        raise ValueError(f"encoder pool must be 'avg' or a grid size 1..16, got {str(pool)[:200]!r}")
+    size = preprocess.get("input_size")
+    if size is not None:
+        if not isinstance(size, list) or len(size) != 3:
+            raise ValueError(f"encoder input_size must be [3, height, width], got {str(size)[:200]!r}")
+        for value in size:
+            _check_size(value, "input_size")
+
+
+def check_weights_file(path) -> Path:
+    """``path`` if it can be a weights file (a non-empty regular file named like one), else WeightsError:
+    a path recorded in a registry must not make fewshot read an arbitrary file such as /proc/self/status."""
+    path = Path(path)
+    if path.suffix.lower() not in WEIGHTS_SUFFIXES:
+        raise WeightsError(f"{path} is not named like a weights file ({', '.join(WEIGHTS_SUFFIXES)}); "
+                           "give the encoder's weights file (--weights FILE; in Python, the weights argument)")
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise WeightsError(f"weights file {path} cannot be read ({exc.strerror or exc}); give the "
+                           "encoder's weights file (--weights FILE; in Python, the weights argument)") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        raise WeightsError(f"{path} is not a weights file (not a regular, non-empty file)")
+    return path
+
+
+def _check_size(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_INPUT_SIZE:
+        raise ValueError(f"encoder {what} must be an integer in 1..{MAX_INPUT_SIZE}, got {str(value)[:50]!r}")
+@contextlib.contextmanager
+def _offline_unless_hub_reachable(timeout: float = 3.0):
+    """The Hugging Face hub's offline mode while it cannot be reached: weights in the local hub cache
+    still load, and missing ones fail at once instead of after a minute of retries."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    if not before and not _hub_reachable(hub.ENDPOINT, timeout):
+        hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
+def _hub_reachable(endpoint: str, timeout: float) -> bool:
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy knows; let the hub client try
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
 
 def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weights=None,
                              compile: str = DEFAULT_COMPILE) -> Encoder:
-    """Re-create the encoder a fingerprint describes (the caller compares fingerprints after)."""
+    """Re-create the encoder a fingerprint describes (the caller compares fingerprints after); the
+    fingerprint is checked first (``check_fingerprint``)."""
+    check_fingerprint(fingerprint)
     if fingerprint.get("members") and name is None:  # an ensemble: re-create each member
         from .ensemble import EnsembleEncoder
 
+        if not isinstance(fingerprint["members"], list) or not 2 <= len(fingerprint["members"]) <= 8:
+            raise ValueError("an ensemble fingerprint's 'members' must list 2 to 8 encoder fingerprints")
         return EnsembleEncoder([encoder_from_fingerprint(m, weights=weights, compile=compile)
                                 for m in fingerprint["members"]])
     features = fingerprint.get("features") or {}

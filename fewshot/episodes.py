@@ -32,6 +32,14 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "fewshot-episodes", 1
+# Limits on sizes a protocol file (or a caller) may ask for, far above any benchmark (they use 100 to
+# 10,000 episodes of at most a few hundred items) but low enough that a hostile or mistyped file cannot
+# make fewshot allocate without end: the episodes drawn are held in memory (~1 KB each).
+MAX_EPISODES = 100_000
+MAX_WAYS = 10_000
+MAX_ITEMS_PER_CLASS = 10_000  # shots, queries
+MAX_SUPPORT = 1_000_000
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -114,11 +122,12 @@ class EpisodeSampler:
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0:
             raise ValueError(f"labels must be a non-empty 1-D array (one label per item), got shape {labels.shape}")
-        for name, value in [("shots", shots), ("queries", queries), ("min_ways", min_ways),
-                            ("max_ways", max_ways), ("max_support", max_support)]:
-            _check_int(name, value, 1)
+        for name, value, high in [("shots", shots, MAX_ITEMS_PER_CLASS), ("queries", queries, MAX_ITEMS_PER_CLASS),
+                                  ("min_ways", min_ways, MAX_WAYS), ("max_ways", max_ways, MAX_WAYS),
+                                  ("max_support", max_support, MAX_SUPPORT)]:
+            _check_int(name, value, 1, high)
         if ways is not None:
-            _check_int("ways", ways, 1)
+            _check_int("ways", ways, 1, MAX_WAYS)
         if variable and max_ways < min_ways:
             raise ValueError(f"max_ways={max_ways} is below min_ways={min_ways}; raise max_ways or lower min_ways")
         self.ways, self.shots, self.queries = ways, shots, queries
@@ -193,12 +202,12 @@ class EpisodeSampler:
 
     def sample_many(self, n: int) -> list[Episode]:
         """The next ``n`` episodes (the same as calling ``sample()`` n times)."""
-        _check_int("n", n, 0)
+        _check_int("the number of episodes", n, 0, MAX_EPISODES)
         return [self.sample() for _ in range(n)]
 
     def sample_batch(self, n: int) -> EpisodeBatch:
         """``n`` episodes drawn at once as arrays; fixed ways and shots only."""
-        _check_int("n", n, 1)
+        _check_int("the number of episodes", n, 1, MAX_EPISODES)
         if self.variable:
             raise ValueError("variable episodes differ in shape and cannot form a batch; use sample_many()")
         if self.within_group and self.ways is None and len({len(p) for p in self._usable}) > 1:
@@ -282,9 +291,11 @@ def _pad(pools: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _check_int(name: str, value, low: int) -> None:
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be at most {high}, got {value!r}")
 
 
 # --- manifests ----------------------------------------------------------------------------------
@@ -327,17 +338,7 @@ def save_episodes(path: str | os.PathLike, episodes: Sequence[Episode] | Episode
 
 def load_episodes(path: str | os.PathLike, dataset: ImageDataset) -> list[Episode]:
     """Episodes of a manifest as indices into ``dataset``; every name must exist there."""
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such episode manifest; write one with save_episodes()") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not an episode manifest (not JSON: {exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not an episode manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
-    if doc.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path} has manifest version {doc.get('version')!r}; this fewshot reads version "
-                         f"{MANIFEST_VERSION}: upgrade fewshot or re-save the episodes")
+    doc = _read_manifest(path)
     class_index = {name: i for i, name in enumerate(dataset.classes)}
     item_index = {name: i for i, name in enumerate(dataset.names)}
     rows = doc.get("episodes")
@@ -351,13 +352,12 @@ def load_episodes(path: str | os.PathLike, dataset: ImageDataset) -> list[Episod
         if missing:
             raise ValueError(f"{where}: missing {missing[0]!r}")
         classes = _indices(row["classes"], class_index, where, dataset.source)
+        if len(np.unique(classes)) != len(classes):
+            raise ValueError(f"{where}: a class is listed more than once; re-save the episodes")
         support = _indices(row["support"], item_index, where, dataset.source)
         query = _indices(row["query"], item_index, where, dataset.source)
-        try:
-            support_labels = np.array(row["support_labels"], dtype=np.int64)
-            query_labels = np.array(row["query_labels"], dtype=np.int64)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: support_labels and query_labels must be lists of integers") from None
+        support_labels = _label_array(row["support_labels"], where)
+        query_labels = _label_array(row["query_labels"], where)
         if support_labels.shape != support.shape or query_labels.shape != query.shape:
             raise ValueError(f"{where}: support/query and their labels differ in length")
         for items, lab in [(support, support_labels), (query, query_labels)]:
@@ -368,9 +368,61 @@ def load_episodes(path: str | os.PathLike, dataset: ImageDataset) -> list[Episod
                 i = items[wrong[0]]
                 raise ValueError(f"{where}: {dataset.names[i]!r} is class {dataset.classes[dataset.labels[i]]!r} in "
                                  f"{dataset.source}, not {dataset.classes[classes[lab[wrong[0]]]]!r}; the data differ")
+        _check_measurable(where, row, support, support_labels, query)
         out.append(Episode(classes, support, support_labels, query, query_labels))
     return out
 
+
+def _label_array(values, where: str) -> np.ndarray:
+    """Episode labels as int64; anything but a list of plain integers that fit is refused (no silent
+    truncation of 1.5, no overflow traceback for 10**30)."""
+    if (not isinstance(values, list) or not all(type(v) is int for v in values)
+            or not all(-2**63 <= v < 2**63 for v in values)):
+        raise ValueError(f"{where}: support_labels and query_labels must be lists of integers")
+    return np.array(values, dtype=np.int64)
+
+
+def _check_measurable(where: str, row: dict, support: np.ndarray, support_labels: np.ndarray,
+                      query: np.ndarray) -> None:
+    """Refuse an episode whose score would mean nothing: no support or no query, a class without a
+    support image, or a query image that is also in the support set (it would match itself)."""
+    if not len(support):
+        raise ValueError(f"{where}: no support images; every episode needs a support set to learn from")
+    if not len(query):
+        raise ValueError(f"{where}: no query images; every episode needs queries to score")
+    bare = sorted(set(range(len(row["classes"]))) - set(support_labels.tolist()))
+    if bare:
+        raise ValueError(f"{where}: class {row['classes'][bare[0]]!r} has no support image; every class of an "
+                         "episode needs at least one")
+    shared = np.intersect1d(support, query)
+    if len(shared):
+        name = row["support"][int(np.flatnonzero(support == shared[0])[0])]
+        raise ValueError(f"{where}: query image {name!r} is also in the support set, so it would be scored "
+                         "against itself; support and query must not share images")
+
+
+def manifest_origin(path: str | os.PathLike) -> tuple[Protocol | None, str | None]:
+    """(protocol, dataset) an episode manifest was saved with, so a replay needs nothing else; either is
+    None where the manifest does not record it."""
+    doc = _read_manifest(path)
+    protocol, dataset = doc.get("protocol"), doc.get("dataset")
+    return (protocol_from_dict(protocol, f"{path} (its protocol)") if protocol is not None else None,
+            dataset if isinstance(dataset, str) and dataset else None)
+
+
+def _read_manifest(path: str | os.PathLike) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such episode manifest; write one with save_episodes()") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not an episode manifest (not JSON: {exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not an episode manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
+    if doc.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path} has manifest version {doc.get('version')!r}; this fewshot reads version "
+                         f"{MANIFEST_VERSION}: upgrade fewshot or re-save the episodes")
+    return doc
 
 def _ints(values) -> list[int]:
     return [int(v) for v in np.asarray(values).ravel()]
@@ -440,12 +492,20 @@ class Protocol:
 
     def _split(self, dataset: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
         by, test, seed = self.split["by"], self.split["test"], self.split.get("seed", 0)
-        return (split_by_group if by == "group" else split_by_class)(dataset, test, seed=seed)
+        try:
+            return (split_by_group if by == "group" else split_by_class)(dataset, test, seed=seed)
+        except ValueError as e:
+            raise ValueError(f"protocol {self.name!r}, split.test: {e}") from None
 
 
 _TYPES = {"name": str, "description": str, "dataset": str, "ways": int, "shots": int, "queries": int,
           "episodes": int, "seed": int, "within_group": bool, "variable": bool, "min_ways": int,
           "max_ways": int, "max_support": int, "split": dict, "runs": str}
+
+
+_LIMITS = [("ways", 1, MAX_WAYS), ("shots", 1, MAX_ITEMS_PER_CLASS), ("queries", 1, MAX_ITEMS_PER_CLASS),
+           ("episodes", 1, MAX_EPISODES), ("min_ways", 1, MAX_WAYS), ("max_ways", 1, MAX_WAYS),
+           ("max_support", 1, MAX_SUPPORT), ("seed", 0, MAX_SEED)]
 
 
 def load_protocol(path: str | os.PathLike) -> Protocol:
@@ -458,11 +518,21 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
         raise ValueError(f"{path}: no such protocol file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    return protocol_from_dict(raw, path)
+
+
+def protocol_from_dict(raw: dict, path: str | os.PathLike) -> Protocol:
+    """A ``Protocol`` from the keys of a protocol file (or ``Protocol.to_dict()``, e.g. as an episode
+    manifest records it), checked as ``load_protocol`` checks them; errors name ``path`` and the key."""
+    path = Path(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the protocol must be a table of keys, got {type(raw).__name__}")
+    raw = {k: v for k, v in raw.items() if v is not None or k == "ways"}  # to_dict's None: the default
     values = {}
     for key, value in raw.items():
         if key not in _TYPES:
             raise ValueError(f"{path}: unknown key {key!r}; known keys: {', '.join(_TYPES)}")
-        if key == "ways" and value == "all":
+        if key == "ways" and value in ("all", None):
             values[key] = None
             continue
         kind = _TYPES[key]
@@ -470,9 +540,11 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
             hint = ' (or "all")' if key == "ways" else ""
             raise ValueError(f"{path}: {key} must be {kind.__name__}{hint}, got {value!r}")
         values[key] = value
-    for key in ("ways", "shots", "queries", "episodes", "min_ways", "max_ways", "max_support"):
-        if values.get(key) is not None and values[key] < 1:
-            raise ValueError(f"{path}: {key} must be >= 1, got {values[key]}")
+    for key, low, high in _LIMITS:
+        value = values.get(key)
+        if value is not None and not low <= value <= high:
+            bound = f">= {low}" if value < low else f"at most {high}"
+            raise ValueError(f"{path}: {key} must be {bound}, got {value}")
     values.setdefault("name", path.stem)
     values["split"] = _check_split(values.get("split", {}), path)
     return Protocol(**values)
@@ -494,8 +566,8 @@ def _check_split(split: dict, path: Path) -> dict:
         raise ValueError(f"{path}: split.test must be a list of names or a count"
                          f"{' or a fraction in (0, 1)' if split['by'] == 'class' else ''}, got {test!r}")
     seed = split.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"{path}: split.seed must be an integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{path}: split.seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
     return dict(split)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import scipy.sparse
 import torch
 from tqdm.auto import tqdm
 
@@ -36,8 +37,10 @@ class EvaluationResult:
     shots: int | str
     queries: int | str
     class_names: list[str]
-    confusion: np.ndarray  # (C, C) query counts, true class x predicted class (dataset classes)
+    confusion: scipy.sparse.csr_array  # (C, C) query counts, true x predicted dataset class; sparse: C may be 20k
     episode_classes: list[list[int]] = field(default_factory=list)
+    # Where the figures come from, written into result.json: encoder fingerprint, head, dataset, protocol.
+    provenance: dict = field(default_factory=dict)
 
     @property
     def episodes(self) -> int:
@@ -57,13 +60,13 @@ class EvaluationResult:
 
     def per_class_accuracy(self) -> dict[str, float]:
         """Accuracy of the queries of each class that was queried at least once."""
-        totals = self.confusion.sum(axis=1)
-        return {self.class_names[c]: float(self.confusion[c, c] / totals[c]) for c in np.flatnonzero(totals)}
+        totals, hits = _row_totals(self.confusion), self.confusion.diagonal()
+        return {self.class_names[c]: float(hits[c] / totals[c]) for c in np.flatnonzero(totals)}
 
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "ci95": self.ci95, "error": self.error, "episodes": self.episodes,
                 "ways": self.ways, "shots": self.shots, "queries": self.queries,
-                "per_class_accuracy": self.per_class_accuracy()}
+                **self.provenance, "per_class_accuracy": self.per_class_accuracy()}
 
     def summary(self) -> str:
         return (f"{self.ways}-way {self.shots}-shot, {self.episodes} episodes: accuracy {self.accuracy:.2%} "
@@ -80,7 +83,8 @@ class EvaluationResult:
             writer.writerow(["episode", "accuracy", "classes"])
             for i, accuracy in enumerate(self.episode_accuracies):
                 classes = self.episode_classes[i] if i < len(self.episode_classes) else []
-                writer.writerow([i, f"{accuracy:.6f}", " ".join(self.class_names[c] for c in classes)])
+                names = [self.class_names[c] for c in classes]  # a JSON list: names may hold spaces or commas
+                writer.writerow([i, f"{accuracy:.6f}", json.dumps(names, ensure_ascii=False)])
         plot_confusion(self.confusion, self.class_names, paths["confusion"])
         return paths
 
@@ -105,7 +109,7 @@ def evaluate_episodes(features: np.ndarray, labels: np.ndarray, episodes: list, 
     if not episodes:
         raise ValueError("no episodes to evaluate; sample some with EpisodeSampler(...).sample_many(n)")
     names = _class_names(labels, class_names)
-    confusion = np.zeros((len(names), len(names)), dtype=np.int64)
+    confusion = _Confusion(len(names))
     accuracies = np.zeros(len(episodes))
     score = _adaptive_scorer(head, features) if head is not None and head.adapts else None
     if score is None:
@@ -120,7 +124,7 @@ def evaluate_episodes(features: np.ndarray, labels: np.ndarray, episodes: list, 
     return EvaluationResult(accuracies, ways=_common(len(e.classes) for e in episodes),
                             shots=_common(_shots(e) for e in episodes),
                             queries=_common(len(e.query) // len(e.classes) for e in episodes),
-                            class_names=names, confusion=confusion,
+                            class_names=names, confusion=confusion.matrix(),
                             episode_classes=[e.classes.tolist() for e in episodes])
 
 
@@ -140,10 +144,10 @@ def evaluate_batch(features: np.ndarray, labels: np.ndarray, batch: EpisodeBatch
     embedded = head.transform(features) if head is not None else np.asarray(features, dtype=np.float32)
     predicted = _batch_predictions(torch.from_numpy(embedded), batch, head.metric if head is not None else metric)
     truth = np.broadcast_to(batch.query_labels, predicted.shape)
-    confusion = np.zeros((len(names), len(names)), dtype=np.int64)
+    confusion = _Confusion(len(names))
     accuracies = _tally(predicted, truth, batch.classes, confusion)
     return EvaluationResult(accuracies, ways=batch.ways, shots=batch.shots, queries=batch.queries,
-                            class_names=names, confusion=confusion, episode_classes=batch.classes.tolist())
+                            class_names=names, confusion=confusion.matrix(), episode_classes=batch.classes.tolist())
 
 
 def _class_names(labels, class_names: list[str] | None) -> list[str]:
@@ -152,12 +156,30 @@ def _class_names(labels, class_names: list[str] | None) -> list[str]:
     return [str(c) for c in range(int(np.max(labels)) + 1)]
 
 
-def _tally(predicted: np.ndarray, truth: np.ndarray, classes: np.ndarray, confusion: np.ndarray) -> np.ndarray:
-    """Per-episode accuracies of (E, Q) predicted vs true episode labels; adds to ``confusion`` in place."""
+class _Confusion:
+    """Collects (true, predicted) dataset-class pairs; memory grows with the queries, not classes²."""
+
+    def __init__(self, n_classes: int):
+        self.n_classes, self.pairs = n_classes, []
+
+    def add(self, true_class: np.ndarray, guessed_class: np.ndarray) -> None:
+        self.pairs.append((true_class.ravel(), guessed_class.ravel()))
+
+    def matrix(self) -> scipy.sparse.csr_array:
+        true, guessed = (np.concatenate(p) for p in zip(*self.pairs)) if self.pairs else (np.zeros(0, int),) * 2
+        counts = np.ones(len(true), dtype=np.int64)
+        return scipy.sparse.csr_array((counts, (true, guessed)), shape=(self.n_classes,) * 2)  # sums duplicates
+
+
+def _row_totals(confusion) -> np.ndarray:
+    return np.asarray(confusion.sum(axis=1)).ravel()
+
+
+def _tally(predicted: np.ndarray, truth: np.ndarray, classes: np.ndarray, confusion: _Confusion) -> np.ndarray:
+    """Per-episode accuracies of (E, Q) predicted vs true episode labels; adds the pairs to ``confusion``."""
     true_class = np.take_along_axis(classes, truth, axis=1)  # episode labels -> dataset classes
     guessed_class = np.take_along_axis(classes, predicted, axis=1)
-    n = len(confusion)
-    confusion += np.bincount((true_class * n + guessed_class).ravel(), minlength=n * n).reshape(n, n)
+    confusion.add(true_class, guessed_class)
     return (predicted == truth).mean(axis=1)
 
 
@@ -264,30 +286,47 @@ def _hide(progress: bool | None, n: int) -> bool | None:
     return not progress
 
 
-def plot_confusion(confusion: np.ndarray, class_names: list[str], path: str | Path, max_classes: int = 30) -> Path:
-    """Confusion matrix PNG (row-normalised). With many classes, shows the most-confused ones."""
+def confusion_view(confusion, max_classes: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """(shown classes, row-normalised matrix) of a confusion matrix (dense or sparse) for plotting.
+
+    With more than ``max_classes`` queried classes, the ones with the most errors are shown, and a last
+    column "other" holds each row's share of predictions into classes not shown: rows are normalised
+    over all their queries, so no error is hidden by leaving its column out."""
+    confusion = scipy.sparse.csr_array(confusion)
+    totals = _row_totals(confusion)
+    shown = np.flatnonzero(totals)
+    hidden = len(shown) > max_classes
+    if hidden:  # keep the classes with the most errors
+        errors = totals - confusion.diagonal()
+        shown = np.sort(shown[np.argsort(-errors[shown], kind="stable")[:max_classes]])
+    rows = confusion[shown]
+    matrix = rows[:, shown].toarray().astype(float)
+    if hidden:
+        matrix = np.column_stack([matrix, totals[shown] - matrix.sum(axis=1)])
+    return shown, matrix / np.maximum(totals[shown], 1)[:, None]
+
+
+def plot_confusion(confusion, class_names: list[str], path: str | Path, max_classes: int = 30) -> Path:
+    """Confusion matrix PNG (row-normalised). With many classes, shows the most-confused ones and an
+    "other" column. Labels are drawn as plain text (a "$" in a class name is not mathtext)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    queried = np.flatnonzero(confusion.sum(axis=1))
-    if len(queried) > max_classes:  # keep the classes with the most errors
-        errors = confusion.sum(axis=1) - np.diag(confusion)
-        queried = np.sort(queried[np.argsort(-errors[queried], kind="stable")[:max_classes]])
-    sub = confusion[np.ix_(queried, queried)].astype(float)
-    sub /= np.maximum(sub.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.3 * len(queried) + 2)
+    shown, matrix = confusion_view(confusion, max_classes)
+    names = [class_names[c] for c in shown]
+    columns = names + ["other"] * (matrix.shape[1] - len(names))
+    size = max(4.0, 0.3 * len(shown) + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
-    ticks = range(len(queried))
-    ax.set_xticks(ticks, [class_names[c] for c in queried], rotation=90, fontsize=7)
-    ax.set_yticks(ticks, [class_names[c] for c in queried], fontsize=7)
+    im = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7, parse_math=False)
+    ax.set_yticks(range(len(names)), names, fontsize=7, parse_math=False)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     title = "confusion (row-normalised)"
-    if len(queried) < len(np.flatnonzero(confusion.sum(axis=1))):
-        title += f", {len(queried)} most-confused classes"
+    if len(columns) > len(names):
+        title += f", {len(shown)} most-confused of {len(np.flatnonzero(_row_totals(confusion)))} classes"
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()

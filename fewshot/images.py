@@ -23,6 +23,10 @@ Conversion rules (always the same, so embeddings are reproducible):
 * Paths must be regular files (symlinks are followed): a FIFO or a device is refused, never read.
 * Decompression-bomb protection stays on: an image with more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels
   is refused before its pixels are decoded. Truncated files fail (LOAD_TRUNCATED_IMAGES is not set).
+* Work after decoding is bounded by the output size, not the input's shape: ``limit_aspect`` crops
+  images longer than ``MAX_ASPECT_RATIO`` times their width (or the reverse) around their centre
+  before they are resized, since a resize that scales the short side up first would blow a 1 x 30000
+  strip up to 256 x 7,680,000 pixels. The encoder's preprocessing applies it to every image.
 """
 
 from __future__ import annotations
@@ -47,8 +51,12 @@ from .errors import ImageError
 from .files import open_regular
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
+# Longest side at most this many times the shortest before resizing. Preprocessing that scales the
+# short side to S and centre-crops S (or less) never looks beyond the central S x S, so an 8:1 centre
+# crop changes nothing it sees while capping a resize's output at 8 S^2 pixels.
+MAX_ASPECT_RATIO = 8
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
 _FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # Pillow decoders we allow
@@ -179,6 +187,19 @@ def load_image(item: ImageInput, *, min_size: int | None = None) -> Image.Image:
     except Exception as exc:  # Pillow raises many types for bad data; none may escape un-wrapped
         raise ImageError(f"{label}: {_explain(exc)}") from exc
     raise ImageError(_unsupported_type(item, label))
+
+
+def limit_aspect(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """``image`` itself, or its centre cropped so that its long side is at most ``max_ratio`` times its
+    short side: bounds the pixels a resize to a fixed short side can create (see the module notes)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    keep = int(max_ratio * max(short, 1))
+    if long <= keep:
+        return image
+    start = (long - keep) // 2
+    box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+    return image.crop(box)
 
 
 def _decode(fp: Any, label: str, min_size: int | None) -> Image.Image:

@@ -9,10 +9,14 @@ had it open would let two writers in at once. On platforms without ``fcntl`` the
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import RegistryLockedError
+from .errors import RegistryFormatError, RegistryLockedError
 
 try:
     import fcntl
@@ -20,6 +24,10 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 LOCK_FILE = ".fewshot-writer.lock"
+# Readers hold a shared lock on this file while they read the manifest and open the data files it
+# names; a writer deletes old generations only under an exclusive lock on it (never waiting for it),
+# so a reader always gets every file of the generation it read, however big and however often saved.
+READERS_LOCK_FILE = ".fewshot-readers.lock"
 
 
 class WriterLock:
@@ -34,7 +42,7 @@ class WriterLock:
         self._fd = None
         if fcntl is None:
             return
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_lock_file(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -68,6 +76,73 @@ class WriterLock:
 
     def __del__(self):
         self.release()
+
+
+@contextlib.contextmanager
+def reader_pin(directory: str | os.PathLike) -> Iterator[None]:
+    """Within this block, no writer removes a generation's files (readers share this lock; nothing
+    to hold where the registry has no readers' lock file yet, or the platform has no ``fcntl``)."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = open_lock_file(Path(directory) / READERS_LOCK_FILE, os.O_RDONLY)
+        except (FileNotFoundError, PermissionError):
+            pass  # saved by an older fewshot, or another user's file we may not open: readers retry instead
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # a writer holds it exclusively only while it unlinks files
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def create_readers_lock(directory: str | os.PathLike) -> None:
+    """Make sure ``directory`` has the readers' lock file (writers call this before saving)."""
+    if fcntl is not None:
+        os.close(open_lock_file(Path(directory) / READERS_LOCK_FILE, os.O_RDONLY | os.O_CREAT))
+
+
+@contextlib.contextmanager
+def no_readers(directory: str | os.PathLike) -> Iterator[bool]:
+    """Yield True while no reader is between reading the manifest and opening its files (and none can
+    start), False if some are: then the caller must leave every generation's files in place."""
+    if fcntl is None:
+        yield True  # no way to know: readers retry instead
+        return
+    fd = open_lock_file(Path(directory) / READERS_LOCK_FILE, os.O_RDONLY | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def open_lock_file(path: Path, flags: int) -> int:
+    """A descriptor of the lock file ``path``, which must be a regular file of its own.
+
+    A registry unpacked from an archive or kept in a shared folder may hold a symlink, a hard link to
+    someone's file, or a FIFO under the lock file's name; writing a PID into it would truncate a file
+    outside the registry, and a FIFO would block. Symlinks are not followed, the open never blocks,
+    and anything but a singly-linked regular file is refused with ``RegistryFormatError``.
+    """
+    refused = RegistryFormatError(f"{path} is not a regular file (a symlink, hard link, FIFO or device); "
+                                  "the registry may have been tampered with: delete that entry, then try again")
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
+            raise refused from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise refused
+    return fd
 
 
 def _holder(fd: int) -> str:

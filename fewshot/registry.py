@@ -6,8 +6,11 @@ easily redo, so saving is crash-safe (generation-numbered data files, then an at
 manifest, fsynced in that order) and loading is paranoid (sizes and sha256 checked before any data
 file is parsed; the manifest checks itself). ``Registry.open`` binds a registry to its directory:
 each change is saved before it returns, under a writer lock (``fewshot.locking``) that keeps a
-second writer out while readers go on. Nothing is ever unpickled: the formats are JSON, ``.npy``
-read without pickle, and ``faiss.serialize_index`` bytes.
+second writer out while readers go on; readers pin the generation they read (a shared lock held only
+while they open its files) and writers delete older generations only when no reader is opening them,
+so a reader gets a complete generation however big the registry and however often it is saved.
+Nothing is ever unpickled: the formats are JSON, ``.npy`` read without pickle, and
+``faiss.serialize_index`` bytes.
 
 Scale: prototypes live in one growable ``(capacity, dim)`` float32 array (measured ~1.1x
 ``4 * dim`` bytes per class at 1M x 1280, index included), so a million classes load and save in
@@ -34,6 +37,7 @@ import os
 import re
 import tempfile
 import threading
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +51,8 @@ from .errors import (
     RegistrySaveError,
     UnknownClassError,
 )
-from .files import open_regular
-from .locking import LOCK_FILE, WriterLock
+from .files import honour_umask, open_regular
+from .locking import LOCK_FILE, READERS_LOCK_FILE, WriterLock, create_readers_lock, no_readers, reader_pin
 
 METRICS = ("cosine", "l2")  # "l2" = squared Euclidean
 # 2: "index_in_use" / "auto_threshold" fields; IVF indexes keep their own ids.
@@ -61,6 +65,10 @@ MAX_LABEL_LEN = 1024
 MAX_MANIFEST_BYTES = 256 * 2**20  # a hostile manifest must not be able to exhaust memory
 _MAX_INT = 2**62  # upper bound for ids, counts and generations read from disk
 _DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids)-(\d+)\.(npy|faiss)$")
+# Attachments: small named files saved with the registry (e.g. a copy of its head), same checksums.
+_ATTACHMENT_RE = re.compile(r"^(attachment)-(\d+)-([a-z0-9][a-z0-9_.-]{0,63})$")
+_ATTACHMENT_KEY = "attachment:"
+MAX_ATTACHMENT_BYTES = 256 * 2**20
 _TMP_PREFIX, _TMP_SUFFIX = ".fewshot-", ".tmp"
 _LOAD_ATTEMPTS = 10  # reads racing a writer's saves retry this often before giving up
 _MAX_FACTORY_NUMBER = 2**22  # e.g. IVF lists: 4M lists would already suit billions of classes
@@ -96,12 +104,13 @@ class SearchResult:
 def _check_label(label) -> str:
     """Labels are any non-empty text of at most MAX_LABEL_LEN characters without NUL, valid Unicode
     (no lone surrogates, such as an undecodable folder name gives). They are never used as file names,
-    so "/", ".." or newlines are just characters."""
+    so "/", ".." or newlines are just characters. Returns the label in Unicode NFC form: "café" typed
+    and "café" from a folder name in decomposed form (macOS) are the same class."""
     if (not isinstance(label, str) or not label or "\0" in label or len(label) > MAX_LABEL_LEN
             or not _is_unicode(label)):
         raise ValueError(f"invalid class label {label!r}: a label must be a non-empty string of at "
                          f"most {MAX_LABEL_LEN} characters without NUL or lone surrogates")
-    return label
+    return unicodedata.normalize("NFC", label)
 
 
 def _is_unicode(text: str) -> bool:
@@ -316,6 +325,8 @@ class Registry:
         self._fingerprint = _json_copy(fingerprint or {}, "fingerprint")
         self._store_examples = bool(store_examples)
         self.metadata = copy.deepcopy(metadata) if metadata is not None else {}
+        # name -> bytes, saved beside the data with its checksum; names match _ATTACHMENT_RE's last group
+        self.attachments: dict[str, bytes] = {}
         # Per-class state lives in rows of growable arrays; a removed class's row is reused.
         self._row_of: dict[str, int] = {}  # label -> row; insertion order = class order
         self._labels: list[str | None] = []  # row -> label (None: free row)
@@ -378,7 +389,8 @@ class Registry:
         return len(self._row_of)
 
     def __contains__(self, label) -> bool:
-        return isinstance(label, str) and label in self._row_of
+        return isinstance(label, str) and (label in self._row_of
+                                           or unicodedata.normalize("NFC", label) in self._row_of)
 
     def __repr__(self) -> str:
         return (f"Registry(dim={self._dim}, metric={self._metric!r}, index={self._factory!r}, "
@@ -441,7 +453,7 @@ class Registry:
     @_saved
     def add(self, label: str, vectors) -> None:
         """Create the class if new, else add examples to it."""
-        _check_label(label)  # before the dict lookup, which an unhashable label would break
+        label = _check_label(label)  # before the dict lookup, which an unhashable label would break
         with self._lock:
             if label in self._row_of:
                 self.add_examples(label, vectors)
@@ -450,6 +462,7 @@ class Registry:
 
     @_saved
     def add_class(self, label: str, vectors) -> None:
+        label = _check_label(label)
         raw, x = self._prepare(label, vectors)
         with self._lock:
             if label in self._row_of:
@@ -471,9 +484,7 @@ class Registry:
         """
         if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
             raise ValueError("labels must be a list of class labels, one per row of vectors")
-        labels = list(labels)
-        for label in labels:
-            _check_label(label)
+        labels = [_check_label(label) for label in labels]
         x = _as_matrix(vectors, self._dim, "add_many", copy=False)
         if len(x) != len(labels):
             raise ValueError(f"add_many: {len(labels)} labels but {len(x)} vectors; give one vector per label")
@@ -516,6 +527,7 @@ class Registry:
 
     @_saved
     def add_examples(self, label: str, vectors) -> None:
+        label = _check_label(label)
         raw, x = self._prepare(label, vectors)
         with self._lock:
             row = self._get(label)
@@ -536,6 +548,7 @@ class Registry:
         with self._lock:
             row = self._get(label)
             cid = int(self._ids[row])
+            label = self._labels[row]
             del self._row_of[label]
             self._labels[row] = None
             self._row_of_id[cid] = -1
@@ -546,9 +559,10 @@ class Registry:
 
     @_saved
     def rename(self, old: str, new: str) -> None:
-        _check_label(new)
+        new = _check_label(new)
         with self._lock:
             row = self._get(old)
+            old = self._labels[row]
             if new == old:
                 return
             if new in self._row_of:
@@ -560,6 +574,10 @@ class Registry:
     def _get(self, label) -> int:
         try:
             return self._row_of[label]
+        except (KeyError, TypeError):
+            pass
+        try:
+            return self._row_of[unicodedata.normalize("NFC", label)]
         except (KeyError, TypeError):
             raise UnknownClassError(f"no class {label!r} in the registry; known classes: "
                                     f"{len(self._row_of)} (see Registry.classes)") from None
@@ -900,6 +918,7 @@ class Registry:
             self._ensure_index()
             header = {"fingerprint": self._fingerprint,
                       "metadata": _json_copy(self.metadata, "metadata")}  # check before any write
+            _checked_attachments(self.attachments)
             mine = self._path is not None and _same_dir(path, self._path)
             with contextlib.nullcontext() if mine else _lock_dir(path):
                 self._save_locked(path, header)
@@ -908,6 +927,7 @@ class Registry:
         gen = max(self._generation, _saved_generation(path) or 0) + 1
         written: list[Path] = []
         try:
+            create_readers_lock(path)
             rows = self._ordered_rows()
             files = self._write_data(path, gen, rows, written)
             _fsync_dir(path)  # data file names are durable before the manifest points at them
@@ -958,33 +978,51 @@ class Registry:
             files["examples"] = _write_atomic(path, f"examples-{g}.npy", _npy(ex), written)
             files["example_class_ids"] = _write_atomic(path, f"example_class_ids-{g}.npy",
                                                        _npy(owner), written)
+        for name, data in self.attachments.items():
+            files[_ATTACHMENT_KEY + name] = _write_atomic(path, f"attachment-{g}-{name}",
+                                                          lambda f, data=data: f.write(data), written)
         return files
 
     @classmethod
     def load(cls, path, *, expected_fingerprint: dict | None = None) -> "Registry":
-        """Read the registry saved at directory ``path`` (no lock needed: a save in progress is not
-        seen). Every file is checked (size, sha256, the manifest's own checksum, shapes, ids) before it
-        is parsed; any problem raises ``RegistryFormatError`` naming the file."""
+        """Read the registry saved at directory ``path`` (a save in progress is not seen, and no writer
+        deletes the files of the generation being read). Every file is checked (size, sha256, the
+        manifest's own checksum, shapes, ids) before it is parsed; any problem raises
+        ``RegistryFormatError`` naming the file."""
         path = Path(path)
         mpath = path / MANIFEST
         for attempt in range(_LOAD_ATTEMPTS):
-            if not mpath.is_file():
-                raise RegistryFormatError(f"no registry at {path} ({mpath} not found); "
-                                          "create one with fewshot register")
-            m = _parse_manifest(mpath)
-            if expected_fingerprint is not None:
-                _check_fingerprint(path, m["fingerprint"], _json_copy(expected_fingerprint, "expected_fingerprint"))
+            m, opened = None, {}
             try:
-                return cls._from_manifest(path, m)
+                # No writer deletes a generation's files between our reading its manifest and opening
+                # them; once open, they stay readable whatever the writer does next.
+                with reader_pin(path):
+                    m = _read_manifest(path)
+                    opened = _open_generation(path, m)
+                if expected_fingerprint is not None:
+                    _check_fingerprint(path, m["fingerprint"],
+                                       _json_copy(expected_fingerprint, "expected_fingerprint"))
+                return cls._from_manifest(path, m, opened)
             except RegistryFormatError:
-                # A writer may have saved a new generation, deleting this one's files, while we read
-                # them: then read the new one. A file that is bad for good is reported.
-                if attempt + 1 == _LOAD_ATTEMPTS or _manifest_digest(mpath) == m["_digest"]:
+                # Without the readers' lock (an older writer, no fcntl) a writer may have deleted this
+                # generation's files: then read the new one. A file that is bad for good is reported.
+                if m is None or attempt + 1 == _LOAD_ATTEMPTS or _manifest_digest(mpath) == m["_digest"]:
                     raise
+            finally:
+                for f in opened.values():
+                    f.close()
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def saved_counts(path) -> dict[str, int]:
+        """``{label: count}`` of the registry saved at directory ``path``, read from its manifest alone
+        (checked by the manifest's own checksum): listing a big registry's classes reads no prototypes."""
+        with reader_pin(Path(path)):
+            m = _read_manifest(Path(path))
+        return dict(zip(m["_labels"], m["_counts"].tolist()))
+
     @classmethod
-    def _from_manifest(cls, path: Path, m: dict) -> "Registry":
+    def _from_manifest(cls, path: Path, m: dict, opened: dict) -> "Registry":
         mpath = path / MANIFEST
         try:
             reg = cls(m["dim"], metric=m["metric"], index=m["index_factory"], fingerprint=m["fingerprint"],
@@ -993,7 +1031,7 @@ class Registry:
         except ValueError as e:
             raise RegistryFormatError(f"{mpath}: {e}") from None
         C, dim, labels = len(m["classes"]), m["dim"], m["_labels"]
-        protos = _load_npy(path, m["files"]["prototypes"], (C, dim), np.float32)
+        protos = _load_npy(path, m["files"]["prototypes"], (C, dim), np.float32, opened)
         if not _all_finite(protos):
             raise RegistryFormatError(f"{path / m['files']['prototypes']['name']}: non-finite prototype")
         ids = np.array(m["_ids"], dtype=np.int64)
@@ -1008,8 +1046,9 @@ class Registry:
             reg._row_of_id = np.full(max(1024, m["next_id"]), -1, np.int64)
             reg._row_of_id[ids] = np.arange(C)
         if reg._store_examples:
-            _load_examples(path, m, reg)
-        reg._index = _load_index(path, m, reg)
+            _load_examples(path, m, reg, opened)
+        reg.attachments = _load_attachments(path, m, opened)
+        reg._index = _load_index(path, m, reg, opened)
         reg._in_use, reg._fallback = _index_in_use(mpath, m, reg)
         reg._exact, reg._built_n = _kind(reg._index) == "flat", C
         reg._stale, reg._generation = False, m["generation"]
@@ -1062,6 +1101,7 @@ def _write_atomic(directory: Path, name: str, write, written: list) -> dict:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{_TMP_PREFIX}{name}-", suffix=_TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
+            honour_umask(tmp)
             hw = _HashingWriter(f)
             write(hw)
             f.flush()
@@ -1090,7 +1130,7 @@ def _unlink_quietly(p: Path) -> None:
 
 
 def _is_ours(name: str) -> bool:
-    return (bool(_DATA_RE.match(name)) or name == LOCK_FILE
+    return (bool(_DATA_RE.match(name) or _ATTACHMENT_RE.match(name)) or name in (LOCK_FILE, READERS_LOCK_FILE)
             or (name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX)))
 
 
@@ -1137,14 +1177,19 @@ def _same_dir(a: Path, b: Path) -> bool:
 
 
 def _remove_other_generations(path: Path, gen: int) -> None:
+    """Delete the files of older generations, unless a reader may still be opening them (then a later
+    save deletes them)."""
     try:
-        names = os.listdir(path)
-    except OSError:
-        return
-    for name in names:
-        m = _DATA_RE.match(name)
-        if (m and int(m.group(2)) != gen) or (not m and _is_ours(name) and name != LOCK_FILE):
-            _unlink_quietly(path / name)
+        with no_readers(path) as alone:
+            if not alone:
+                return
+            for name in os.listdir(path):
+                m = _DATA_RE.match(name) or _ATTACHMENT_RE.match(name)
+                if (m and int(m.group(2)) != gen) or (not m and _is_ours(name)
+                                                      and name not in (LOCK_FILE, READERS_LOCK_FILE)):
+                    _unlink_quietly(path / name)
+    except (OSError, RegistryFormatError):
+        return  # best effort: leftovers are harmless, the manifest decides what is current
 
 
 def _npy_chunks(shape: tuple, dtype, chunks):
@@ -1255,7 +1300,8 @@ def _parse_manifest(mpath: Path) -> dict:
         raise RegistryFormatError(f"{mpath}: invalid class table")
     m["_labels"], m["_ids"], m["_counts"] = fast
     files = _field(m, "files", dict, mpath)
-    for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()):
+    attached = tuple(k for k in files if isinstance(k, str) and k.startswith(_ATTACHMENT_KEY))
+    for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()) + attached:
         entry = _field(files, key, dict, mpath)
         name = _field(entry, "name", str, mpath)
         if (not name or name in (".", "..", MANIFEST) or "/" in name or "\\" in name
@@ -1336,37 +1382,67 @@ def _check_fingerprint(path: Path, stored: dict, expected: dict) -> None:
 _READ_CHUNK = 64 * 2**20
 
 
-def _read_verified_into(path: Path, entry: dict, split) -> list[np.ndarray]:
-    """Read a data file into buffers after checking its size, hashing as it streams in, and check
-    the sha256 against the manifest before anything in it is parsed. ``split(size)`` returns the
-    writable buffers that together take the whole file (so big arrays are read in place)."""
+def _read_manifest(path: Path) -> dict:
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise RegistryFormatError(f"no registry at {path} ({mpath} not found); create one with fewshot register")
+    return _parse_manifest(mpath)
+
+
+def _open_generation(path: Path, m: dict) -> dict:
+    """{file name: open file} for every data file the manifest ``m`` names."""
+    keys = (("prototypes", "index") + (("examples", "example_class_ids") if m["store_examples"] else ())
+            + tuple(k for k in m["files"] if k.startswith(_ATTACHMENT_KEY)))
+    opened: dict = {}
+    try:
+        for key in keys:
+            name = m["files"][key]["name"]
+            if name in opened:
+                continue
+            try:
+                opened[name] = _open_regular(path / name)
+            except FileNotFoundError:
+                raise RegistryFormatError(f"{path / name}: referenced by the manifest but missing") from None
+            except OSError as e:
+                raise RegistryFormatError(f"{path / name}: cannot be read ({e})") from None
+    except BaseException:
+        for f in opened.values():
+            f.close()
+        raise
+    return opened
+
+
+def _read_verified_into(path: Path, entry: dict, split, opened: dict) -> list[np.ndarray]:
+    """Read a data file (already open, in ``opened``) into buffers after checking its size, hashing as
+    it streams in, and check the sha256 against the manifest before anything in it is parsed.
+    ``split(size)`` returns the writable buffers that together take the whole file (so big arrays are
+    read in place)."""
     fpath = path / entry["name"]
     try:
-        with _open_regular(fpath) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != entry["bytes"]:
-                raise RegistryFormatError(f"{fpath}: size is {size} bytes, manifest says {entry['bytes']} "
-                                          "(truncated or replaced?)")
-            buffers = split(size)
-            digest = hashlib.sha256()
-            for buf in buffers:
-                view = memoryview(buf.reshape(-1).view(np.uint8))
-                for a in range(0, len(view), _READ_CHUNK):
-                    part = view[a:a + _READ_CHUNK]
-                    got = f.readinto(part)
-                    while got and got < len(part):  # short reads
-                        more = f.readinto(part[got:])
-                        if not more:
-                            break
-                        got += more
-                    if got != len(part):
-                        raise RegistryFormatError(f"{fpath}: shorter than the {size} bytes it had "
-                                                  "(changed while reading?)")
-                    digest.update(part)
-            if f.read(1):
-                raise RegistryFormatError(f"{fpath}: longer than the manifest says (changed while reading?)")
-    except FileNotFoundError:
-        raise RegistryFormatError(f"{fpath}: referenced by the manifest but missing") from None
+        f = opened[entry["name"]]
+        f.seek(0)
+        size = os.fstat(f.fileno()).st_size
+        if size != entry["bytes"]:
+            raise RegistryFormatError(f"{fpath}: size is {size} bytes, manifest says {entry['bytes']} "
+                                      "(truncated or replaced?)")
+        buffers = split(size)
+        digest = hashlib.sha256()
+        for buf in buffers:
+            view = memoryview(buf.reshape(-1).view(np.uint8))
+            for a in range(0, len(view), _READ_CHUNK):
+                part = view[a:a + _READ_CHUNK]
+                got = f.readinto(part)
+                while got and got < len(part):  # short reads
+                    more = f.readinto(part[got:])
+                    if not more:
+                        break
+                    got += more
+                if got != len(part):
+                    raise RegistryFormatError(f"{fpath}: shorter than the {size} bytes it had "
+                                              "(changed while reading?)")
+                digest.update(part)
+        if f.read(1):
+            raise RegistryFormatError(f"{fpath}: longer than the manifest says (changed while reading?)")
     except OSError as e:
         raise RegistryFormatError(f"{fpath}: cannot be read ({e})") from None
     if digest.hexdigest() != entry["sha256"]:
@@ -1375,7 +1451,31 @@ def _read_verified_into(path: Path, entry: dict, split) -> list[np.ndarray]:
     return buffers
 
 
-def _load_npy(path: Path, entry: dict, shape: tuple, dtype) -> np.ndarray:
+def _checked_attachments(attachments) -> dict[str, bytes]:
+    if not isinstance(attachments, dict):
+        raise ValueError("attachments must be a dict of name -> bytes")
+    for name, data in attachments.items():
+        if not isinstance(name, str) or not _ATTACHMENT_RE.match(f"attachment-0-{name}"):
+            raise ValueError(f"attachment name {name!r}: use 1-64 of a-z 0-9 _ . - (starting with a letter or digit)")
+        if not isinstance(data, bytes) or len(data) > MAX_ATTACHMENT_BYTES:
+            raise ValueError(f"attachment {name!r} must be bytes of at most {MAX_ATTACHMENT_BYTES} bytes")
+    return attachments
+
+
+def _load_attachments(path: Path, m: dict, opened: dict) -> dict[str, bytes]:
+    out = {}
+    for key, entry in m["files"].items():
+        if not key.startswith(_ATTACHMENT_KEY):
+            continue
+        name = key[len(_ATTACHMENT_KEY):]
+        if not _ATTACHMENT_RE.match(f"attachment-0-{name}") or entry["bytes"] > MAX_ATTACHMENT_BYTES:
+            raise RegistryFormatError(f"{path / MANIFEST}: bad attachment {name!r}")
+        out[name] = _read_verified_into(path, entry, lambda size: [np.empty(size, np.uint8)],
+                                        opened)[0].tobytes()
+    return out
+
+
+def _load_npy(path: Path, entry: dict, shape: tuple, dtype, opened: dict) -> np.ndarray:
     """The array of an .npy file, read straight into its final (owned, writable) array."""
     fpath = path / entry["name"]
     dtype = np.dtype(dtype)
@@ -1388,7 +1488,7 @@ def _load_npy(path: Path, entry: dict, shape: tuple, dtype) -> np.ndarray:
             raise RegistryFormatError(f"{bad}, but the file has {size} bytes")
         return [np.empty(size - data_bytes, np.uint8), np.empty(shape, dtype)]
 
-    buffers = _read_verified_into(path, entry, split)
+    buffers = _read_verified_into(path, entry, split, opened)
     arr = buffers[1]
     header = io.BytesIO(buffers[0].tobytes())
     try:
@@ -1407,11 +1507,11 @@ def _load_npy(path: Path, entry: dict, shape: tuple, dtype) -> np.ndarray:
     return arr
 
 
-def _load_examples(path: Path, m: dict, reg: Registry) -> None:
+def _load_examples(path: Path, m: dict, reg: Registry, opened: dict) -> None:
     files, dim = m["files"], reg.dim
     counts, ids = m["_counts"], m["_ids"]
-    owner = _load_npy(path, files["example_class_ids"], (int(counts.sum()),), np.int64)
-    ex = _load_npy(path, files["examples"], (len(owner), dim), np.float32)
+    owner = _load_npy(path, files["example_class_ids"], (int(counts.sum()),), np.int64, opened)
+    ex = _load_npy(path, files["examples"], (len(owner), dim), np.float32, opened)
     fname = path / files["examples"]["name"]
     if not _all_finite(ex):
         raise RegistryFormatError(f"{fname}: non-finite example")
@@ -1441,9 +1541,9 @@ def _index_ids(index) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def _load_index(path: Path, m: dict, reg: Registry):
+def _load_index(path: Path, m: dict, reg: Registry, opened: dict):
     fpath = path / m["files"]["index"]["name"]
-    (data,) = _read_verified_into(path, m["files"]["index"], lambda size: [np.empty(size, np.uint8)])
+    (data,) = _read_verified_into(path, m["files"]["index"], lambda size: [np.empty(size, np.uint8)], opened)
     try:
         index = faiss.deserialize_index(data)
     except Exception as e:  # noqa: BLE001 - any parse failure is a format error

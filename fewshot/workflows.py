@@ -30,15 +30,25 @@ from .train import TrainResult
 def resolve_dataset(data: str | os.PathLike, protocol: Protocol | None = None) -> ImageDataset:
     """``data`` is the dataset (folder or zip), or a root holding the protocol's ``dataset`` path."""
     data = Path(data)
-    if protocol is not None and protocol.dataset and (data / protocol.dataset).exists():
-        data = data / protocol.dataset
-    return load_dataset(data)
+    if protocol is None or not protocol.dataset:
+        return load_dataset(data)
+    if (data / protocol.dataset).exists():
+        return load_dataset(data / protocol.dataset)
+    try:
+        return load_dataset(data)
+    except ValueError as e:
+        raise ValueError(f"{data / protocol.dataset}: not found, and {data} is not a dataset either ({e}); pass "
+                         f"--data ROOT holding {protocol.dataset} (protocol {protocol.name!r}), or the dataset"
+                         ) from None
 
 
 def embed_dataset(encoder: Encoder, dataset: ImageDataset, *, cache: EmbeddingCache | None = None,
                   progress: bool | None = None) -> tuple[np.ndarray, ImageDataset]:
     """Embed every image once (cached); unreadable images are left out with a warning."""
     result = encoder.embed_batch(dataset.items, cache=cache, progress=progress)
+    if len(dataset) and not result.ok.any():
+        raise ImageError(f"none of the {len(dataset)} images of {dataset.source} could be read "
+                         f"(first: {result.errors[0]})")
     if not result.ok.all():
         failed = [e for e in result.errors if e]
         warnings.warn(f"{len(failed)} of {len(dataset)} images could not be read and are left out "
@@ -69,9 +79,13 @@ def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: st
     scores below raw features on the validation classes, raw features are returned instead (an
     ``identity`` head without centring) with a warning, unless ``force=True``. Both figures and the choice
     are in ``head.metadata["training"]``."""
+    if within_group and dataset.groups is None:
+        raise ValueError(f"--within-group needs a dataset of groups (group/class/image folders, like Omniglot's "
+                         f"alphabets), but {dataset.source} is flat: leave --within-group out (within_group=False)")
     if augment not in (None, "rotations"):
         raise ValueError(f"augment must be None or 'rotations', got {augment!r}")
     train, val = split_validation(dataset, val_fraction, seed)
+    _check_measurable(val, within_group)
     if augment == "rotations":
         train = with_rotations(train)
     x_train, train = embed_dataset(encoder, train, cache=cache, progress=progress)
@@ -107,6 +121,14 @@ def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: st
 def raw_features_head(dim: int) -> Head:
     """A head that leaves features as they are (cosine nearest prototype on the encoder's vectors)."""
     return create_head("identity", dim, center=False)
+
+def _check_measurable(val: ImageDataset, within_group: bool) -> None:
+    """A 1-way validation episode always scores 100%: such a report would be meaningless."""
+    if _max_ways(val, within_group) < 2:
+        where = " per group" if within_group and val.groups is not None else ""
+        raise ValueError(f"validation would hold only {_max_ways(val, within_group)} class{where}, so every "
+                         f"validation episode is 1-way and scores 100% whatever the head; raise --val-fraction "
+                         f"(val_fraction), or train on a dataset with more classes")
 
 
 def compare_with_raw_features(head: Head, features: np.ndarray, dataset: ImageDataset, *, ways: int, shots: int,
@@ -168,12 +190,37 @@ def evaluate_protocol(dataset: ImageDataset, protocol: Protocol, encoder: Encode
     features, test = embed_dataset(encoder, protocol.test_split(dataset), cache=cache, progress=progress)
     if replay is not None:
         sampled = load_episodes(replay, test)
+        _check_replay_fits(sampled, protocol, replay)
     else:
-        sampled = protocol.sampler(test.labels, test.groups).sample_many(episodes or protocol.episodes)
+        try:
+            sampler = protocol.sampler(test.labels, test.groups)
+        except ValueError as e:
+            raise ValueError(f"protocol {protocol.name!r} (ways, shots, queries): {e}") from None
+        sampled = sampler.sample_many(episodes or protocol.episodes)
     if save_episodes is not None:
         write_episodes(save_episodes, sampled, test, protocol=protocol.to_dict())
-    return evaluate_episodes(features, test.labels, sampled, head=head, class_names=test.classes,
-                             progress=progress)
+    result = evaluate_episodes(features, test.labels, sampled, head=head, class_names=test.classes,
+                               progress=progress)
+    result.provenance = provenance(encoder, head, dataset.source, protocol.to_dict())
+    return result
+
+
+def provenance(encoder: Encoder, head: Head | None, dataset: str, protocol: dict | None = None) -> dict:
+    """What an evaluation ran on, for result.json: encoder fingerprint, head, dataset and protocol."""
+    return {"encoder": encoder.fingerprint, "head": None if head is None else
+            {"name": head.name, "fingerprint": head.fingerprint}, "dataset": dataset, "protocol": protocol}
+
+
+def _check_replay_fits(episodes: list[Episode], protocol: Protocol, manifest) -> None:
+    """Replayed episodes must be the protocol's shape, or the result lands under the wrong setting."""
+    shots = {int(np.bincount(e.support_labels).max()) if len(e.support_labels) else 0 for e in episodes}
+    for what, want, got in [("shot", protocol.shots, shots),
+                            ("way", protocol.ways, {len(e.classes) for e in episodes})]:
+        if want is not None and not protocol.variable and got != {want}:
+            held = "/".join(f"{n}-{what}" for n in sorted(got))
+            raise ValueError(f"{manifest} holds {held} episodes, but protocol {protocol.name!r} is {want}-{what}; "
+                             f"replay it without --protocol (the manifest records its own protocol) or with the "
+                             f"protocol it was saved with")
 
 
 def evaluate_runs(root: str | os.PathLike, encoder: Encoder, *, head: Head | None = None,
@@ -184,7 +231,9 @@ def evaluate_runs(root: str | os.PathLike, encoder: Encoder, *, head: Head | Non
     result = encoder.embed_batch(items, cache=cache, progress=progress)
     if not result.ok.all():
         raise ValueError(f"fixed runs must be complete; could not read: {[e for e in result.errors if e][:3]}")
-    return evaluate_episodes(result.vectors, labels, episodes, head=head, class_names=names, progress=progress)
+    evaluation = evaluate_episodes(result.vectors, labels, episodes, head=head, class_names=names, progress=progress)
+    evaluation.provenance = provenance(encoder, head, str(root))
+    return evaluation
 
 
 def runs_as_episodes(runs: list[FixedRun]) -> tuple[list[str], np.ndarray, list[str], list[Episode]]:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 import zipfile
 from pathlib import Path
 
@@ -114,3 +120,30 @@ def corrupt_jpeg(tmp_path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     return path
+
+
+@pytest.fixture(scope="session")
+def run_on_a_terminal():
+    """``run_on_a_terminal(*argv) -> (exit status, stdout, what the terminal showed)``."""
+    return _run_on_a_terminal
+
+
+def _run_on_a_terminal(*argv) -> tuple[int, str, str]:
+    """Run the fewshot command with stderr on a pseudo-terminal, as in an interactive shell."""
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 x 120, as a real one
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=secondary)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:  # EIO: the command has closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(primary)
+    out = proc.stdout.read().decode()
+    return proc.wait(), out, b"".join(chunks).decode(errors="replace")

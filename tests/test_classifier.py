@@ -82,11 +82,11 @@ def test_remove_and_rename_persist(tmp_path, classifier, photos):
 
 
 def test_unknown_threshold_answers_none_and_persists(tmp_path, classifier, photos):
-    classifier.unknown_threshold = 1.01  # nothing is that sure
+    classifier.unknown_threshold = 1.0  # nothing is that sure
     prediction = classifier.predict([photos["coffee"]])[0]
     assert prediction.label is None and prediction.top_k[0][0] == "coffee"
     classifier.save(tmp_path / "r")
-    assert FewShotClassifier.load(tmp_path / "r").unknown_threshold == 1.01
+    assert FewShotClassifier.load(tmp_path / "r").unknown_threshold == 1.0
 
 
 def test_top_k_is_capped_and_validated(classifier, photos):
@@ -116,3 +116,100 @@ def test_register_folder_and_caltech_one_shot(caltech_subset, encoder):
     folder_clf = FewShotClassifier(encoder)
     reports = folder_clf.register_folder(caltech_subset)
     assert sorted(r.label for r in reports) == sorted(support) and all(r.added == 6 for r in reports)
+
+
+LITE0_FINGERPRINT = {"name": "efficientnet_lite0", "architecture": "tf_efficientnet_lite0",
+                     "weights_sha256": "0" * 64, "features": {"stages": None, "pool": "avg", "dim": 1280},
+                     "preprocess": {"input_size": [3, 224, 224], "interpolation": "bicubic",
+                                    "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875}}
+
+
+def _resealed_registry(path, fingerprint: dict, settings: dict):
+    """A registry whose manifest an attacker rewrote and re-sealed (the checksum is no signature)."""
+    import numpy as np
+
+    from fewshot.registry import Registry
+
+    reg = Registry(1280, fingerprint=fingerprint, metadata={"classifier": settings})
+    reg.add("a", np.ones((1, 1280), np.float32))
+    reg.save(path)
+    return path
+
+
+@pytest.mark.parametrize("change, settings, message", [
+    (lambda fp: fp["preprocess"].update(input_size=[3, 20000, 20000]), {}, "input_size"),
+    (lambda fp: fp["preprocess"].update(input_size="big"), {}, "input_size"),
+    (lambda fp: fp["features"].update(stages="0,1"), {}, "stages"),
+    (lambda fp: fp["features"].update(pool=[1]), {}, "pool"),
+    (lambda fp: fp.update(name=["efficientnet_lite0"]), {}, "name"),
+    (lambda fp: None, {"weights": "/proc/self/status"}, "weights"),
+    (lambda fp: None, {"weights": 42}, "weights"),
+    (lambda fp: None, {"temperature": "hot"}, "temperature"),
+])
+def test_manifest_settings_are_checked_before_the_encoder_is_created(tmp_path, change, settings, message):
+    """Fields of a registry's manifest that drive encoder creation are validated first: input_size
+    20000 used to take 8 GB, wrong types gave a raw TypeError, and any file was read as weights."""
+    import copy
+    import resource
+    import time
+
+    from fewshot.errors import RegistryFormatError, WeightsError
+
+    fingerprint = copy.deepcopy(LITE0_FINGERPRINT)
+    change(fingerprint)
+    path = _resealed_registry(tmp_path / "r", fingerprint, settings)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(WeightsError if settings.get("weights") == "/proc/self/status" else RegistryFormatError,
+                       match=message):
+        FewShotClassifier.load(path)
+    assert time.monotonic() - start < 5
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 300
+@pytest.fixture
+def saved_head(tmp_path, encoder):
+    from fewshot.heads import create_head, save_head
+
+    head = create_head("protonet", encoder.dim, seed=0)
+    head.metadata["encoder"] = encoder.fingerprint
+    return save_head(head, tmp_path / "head")
+
+
+def test_registry_keeps_its_own_copy_of_the_head(tmp_path, encoder, photos, saved_head):
+    """Retraining a head into the same folder (or deleting it) must not break registries built with it."""
+    import shutil
+
+    from fewshot.heads import create_head, save_head
+
+    clf = FewShotClassifier(encoder, head=saved_head)
+    for label in ["chelsea", "coffee", "rocket"]:
+        clf.register(label, photos[label])
+    clf.save(tmp_path / "shop.reg")
+    before = [p.top_k for p in clf.predict([photos["coffee"], photos["chelsea"]])]
+    retrained = create_head("protonet", encoder.dim, seed=1)
+    retrained.metadata["encoder"] = encoder.fingerprint
+    save_head(retrained, saved_head)  # a new head in the old head's folder
+    loaded = FewShotClassifier.load(tmp_path / "shop.reg", encoder=encoder)
+    assert [p.top_k for p in loaded.predict([photos["coffee"], photos["chelsea"]])] == before
+    shutil.rmtree(saved_head)
+    shutil.copytree(tmp_path / "shop.reg", tmp_path / "moved.reg")  # portable: works anywhere
+    moved = FewShotClassifier.load(tmp_path / "moved.reg", encoder=encoder)
+    assert moved.predict(photos["rocket"])[0].label == "rocket"
+
+
+def test_registry_saved_with_only_a_head_path_still_loads(tmp_path, encoder, photos, saved_head):
+    from fewshot.registry import Registry
+
+    clf = FewShotClassifier(encoder, head=saved_head)
+    clf.register("coffee", photos["coffee"])
+    clf.save(tmp_path / "old.reg")
+    reg = Registry.load(tmp_path / "old.reg")
+    reg.attachments.clear()  # as registries saved before heads were copied into them
+    reg.save(tmp_path / "old.reg")
+    assert FewShotClassifier.load(tmp_path / "old.reg", encoder=encoder).predict(photos["coffee"])[0].label == "coffee"
+
+
+@pytest.mark.parametrize("setting", [{"metric": "dot"}, {"temperature": 0}, {"temperature": float("nan")},
+                                     {"unknown_threshold": 1.5}, {"unknown_threshold": float("nan")}])
+def test_bad_settings_are_refused_when_given(setting):
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        FewShotClassifier(**setting)

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fewshot.cli import main
@@ -52,7 +54,7 @@ def test_predict_json_schema(reg, capsys, photos, corrupt_jpeg):
 def test_predict_plain_text_and_threshold(reg, capsys, photos):
     code, out, _ = run(capsys, "predict", reg, photos["rocket"])
     assert code == 0 and out.split("\t")[1] == "rocket"
-    code, out, _ = run(capsys, "predict", reg, photos["rocket"], "--threshold", "1.01")
+    code, out, _ = run(capsys, "predict", reg, photos["astronaut"], "--threshold", "1")  # nothing is that sure
     assert code == 0 and out.split("\t")[1] == "unknown"
 
 
@@ -98,3 +100,146 @@ def test_console_script_runs_and_debug_shows_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr
     done = subprocess.run([sys.executable, "-m", "fewshot", "info"], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "efficientnet_lite0" in done.stdout and "torch threads" in done.stdout
+
+
+def test_classes_lists_from_the_manifest_without_reading_prototypes(tmp_path, capsys):
+    """`fewshot classes` on a big registry must not load every prototype: it works with the data
+    files unreadable, and lists exactly what was saved."""
+    import numpy as np
+
+    from fewshot.registry import Registry
+
+    reg = Registry(8)
+    reg.add_many([f"c{i}" for i in range(5)], np.eye(5, 8, dtype=np.float32))
+    reg.save(tmp_path / "r")
+    for data in (tmp_path / "r").glob("*-0*.*"):
+        data.write_bytes(b"garbage")
+    assert main(["classes", str(tmp_path / "r"), "--json"]) == 0
+    assert [row["label"] for row in json.loads(capsys.readouterr().out)] == [f"c{i}" for i in range(5)]
+def test_text_output_escapes_control_characters_and_marks_a_class_named_unknown(tmp_path, capsys, photos):
+    reg = tmp_path / "r"
+    hostile = "cat\nfake-class\t99\x1b]0;pwned\x07"
+    for label, photo in [(hostile, "chelsea"), ("unknown", "coffee")]:
+        assert run(capsys, "register", reg, "--class", label, photos[photo])[0] == 0
+    code, out, _ = run(capsys, "classes", reg)
+    assert code == 0 and "\x1b" not in out and "\x07" not in out
+    assert out.splitlines() == ['"cat\\nfake-class\\t99\\x1b]0;pwned\\x07"\t1', '"unknown"\t1']
+    code, out, _ = run(capsys, "predict", reg, photos["astronaut"], "--threshold", "1")
+    fields = out.splitlines()[0].split("\t")
+    assert fields[1] == "unknown" and '"unknown" ' in fields[3]  # the answer vs the class of that name
+    code, out, _ = run(capsys, "predict", reg, photos["coffee"])
+    assert code == 0 and out.split("\t")[1] == '"unknown"' and "\x1b" not in out
+    assert run(capsys, "classes", reg, "--json")[1].count("\\u001b") == 1  # JSON keeps the exact label
+
+
+def test_classes_into_a_closed_pipe_exits_quietly(tmp_path):
+    from fewshot.registry import Registry
+
+    reg = Registry(4)
+    reg.add_many([f"class {i}" for i in range(20000)], np.ones((20000, 4), np.float32))
+    reg.save(tmp_path / "big.reg")
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot", "classes", str(tmp_path / "big.reg")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"class 0\t1\n"
+    proc.stdout.close()  # what `| head -1` does
+    assert proc.wait(timeout=60) == 0 and proc.stderr.read() == b""
+
+
+def test_train_head_refuses_to_replace_a_head_without_force(tmp_path, capsys):
+    out = tmp_path / "heads" / "mine"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    code, _, err = run(capsys, "train-head", "--data", tmp_path / "nodata", "--head", "protonet", "--out", out)
+    assert code == 2 and "--force" in err and (out / "config.json").read_text() == "{}"
+
+
+def test_errors_name_cli_options_not_python_calls(reg, tmp_path, capsys, photos):
+    not_a_registry = tmp_path / "afile.txt"
+    not_a_registry.write_text("hello")
+    code, _, err = run(capsys, "predict", not_a_registry, photos["coffee"])
+    assert code == 1 and "not a registry" in err and "fewshot register" not in err
+    code, _, err = run(capsys, "register", reg, "--class", "", photos["coffee"])
+    assert code != 0 and "label" in err and "--folder" not in err
+    code, _, err = run(capsys, "remove", reg, "--class", "nope")
+    assert code == 1 and f"fewshot classes {reg}" in err and "Registry." not in err
+    for label in ["chelsea", "coffee", "rocket"]:
+        assert run(capsys, "remove", reg, "--class", label)[0] == 0
+    code, _, err = run(capsys, "predict", reg, photos["coffee"])
+    assert code == 1 and f"fewshot register {reg} --class" in err and "register(" not in err
+
+
+def test_registry_whose_weights_are_gone_names_the_option(tmp_path, capsys, photos, encoder):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, weights)
+    reg = tmp_path / "r"
+    assert run(capsys, "register", reg, "--class", "coffee", photos["coffee"], "--encoder", "tf_efficientnet_lite0",
+               "--weights", weights)[0] == 0
+    weights.unlink()
+    code, _, err = run(capsys, "predict", reg, photos["coffee"])
+    assert code == 1 and "--weights FILE" in err and "weights=" not in err
+
+
+def test_dataset_errors_say_what_is_missing(tmp_path, capsys):
+    repo = Path(__file__).resolve().parents[1]
+    code, _, err = run(capsys, "evaluate", "--data", tmp_path, "--protocol", repo / "episodes" / "omniglot-runs.toml")
+    assert code == 1 and str(tmp_path / "omniglot" / "runs") in err
+    for label in ["a", "b", "c"]:
+        (tmp_path / "junk" / label).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "junk" / label / f"{i}.png").write_bytes(b"not a png")
+    protocol = tmp_path / "p.toml"
+    protocol.write_text("ways = 2\nshots = 1\nqueries = 1\nepisodes = 2\n")
+    code, _, err = run(capsys, "evaluate", "--data", tmp_path / "junk", "--protocol", protocol)
+    assert code == 1 and "none of the 6 images" in err and "1-D" not in err
+
+
+def test_within_group_on_a_flat_dataset_names_the_option(caltech_subset, tmp_path, capsys):
+    code, _, err = run(capsys, "train-head", "--data", caltech_subset, "--head", "protonet", "--within-group",
+                       "--out", tmp_path / "h")
+    assert code == 1 and "--within-group" in err and "val_groups" not in err
+
+
+def test_options_that_would_be_ignored_are_refused(reg, tmp_path, capsys, photos):
+    code, _, err = run(capsys, "predict", reg, photos["coffee"], "--stages", "2")
+    assert code == 2 and "--stages" in err
+    for option in (["--metric", "l2"], ["--index", "HNSW32"], ["--store-examples"]):
+        code, _, err = run(capsys, "register", reg, "--class", "coffee", photos["coffee"], *option)
+        assert code == 2 and option[0] in err
+    assert run(capsys, "register", reg, "--class", "coffee", photos["coffee"], "--metric", "cosine")[0] == 0
+    for threshold in ["1.5", "-0.1", "nan"]:
+        code, _, err = run(capsys, "predict", reg, photos["coffee"], "--threshold", threshold)
+        assert code == 2 and "--threshold" in err
+    (tmp_path / "empty").mkdir()
+    code, out, err = run(capsys, "predict", reg, tmp_path / "empty", photos["coffee"])
+    assert code == 1 and "no images" in err and str(tmp_path / "empty") in err and "coffee" in out
+
+
+def test_register_folder_follows_what_class_follows_and_says_what_it_skips(tmp_path, photos):
+    data = tmp_path / "data"
+    (data / "rocket").mkdir(parents=True)
+    (data / "rocket" / "r.jfif").write_bytes(photos["rocket"].read_bytes())  # a JPEG by another name
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "r2.jpg").write_bytes(photos["rocket"].read_bytes())
+    (data / "rocket" / "linked").symlink_to(tmp_path / "elsewhere")
+    (data / "coffee").mkdir()
+    (data / "coffee" / "c.png").write_bytes(photos["coffee"].read_bytes())
+    (data / "stray.png").write_bytes(photos["chelsea"].read_bytes())
+    done = subprocess.run([sys.executable, "-m", "fewshot", "register", str(tmp_path / "r"), "--folder", str(data)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "rocket: +2 image(s)" in done.stdout and "coffee: +1 image(s)" in done.stdout
+    assert done.stderr.splitlines() == [line for line in done.stderr.splitlines() if line.startswith("fewshot: ")]
+    assert "stray.png" in done.stderr and "warnings.warn" not in done.stderr
+
+
+def test_protocol_errors_name_the_protocol_and_key(tmp_path, capsys, omniglot_small):
+    protocol = tmp_path / "my-split.toml"
+    protocol.write_text('ways = 2\n[split]\nby = "class"\ntest = ["nope", "nada"]\n')
+    code, _, err = run(capsys, "evaluate", "--data", omniglot_small, "--protocol", protocol)
+    assert code == 1 and "my-split" in err and "split.test" in err and "'nope'" in err
+    protocol.write_text("ways = 5000\n")
+    code, _, err = run(capsys, "evaluate", "--data", omniglot_small, "--protocol", protocol, "--stages", "2",
+                       "--pool", "2", "--input-size", "64")
+    assert code == 1 and "my-split" in err and "ways" in err

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fewshot import FewShotClassifier
-from fewshot.errors import RegistryLockedError
+from fewshot.errors import RegistryFormatError, RegistryLockedError
 from fewshot.registry import Registry
 
 HERE = Path(__file__).resolve().parent
@@ -278,3 +278,93 @@ def test_predict_threads_with_the_real_encoder_while_classes_change(tmp_path, en
         assert p.error is None and p.label == label, p
         assert len({lb for lb, _ in p.top_k}) == len(p.top_k) and {lb for lb, _ in p.top_k} <= ever
     print(f"\n2 predict threads x {WRITER_SECONDS:.0f} s with the real encoder: {len(answers)} predictions")
+
+
+def test_a_reader_gets_its_generation_however_many_saves_happen_while_it_reads(tmp_path, monkeypatch):
+    """The worst case of a big registry saved often: between the moment a reader has read the manifest
+    and the moment it reads the data files, the writer saves twice (as it would while a 100k-class
+    registry is being read). Every attempt of the reader meets this, so retrying cannot help: the
+    reader must still get the generation whose manifest it read, complete."""
+    import fewshot.registry as registry_module
+
+    path = tmp_path / "r"
+    writer = Registry.open(path, DIM)
+    writer.add_many([f"v{i}" for i in range(50)], unit_vectors(50, seed=5))
+    parse, saves = registry_module._parse_manifest, []
+
+    def parse_then_two_saves(mpath):
+        m = parse(mpath)
+        for _ in range(2):  # the writer finishes two saves before this reader goes on
+            writer.rename(f"v{len(saves)}", f"renamed{len(saves)}")
+            saves.append(writer.classes)
+        return m
+
+    monkeypatch.setattr(registry_module, "_parse_manifest", parse_then_two_saves)
+    loaded = Registry.load(path)
+    monkeypatch.undo()
+    assert loaded.classes == [f"v{i}" for i in range(50)]  # the generation it started to read
+    assert len(saves) == 2  # first attempt
+    writer.rename("v2", "renamed2")  # no reader now: the generations no reader needs are removed
+    writer.close()
+    data_files = sorted(p.name for p in path.iterdir() if p.name.endswith((".npy", ".faiss")))
+    assert len(data_files) == 2, data_files
+
+
+SAVE_LOOP_SCRIPT = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from registry_child import import_registry_only
+registry = import_registry_only()
+import numpy as np
+n, dim, seconds = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+reg = registry.Registry.open(sys.argv[2], dim)
+reg.add_many([f"class {i}" for i in range(n)], np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32))
+print("ready", flush=True)
+saves, deadline = 0, time.monotonic() + seconds
+while time.monotonic() < deadline:
+    reg.rename(f"class {saves % n}", f"renamed {saves}")  # one change = one full save
+    saves += 1
+print(saves, flush=True)
+"""
+
+
+def test_loads_never_fail_while_another_process_saves_a_large_registry_continuously(tmp_path):
+    """2,000 classes x 512 dims (4 MB of prototypes) saved back to back by another process for 6 s
+    while this one loads in a loop: every load gives a complete, verified generation."""
+    path = tmp_path / "big"
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_LOOP_SCRIPT, str(HERE), str(path), "2000", "512", "6"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        loads, failures = 0, []
+        while proc.poll() is None:
+            try:
+                reg = Registry.load(path)
+                assert len(reg) == 2000
+                loads += 1
+            except Exception as e:  # noqa: BLE001 - reported below
+                failures.append(f"{type(e).__name__}: {e}")
+        saves = int(proc.stdout.read().strip())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not failures, f"{len(failures)} of {loads + len(failures)} loads failed, e.g. {failures[0]}"
+    assert loads >= 10 and saves >= 10
+    print(f"\n{loads} loads while another process made {saves} saves, none failed")
+
+
+def test_listing_classes_reads_only_the_manifest(tmp_path):
+    """Listing a registry's classes (fewshot classes) must not read every prototype: with the data
+    files unreadable it still works, and the listing is verified by the manifest's checksum."""
+    path = tmp_path / "r"
+    reg = Registry(DIM)
+    reg.add_many(["a", "b", "c"], unit_vectors(3, seed=1))
+    reg.add("a", unit_vectors(1, seed=2))
+    reg.save(path)
+    for data in path.glob("prototypes-*.npy"):
+        data.write_bytes(b"not read")
+    assert Registry.saved_counts(path) == {"a": 2, "b": 1, "c": 1}
+    manifest = path / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"count": 2', '"count": 3'))
+    with pytest.raises(RegistryFormatError, match="checksum"):
+        Registry.saved_counts(path)

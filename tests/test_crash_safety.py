@@ -25,7 +25,7 @@ import pytest
 
 import fewshot.registry as registry_module
 from fewshot.errors import RegistrySaveError
-from fewshot.locking import LOCK_FILE
+from fewshot.locking import LOCK_FILE, READERS_LOCK_FILE
 from fewshot.registry import MANIFEST, Registry
 
 from registry_child import (DIM, VARIANTS, count_durable_calls, expected_states, initial_registry, make_steps,
@@ -99,7 +99,7 @@ def check_recovered(path: Path, result: dict, states: list[dict], reopen: bool =
     with Registry.open(path) as again:
         again.add("after-the-crash", np.ones(DIM))
     g = f"{again.generation:06d}"
-    expected = {MANIFEST, LOCK_FILE, f"prototypes-{g}.npy", f"index-{g}.faiss"}
+    expected = {MANIFEST, LOCK_FILE, READERS_LOCK_FILE, f"prototypes-{g}.npy", f"index-{g}.faiss"}
     if again.store_examples:
         expected |= {f"examples-{g}.npy", f"example_class_ids-{g}.npy"}
     assert set(os.listdir(path)) == expected

@@ -274,3 +274,59 @@ def test_class_folders_and_support_query_split_unchanged(tmp_path):
     support, query = support_query_split(classes, 1, seed=0)
     assert support == support_query_split(classes, 1, seed=0)[0]
     assert all(len(support[c]) == 1 and len(query[c]) == len(classes[c]) - 1 for c in classes)
+
+
+def _png_bytes(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (4, 4), value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _patch_member(data: bytearray, name: str, local_offset: int, central_offset: int, value: bytes) -> None:
+    """Overwrite a field of member ``name`` in both its local header and its central-directory entry."""
+    encoded = name.encode()
+    for signature, offset, name_at in ((b"PK\x03\x04", local_offset, 30), (b"PK\x01\x02", central_offset, 46)):
+        start = 0
+        while True:
+            start = data.index(signature, start)
+            if data[start + name_at:start + name_at + len(encoded)] == encoded:
+                data[start + offset:start + offset + len(value)] = value
+                break
+            start += 1
+
+
+def test_zip_members_that_are_too_big_or_unreadable_fail_alone(tmp_path):
+    """A zip bomb member (declared huge, or compressed beyond any image's ratio), a bad CRC, an encrypted
+    member and an unsupported compression are each skipped with one warning naming them; the other
+    images load, and nothing big is ever read."""
+    path = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for c in ("cat", "dog"):
+            for i in range(2):
+                zf.writestr(f"{c}/{i}.png", _png_bytes(40 * i + (c == "dog")))
+        with zf.open("cat/huge.png", "w", force_zip64=True) as member:  # 300 MiB declared and stored
+            block = bytes(2**24)
+            for _ in range(300 * 2**20 // len(block)):
+                member.write(block)
+        zf.writestr("dog/dense.bmp", bytes(40 * 2**20))  # 40 MiB of zeros: ratio far beyond an image's
+        for name in ("cat/crc.png", "cat/locked.png", "dog/method.png"):
+            zf.writestr(zipfile.ZipInfo(name), _png_bytes(7))  # stored
+    data = bytearray(path.read_bytes())
+    crc = zipfile.ZipFile(path).getinfo("cat/crc.png")
+    data[crc.header_offset + 30 + len("cat/crc.png") + 20] ^= 0xFF  # a flipped byte in its stored data
+    _patch_member(data, "cat/locked.png", 6, 8, b"\x01\x00")  # flag bit 0: encrypted
+    _patch_member(data, "dog/method.png", 8, 10, b"\x63\x00")  # method 99 (AES): unsupported here
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size < 4 * 2**20
+
+    import resource
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.warns(RuntimeWarning) as caught:
+        ds = load_dataset(path)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert sorted(ds.names) == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]
+    text = " ".join(str(w.message) for w in caught)
+    for name in ("cat/huge.png", "dog/dense.bmp", "cat/crc.png", "cat/locked.png", "dog/method.png"):
+        assert name in text
+    assert len(caught) == 1 and "\n" not in text
+    assert grown_mb < 100

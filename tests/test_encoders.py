@@ -250,3 +250,48 @@ def test_inductor_matches_eager_without_recompiling_for_partial_batches():
     np.testing.assert_allclose(again, first[:5], rtol=1e-5, atol=1e-5)
     assert compiled.fingerprint == eager.fingerprint
     assert weights_digest(compiled.model) == compiled.fingerprint["weights_sha256"]  # freezing left the weights be
+
+
+def test_cache_keeps_what_was_embedded_before_an_interrupt(encoder, tmp_path, monkeypatch):
+    """Ctrl-C part way through a long embedding run keeps the batches already embedded in the cache,
+    so running it again starts where it stopped."""
+    images = [np.full((24, 24, 3), v, np.uint8) for v in range(0, 240, 8)]  # 30 distinct images
+    cache = EmbeddingCache(tmp_path / "c.sqlite")
+    real, calls = encoder._embed_rows, []
+
+    def interrupted_after_four_batches(*args, **kwargs):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "_embed_rows", interrupted_after_four_batches)
+    with pytest.raises(KeyboardInterrupt):
+        encoder.embed(images, batch_size=3, cache=cache, workers=1)
+    monkeypatch.undo()
+    assert len(cache) == 12  # four batches of three
+    again = encoder.embed_batch(images, batch_size=3, cache=cache, workers=1)
+    assert np.isfinite(again.vectors).all() and len(cache) == 30
+
+
+def test_cropping_long_strips_leaves_what_the_network_sees(encoder):
+    """Strips longer than 8:1 are centre-cropped before resizing (to bound the work); preprocessing
+    only ever looks at their centre, so the embedding is the one the uncropped strip gives."""
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 480, 3), dtype=np.uint8))
+    uncropped = encoder._forward(encoder.transform(strip)[None]).numpy()[0]
+    got = encoder.embed([strip], workers=1)[0]
+    assert float(np.dot(got, uncropped) / np.linalg.norm(got) / np.linalg.norm(uncropped)) > 0.999
+def test_hub_encoder_fails_at_once_when_offline(capfd):
+    """No internet: one clear error, not a minute of hub retries (weights already cached would still load)."""
+    import socket
+
+    from fewshot.errors import WeightsError
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        pytest.skip("the Hugging Face hub is reachable: this checks the offline path")
+    except OSError:
+        pass
+    with pytest.raises(WeightsError, match="--weights FILE"):
+        create_encoder("resnet18")
+    assert "Retry" not in capfd.readouterr().err

@@ -418,3 +418,54 @@ def test_malformed_fixed_runs_are_clear_errors(tmp_path, small_omniglot):
         load_fixed_runs(root)
     with pytest.raises(ValueError, match="not a folder"):
         load_fixed_runs(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda row: row.update(query=row["support"][:1] + row["query"][1:]), "also in the support set"),
+    (lambda row: row.update(support=[], support_labels=[]), "no support"),
+    (lambda row: row.update(query=[], query_labels=[]), "no query"),
+    (lambda row: row.update(support_labels=[10**30] + row["support_labels"][1:]), "lists of integers"),
+    (lambda row: row.update(support_labels=[0.0] + row["support_labels"][1:]), "lists of integers"),
+    (lambda row: row.update(support_labels=[True] + row["support_labels"][1:]), "lists of integers"),
+    (lambda row: row.update(classes=row["classes"][:1] * 2), "more than once"),
+    (lambda row: row.update(support=row["support"][:1], support_labels=[0]), "no support image"),
+])
+def test_replay_manifest_that_cannot_measure_anything_is_refused(tmp_path, edit, message):
+    """A manifest whose episodes would score meaninglessly (query = support, nothing to score) or that
+    holds impossible numbers gets a clear error naming the episode, never a score or a traceback."""
+    ds = tiny_dataset(tmp_path / "data")
+    path = tmp_path / "eps.json"
+    save_episodes(path, EpisodeSampler(ds.labels, ways=2, shots=2, queries=2, seed=0).sample_many(2), ds)
+    doc = json.loads(path.read_text())
+    edit(doc["episodes"][1])
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"episode 1: .*{message}"):
+        load_episodes(path, ds)
+
+
+@pytest.mark.parametrize("line, key", [
+    ("episodes = 1000000000000", "episodes"),
+    ("ways = 1000000000", "ways"),
+    ("shots = 1000000000", "shots"),
+    ("queries = 1000000000", "queries"),
+    ("max_support = 1000000000000", "max_support"),
+    ("seed = -1", "seed"),
+    ("seed = 1000000000000000000000", "seed"),
+])
+def test_protocol_sizes_beyond_sane_limits_are_refused_naming_file_and_key(tmp_path, line, key):
+    """A protocol file chooses how much work and memory an evaluation takes: `episodes = 10**12`
+    grew memory without end. Each number must lie within limits, checked when the file is read."""
+    path = tmp_path / "hostile.toml"
+    path.write_text(f'description = "x"\n{line}\n')
+    with pytest.raises(ValueError, match=rf"{path}.*{key}"):
+        load_protocol(path)
+
+
+def test_sampler_refuses_episode_counts_beyond_the_limit():
+    from fewshot.episodes import MAX_EPISODES
+
+    sampler = EpisodeSampler(user_labels(), ways=2, shots=1, queries=1, seed=0)
+    with pytest.raises(ValueError, match="at most"):
+        sampler.sample_many(MAX_EPISODES + 1)
+    with pytest.raises(ValueError, match="at most"):
+        sampler.sample_batch(10**12)

@@ -212,7 +212,10 @@ def test_a_planted_pickle_is_never_executed(tmp_path):
     meta = json.loads((path / "config.json").read_text())
     import hashlib
 
-    meta["weights_sha256"] = hashlib.sha256(payload).hexdigest()  # an attacker can fix up the hash
+    from fewshot.heads._base import canonical_json
+
+    meta["weights_sha256"] = hashlib.sha256(payload).hexdigest()  # an attacker can fix up the hashes
+    meta["fingerprint"]["sha256"] = hashlib.sha256(canonical_json(meta["config"]).encode() + payload).hexdigest()
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(HeadFormatError, match="weights.safetensors"):
         load_head(path)
@@ -235,10 +238,17 @@ def test_load_errors_are_typed_and_name_the_file(tmp_path):
     meta = json.loads(good)
     expect(json.dumps({**meta, "format_version": 99}), "version 99")
     expect(json.dumps({**meta, "config": {**meta["config"], "name": "nohead"}}), "unknown head 'nohead'")
-    # a config that does not describe these weights (hidden 8 -> 9): refused, never silently reshaped
-    expect(json.dumps({**meta, "config": {**meta["config"], "hidden": 9}}), "do not fit")
-    # nor does a hostile config get to allocate memory before the weights are checked against it
-    expect(json.dumps({**meta, "config": {**meta["config"], "hidden": 10**12}}), "do not fit")
+    # an edited config is caught by the checksum
+    expect(json.dumps({**meta, "config": {**meta["config"], "hidden": 9}}), "checksum mismatch")
+    # re-sealed, a config that does not describe these weights (hidden 8 -> 9): refused, never reshaped
+    config.write_text(good)
+    _edit_config(path, reseal=True, hidden=9)
+    with pytest.raises(HeadFormatError, match="do not fit"):
+        load_head(path)
+    # nor does a hostile config get to allocate memory: sizes have limits
+    _edit_config(path, reseal=True, hidden=10**12)
+    with pytest.raises(HeadFormatError, match="hidden must be at most"):
+        load_head(path)
     config.write_text(good)
     assert load_head(path).config["hidden"] == 8
 
@@ -280,3 +290,60 @@ def test_heads_work_without_learn2learn_and_maml_says_how_to_get_it():
     """)
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_head_honours_the_umask(tmp_path, umask):
+    """Another user of a shared machine can read a head made under umask 022 (and cannot under 077)."""
+    old = os.umask(umask)
+    try:
+        saved = save_head(create_head("protonet", 4, seed=1), tmp_path / "head")
+    finally:
+        os.umask(old)
+    assert saved.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in saved.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def _edit_config(path: Path, reseal: bool, **changes) -> None:
+    """Change config.json's head config; with ``reseal`` also recompute its fingerprint (as an attacker
+    who knows the format would), so only the limits can catch it."""
+    import hashlib
+
+    from fewshot.heads._base import canonical_json
+
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"].update(changes)
+    if reseal:
+        digest = hashlib.sha256(canonical_json(meta["config"]).encode())
+        digest.update((path / "weights.safetensors").read_bytes())
+        meta["fingerprint"]["sha256"] = digest.hexdigest()
+    (path / "config.json").write_text(json.dumps(meta))
+
+
+def test_head_config_is_covered_by_the_checksum(tmp_path):
+    saved = save_head(create_head("protonet", 4, seed=1, hidden=8, out_dim=4), tmp_path / "head")
+    _edit_config(saved, reseal=False, dropout=0.5)  # same shapes, so the weights still fit
+    with pytest.raises(HeadFormatError, match="checksum"):
+        load_head(saved)
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("maml", {"inner_steps": 10**12}),
+    ("protonet", {"hidden": 10**9}),
+    ("protonet", {"arch": "conv", "in_shape": [1, 2, 2], "channels": 10**9}),
+    ("protonet", {"in_dim": 10**12}),
+    ("protonet", {"seed": 2**70}),
+])
+def test_resealed_head_config_with_absurd_sizes_is_refused_before_building(tmp_path, name, changes):
+    """A config that asks for endless inner steps or a billion channels is refused with a clear error
+    (never a raw traceback, never minutes of work or gigabytes of memory)."""
+    import time
+
+    params = {"hidden": 8, "out_dim": 4} | ({"ways": 3, "inner_steps": 1} if name == "maml" else {})
+    saved = save_head(create_head(name, 4, seed=1, **params), tmp_path / "head")
+    _edit_config(saved, reseal=True, **changes)
+    start = time.monotonic()
+    with pytest.raises(HeadFormatError, match=next(iter(changes)) if "in_shape" not in changes else "channels"):
+        load_head(saved)
+    assert time.monotonic() - start < 5

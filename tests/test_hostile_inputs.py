@@ -241,3 +241,39 @@ def test_top_k_and_dimension_edges(encoder, photos, tmp_path):
     clf.save(tmp_path / "r")
     with pytest.raises(ValueError, match=f"has dim {encoder.dim}, not 3"):
         Registry.open(tmp_path / "r", 3)
+
+
+THIN_IMAGES_SCRIPT = r"""
+import io, json, resource, sys, time
+import numpy as np
+from PIL import Image
+from fewshot import create_encoder
+encoder = create_encoder(compile="none")
+def png(w, h, value):
+    buf = io.BytesIO()
+    Image.new("L", (w, h), value).save(buf, format="PNG")  # a few hundred bytes each
+    return buf.getvalue()
+items = [png(1, 30000, 80), png(100000, 1, 160), png(3, 60000, 200), png(64, 48, 120)]
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+limit = vm + 1536 * 2**20  # 1.5 GiB more than the loaded encoder: 1 x 30000 used to take 9 GB
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+start = time.monotonic()
+result = encoder.embed_batch(items, workers=1)
+print(json.dumps({"seconds": time.monotonic() - start, "errors": result.errors,
+                  "finite": [bool(np.isfinite(v).all()) for v in result.vectors]}))
+"""
+
+
+def test_thin_images_are_embedded_with_work_bounded_by_the_output_size():
+    """1 x 30000 and 100000 x 1 PNGs of a few hundred bytes: preprocessing scaled the short side up
+    first (1 x 30000 took 34 s and 9 GB). Now each embeds within 1.5 GiB and seconds."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", THIN_IMAGES_SCRIPT], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["errors"] == [None] * 4 and all(result["finite"]), result
+    assert result["seconds"] < 15, result

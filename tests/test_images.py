@@ -467,3 +467,16 @@ def test_load_images_validates_arguments_eagerly():
         load_images([], min_size=0)
     with pytest.raises(TypeError):
         load_images([], transform="resize")
+
+
+def test_limit_aspect_crops_only_extreme_strips_around_their_centre():
+    from fewshot.images import MAX_ASPECT_RATIO, limit_aspect
+
+    photo = Image.new("RGB", (400, 300))
+    assert limit_aspect(photo) is photo
+    tall = Image.fromarray(np.arange(30000, dtype=np.uint8).reshape(30000, 1) % 251)
+    cropped = limit_aspect(tall)
+    assert cropped.size == (1, MAX_ASPECT_RATIO)
+    start = (30000 - MAX_ASPECT_RATIO) // 2
+    np.testing.assert_array_equal(np.asarray(cropped)[:, 0], np.asarray(tall)[start:start + MAX_ASPECT_RATIO, 0])
+    assert limit_aspect(Image.new("L", (100000, 3))).size == (3 * MAX_ASPECT_RATIO, 3)

@@ -26,6 +26,7 @@ import torch
 
 from fewshot import EmbeddingCache, create_encoder, create_head, load_head, save_head
 from fewshot.errors import HeadFormatError, RegistryFormatError, WeightsError
+from fewshot.heads._base import canonical_json
 from fewshot.registry import MANIFEST, Registry
 
 from registry_fuzz import resealed_file
@@ -112,7 +113,8 @@ def test_head_files(tmp_path, marker):
         with pytest.raises(HeadFormatError, match="config.json"):
             load_head(path)
         meta = json.loads(config)
-        meta["weights_sha256"] = hashlib.sha256(payload).hexdigest()  # reach the weights parser
+        meta["weights_sha256"] = hashlib.sha256(payload).hexdigest()  # reach the weights parser:
+        meta["fingerprint"]["sha256"] = hashlib.sha256(canonical_json(meta["config"]).encode() + payload).hexdigest()
         (path / "config.json").write_text(json.dumps(meta))
         (path / "weights.safetensors").write_bytes(payload)
         with pytest.raises(HeadFormatError, match="weights.safetensors"):

@@ -19,7 +19,7 @@ from fewshot.errors import (
     RegistrySaveError,
     UnknownClassError,
 )
-from fewshot.locking import LOCK_FILE
+from fewshot.locking import LOCK_FILE, READERS_LOCK_FILE
 from fewshot.registry import Registry, SearchResult, _seal
 
 DIM = 16
@@ -207,8 +207,8 @@ def test_save_load_round_trip(tmp_path):
     loaded.add("extra", queries[0])
     loaded.save(tmp_path / "reg")
     assert loaded.generation == 2 and Registry.load(tmp_path / "reg").generation == 2
-    assert sorted(os.listdir(tmp_path / "reg")) == [LOCK_FILE, "index-000002.faiss", "manifest.json",
-                                                    "prototypes-000002.npy"]
+    assert sorted(os.listdir(tmp_path / "reg")) == [READERS_LOCK_FILE, LOCK_FILE, "index-000002.faiss",
+                                                    "manifest.json", "prototypes-000002.npy"]
 
 
 def test_remove_rename_persist(tmp_path):
@@ -731,3 +731,50 @@ def test_save_load_other_indexes(tmp_path, factory):
     np.testing.assert_array_equal(after.scores, before.scores)
     loaded.remove("c3")
     assert all("c3" not in row for row in loaded.search(q, 5).labels)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_honour_the_umask(tmp_path, umask):
+    """A registry saved under umask 022 can be read by other users (and under 077 cannot)."""
+    reg = Registry(4, store_examples=True)
+    reg.add("a", np.ones((2, 4), np.float32))
+    old = os.umask(umask)
+    try:
+        reg.save(tmp_path / "reg")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "reg").stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in (tmp_path / "reg").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+def test_labels_are_unicode_nfc_normalised(tmp_path):
+    """A folder named café in decomposed form (macOS) and the café a user types are one class."""
+    decomposed, composed = "cafe\u0301", "caf\u00e9"
+    reg = Registry(4)
+    reg.add(decomposed, np.ones((1, 4), np.float32))
+    assert reg.classes == [composed] and composed in reg and decomposed in reg
+    reg.add(composed, np.ones((1, 4), np.float32))
+    assert reg.count(decomposed) == 2
+    reg.rename(composed, "the\u0301")
+    assert reg.classes == ["th\u00e9"]
+    reg.save(tmp_path / "r")
+    loaded = Registry.load(tmp_path / "r")
+    loaded.remove("the\u0301")
+    assert loaded.classes == []
+
+
+def test_attachments_are_saved_checksummed_and_replaced_by_generation(tmp_path):
+    reg = Registry(4)
+    reg.add("a", np.ones((1, 4), np.float32))
+    reg.attachments["head-config.json"] = b'{"x": 1}'
+    reg.save(tmp_path / "r")
+    reg.attachments["head-config.json"] = b'{"x": 2}'
+    reg.save(tmp_path / "r")
+    assert Registry.load(tmp_path / "r").attachments == {"head-config.json": b'{"x": 2}'}
+    stored = [p for p in (tmp_path / "r").iterdir() if p.name.startswith("attachment-")]
+    assert len(stored) == 1  # the previous generation's copy is gone
+    stored[0].write_bytes(b'{"x": 3}')
+    with pytest.raises(RegistryFormatError, match="sha256"):
+        Registry.load(tmp_path / "r")
+    reg.attachments["../escape"] = b""
+    with pytest.raises(ValueError, match="attachment name"):
+        reg.save(tmp_path / "r")

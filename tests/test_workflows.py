@@ -147,3 +147,46 @@ def test_a_head_worse_than_raw_features_is_not_kept_unless_forced(omniglot, prot
     forced = load_head(tmp_path / "forced")
     assert code == 0 and json.loads(out)["kept"] == "head" and forced.name == "protonet" and forced.out_dim == 2
     assert forced.metadata["training"]["forced"] is True
+
+def test_default_output_keeps_head_and_raw_results_apart_with_provenance(omniglot, protocol, trained_head,
+                                                                          tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--episodes", "5", *FEATURES)[0] == 0
+    assert run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--episodes", "5",
+               "--head", trained_head)[0] == 0
+    folder = tmp_path / "evaluation" / "small-within-5way-1shot"
+    raw, head = (json.loads((folder / sub / "result.json").read_text()) for sub in ("raw", trained_head.name))
+    assert raw["head"] is None and head["head"]["name"] == "protonet"
+    assert head["head"]["fingerprint"] and head["head"]["path"] == str(trained_head.resolve())
+    for result in (raw, head):
+        assert result["encoder"]["preprocess"]["input_size"] == [3, 64, 64]
+        assert result["dataset"] == str(omniglot) and result["protocol"]["name"] == "small-within-5way-1shot"
+
+
+def test_replay_takes_everything_from_the_manifest_and_refuses_a_contradicting_protocol(
+        omniglot, protocol, tmp_path, capsys):
+    manifest = tmp_path / "episodes.json"
+    _, first, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--episodes", "8", "--json",
+                      "--out", tmp_path / "a", "--save-episodes", manifest, *FEATURES)
+    code, again, err = run(capsys, "evaluate", "--replay", manifest, "--json", "--out", tmp_path / "b", *FEATURES)
+    assert code == 0, err
+    assert json.loads(again)["accuracy"] == json.loads(first)["accuracy"]
+    five_shot = tmp_path / "five-shot.toml"
+    five_shot.write_text(protocol.read_text().replace("shots = 1", "shots = 5"))
+    code, _, err = run(capsys, "evaluate", "--data", omniglot, "--protocol", five_shot, "--replay", manifest,
+                       "--out", tmp_path / "c", *FEATURES)
+    assert code == 1 and "1-shot" in err and "5-shot" in err and not (tmp_path / "c").exists()
+
+
+def test_train_head_refuses_a_validation_split_that_cannot_measure_anything(caltech_subset, tmp_path, capsys):
+    """One validation class gives 1-way episodes, where every head and raw features score 100%."""
+    code, _, err = run(capsys, "train-head", "--data", caltech_subset, "--head", "protonet", "--val-fraction", "0.1",
+                       "--out", tmp_path / "head", *FEATURES)
+    assert code == 1 and "--val-fraction" in err and "1 class" in err and not (tmp_path / "head").exists()
+
+
+def test_evaluate_shows_progress_on_a_terminal(omniglot, protocol, tmp_path, run_on_a_terminal):
+    code, out, terminal = run_on_a_terminal("evaluate", "--data", omniglot, "--protocol", protocol, "--episodes", "8",
+                                            "--out", tmp_path, *FEATURES)
+    assert code == 0 and "accuracy" in out
+    assert "evaluating" in terminal and "8/8" in terminal  # the episode bar, even for a short run

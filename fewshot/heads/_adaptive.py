@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._base import Head, _check_int, seeded
+from ._base import MAX_INNER_STEPS, MAX_WAYS, Head, _check_int, seeded
 from ._projection import build_projection
 
 
@@ -63,9 +63,9 @@ class AdaptiveHead(Head):
         super().__init__(in_dim, in_shape=in_shape, seed=seed, arch=arch, hidden=hidden, out_dim=out_dim,
                          norm=norm, dropout=dropout, channels=channels, blocks=blocks, pool_size=pool_size,
                          ways=ways, inner_steps=inner_steps, inner_lr=inner_lr, first_order=bool(first_order))
-        self.ways = _check_int(ways, "ways")
-        self.inner_steps = _check_int(inner_steps, "inner_steps", low=0)
-        if not isinstance(inner_lr, (int, float)) or not inner_lr > 0:
+        self.ways = _check_int(ways, "ways", high=MAX_WAYS)
+        self.inner_steps = _check_int(inner_steps, "inner_steps", low=0, high=MAX_INNER_STEPS)
+        if not isinstance(inner_lr, (int, float)) or not 0 < inner_lr < float("inf"):
             raise ValueError(f"inner_lr must be a positive number, got {inner_lr!r}")
         self.inner_lr, self.first_order = float(inner_lr), bool(first_order)
         self.out_dim = int(out_dim)

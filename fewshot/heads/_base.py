@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HeadFormatError
+from ..files import honour_umask
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainResult
@@ -90,9 +91,20 @@ def _state_bytes(module: torch.nn.Module) -> bytes:
     return save(state)
 
 
-def _check_int(value, what: str, low: int = 1) -> int:
+# Upper bounds of sizes a head's config may ask for: far beyond any useful head, yet small enough
+# that a hostile config.json cannot make fewshot allocate without end or loop for ever.
+MAX_IN_DIM = 2**22  # flattened feature maps: e.g. 1,400 channels x 16 x 16 is 358,400
+MAX_WIDTH = 2**16  # hidden, out_dim, channels
+MAX_INNER_STEPS = 1000
+MAX_WAYS = 10**5
+MAX_SEED = 2**63 - 1
+
+
+def _check_int(value, what: str, low: int = 1, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{what} must be at most {high}, got {value!r}")
     return int(value)
 
 
@@ -118,7 +130,7 @@ class Head(torch.nn.Module):
 
     def __init__(self, in_dim: int, *, in_shape: tuple[int, int, int] | None = None, seed: int = 0, **params):
         super().__init__()
-        self.in_dim = _check_int(in_dim, "in_dim")
+        self.in_dim = _check_int(in_dim, "in_dim", high=MAX_IN_DIM)
         if in_shape is not None:
             if (not isinstance(in_shape, (tuple, list)) or len(in_shape) != 3
                     or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in in_shape)):
@@ -128,7 +140,7 @@ class Head(torch.nn.Module):
                 raise ValueError(f"in_shape {in_shape} holds {math.prod(in_shape)} values but in_dim is "
                                  f"{self.in_dim}; the input must be the flattened (C, H, W) map, C-major")
         self.in_shape = in_shape
-        self.seed = _check_int(seed, "seed", low=0)
+        self.seed = _check_int(seed, "seed", low=0, high=MAX_SEED)
         try:
             self._params = json.loads(canonical_json(params))
         except (TypeError, ValueError) as e:
@@ -272,6 +284,7 @@ def save_head(head: Head, path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = None
     try:
+        honour_umask(tmp, directory=True)
         _fsync_write(tmp / WEIGHTS_FILE, weights)
         _fsync_write(tmp / CONFIG_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         if path.exists():
@@ -309,6 +322,21 @@ def _reject_constant(value):
     raise ValueError(f"non-finite number {value}")
 
 
+def _check_config_sum(config_path: Path, meta: dict, weights: bytes) -> None:
+    """The saved fingerprint covers the config and the weights: an edited config (a flipped bit, a
+    hand edit) is refused before anything is built from it. Sizes are checked against limits anyway,
+    since anyone can recompute a checksum."""
+    fingerprint = meta.get("fingerprint")
+    try:
+        digest = hashlib.sha256(canonical_json(meta["config"]).encode())
+    except (TypeError, ValueError) as e:
+        raise HeadFormatError(f"{config_path}: config is not plain JSON ({e})") from None
+    digest.update(weights)
+    if not isinstance(fingerprint, dict) or fingerprint.get("sha256") != digest.hexdigest():
+        raise HeadFormatError(f"{config_path}: checksum mismatch: the config was changed after saving "
+                              "(or the file is corrupt); save the head again")
+
+
 def load_head(path) -> Head:
     """Load a head saved by ``save_head``; raises ``HeadFormatError`` naming the bad file."""
     path = Path(path)
@@ -339,10 +367,11 @@ def load_head(path) -> Head:
     if hashlib.sha256(weights).hexdigest() != expected:
         raise HeadFormatError(f"{weights_path}: sha256 does not match {CONFIG_FILE}; the file is corrupt or "
                               "was modified after saving")
+    _check_config_sum(config_path, meta, weights)
     try:
         with torch.device("meta"):  # shapes only: a hostile config cannot make us allocate memory
             skeleton = create_head(name, in_dim, **config)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever a crafted config provokes, it is a format error
         raise HeadFormatError(f"{config_path}: cannot rebuild the {name!r} head: {e}") from None
     from safetensors import SafetensorError
     from safetensors.torch import load
