@@ -535,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset: folder or zip, one (group/)class folder per class")
     p.add_argument("--head", required=True, help="head to train: identity, protonet, metric, anil, maml")
     p.add_argument("--out", required=True, help="directory to save the trained head to")
-    p.add_argument("--force", action="store_true", help="replace the head already saved at --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace the head already saved at --out, and save the trained head even where raw "
+                        "features score higher on the validation classes (otherwise raw features are saved)")
     p.add_argument("--protocol", help="protocol file: train on the classes its test split leaves out")
     p.add_argument("--ways", type=_positive_int, default=20)
     p.add_argument("--shots", type=_positive_int, default=1)
@@ -553,8 +555,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE",
                    help="head parameter, e.g. arch=conv, distance=cosine, loss=supcon, out_dim=128")
-    p.add_argument("--force", action="store_true",
-                   help="save the trained head even if raw features score higher on the validation classes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_train_head)
 
