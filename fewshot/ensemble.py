@@ -110,13 +110,27 @@ class _MembersCache:
         found = [self.cache.get_many(m.fingerprint_id, digests, dim=m.dim) for m in self.members]
         return {d: np.concatenate([hits[d] for hits in found]) for d in digests if all(d in h for h in found)}
 
-    def put_many(self, encoder_id: str, vectors: dict[str, np.ndarray]) -> None:
+    def writer(self, encoder_id: str) -> "_MembersWriter":
+        return _MembersWriter([self.cache.writer(m.fingerprint_id) for m in self.members], self.dims)
+
+
+class _MembersWriter:
+    """The cache's chunked writer for an ensemble: each member's block goes to that member's writer."""
+
+    def __init__(self, writers: list, dims: list[int]):
+        self.writers, self.dims = writers, dims
+
+    def add(self, vectors: dict[str, np.ndarray]) -> None:
         if not vectors:
             return
         digests = list(vectors)
         blocks = _blocks(np.stack([vectors[d] for d in digests]), self.dims)
-        for member, block in zip(self.members, blocks):
-            self.cache.put_many(member.fingerprint_id, dict(zip(digests, block)))
+        for writer, block in zip(self.writers, blocks):
+            writer.add(dict(zip(digests, block)))
+
+    def flush(self) -> None:
+        for writer in self.writers:
+            writer.flush()
 
 
 def _blocks(rows: np.ndarray, dims: list[int]) -> list[np.ndarray]:
