@@ -126,8 +126,8 @@ def test_a_head_worse_than_raw_features_is_not_kept_unless_forced(omniglot, prot
     # A 2-dimensional projection cannot match raw features on 5-way episodes.
     args = ["train-head", "--data", omniglot, "--protocol", protocol, "--head", "protonet", "--ways", "5",
             "--episodes", "20", "--val-every", "10", "--within-group", "--param", "out_dim=2", "--json", *FEATURES]
-    with pytest.warns(RuntimeWarning, match="worse than raw features"):
-        code, out, _ = run(capsys, *args, "--out", tmp_path / "guarded")
+    code, out, err = run(capsys, *args, "--out", tmp_path / "guarded")
+    assert "worse than raw features" in err and "keeping raw features" in err
     summary = json.loads(out)
     assert code == 0 and summary["kept"] == "raw features"
     assert summary["val_accuracy_head"] < summary["val_accuracy_raw_features"]
@@ -142,8 +142,8 @@ def test_a_head_worse_than_raw_features_is_not_kept_unless_forced(omniglot, prot
                      "--json", "--out", tmp_path / "kept")
     assert json.loads(kept)["accuracy"] == pytest.approx(json.loads(raw)["accuracy"], abs=1e-9)
 
-    with pytest.warns(RuntimeWarning, match="--force"):
-        code, out, _ = run(capsys, *args, "--force", "--out", tmp_path / "forced")
+    code, out, err = run(capsys, *args, "--force", "--out", tmp_path / "forced")
+    assert "keeping the protonet head (--force)" in err
     forced = load_head(tmp_path / "forced")
     assert code == 0 and json.loads(out)["kept"] == "head" and forced.name == "protonet" and forced.out_dim == 2
     assert forced.metadata["training"]["forced"] is True
