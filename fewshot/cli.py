@@ -402,10 +402,11 @@ def cmd_train_head(args) -> int:
         dataset, _encoder(args), args.head, ways=args.ways, shots=args.shots, queries=args.queries,
         episodes=args.episodes, within_group=args.within_group, val_fraction=args.val_fraction, seed=args.seed,
         lr=args.lr, head_params=dict(args.param), augment=args.augment, val_every=args.val_every,
-        patience=args.patience, cache=_cache(args), progress=_progress())
+        patience=args.patience, cache=_cache(args), progress=_progress(), force=args.force)
     save_head(head, args.out)
     training = head.metadata["training"]
-    summary = {"head": args.head, "out": args.out, "best_val_accuracy": result.best_val_accuracy,
+    summary = {"head": args.head, "out": args.out, "kept": training["kept"],
+               "best_val_accuracy": result.best_val_accuracy,
                "best_episode": result.best_episode, "episodes_run": result.episodes_run,
                "stopped_early": result.stopped_early, "train_classes": len(dataset.classes),
                "val_accuracy_raw_features": training["val_accuracy_raw_features"],
@@ -416,7 +417,8 @@ def cmd_train_head(args) -> int:
         print(f"trained {args.head} head on {len(dataset.classes)} classes, {result.episodes_run} episodes; "
               f"validation classes: head {summary['val_accuracy_head']:.2%}, "
               f"raw features {summary['val_accuracy_raw_features']:.2%}")
-        print(f"saved {args.out}")
+        kept = "the trained head" if training["kept"] == "head" else "raw features: the head did not beat them"
+        print(f"saved {args.out} ({kept})")
     return 0
 
 
@@ -454,6 +456,25 @@ def cmd_evaluate(args) -> int:
         print(f"wrote {paths['json']}, {paths['episodes']} and {paths['confusion']}")
     return 0
 
+
+def cmd_compare_encoders(args) -> int:
+    from .compare import compare_encoders, format_table, plot_comparison, rows_as_dicts
+    from .data import load_dataset
+
+    rows = compare_encoders(load_dataset(args.data), args.encoder or None, shots=args.shots,
+                            ways=None if args.ways == "all" else args.ways, queries=args.queries,
+                            episodes=args.episodes, seed=args.seed, speed_images=args.speed_images,
+                            max_per_class=args.max_per_class, cache=_cache(args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "encoders.json").write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
+    plot = plot_comparison(rows, out / "encoders.png")
+    if args.json:
+        print(json.dumps(rows_as_dicts(rows), indent=2))
+    else:
+        print(format_table(rows))
+        print(f"wrote {out / 'encoders.json'} and {plot}")
+    return 0
 
 def _protocol_and_data(args):
     """The protocol and dataset of an evaluation: as given, else as the --replay manifest records them."""
@@ -638,6 +659,10 @@ def _pool(text: str) -> str | int:
     return text if text == "avg" else _positive_int(text)
 
 
+def _ways(text: str) -> str | int:
+    return text if text == "all" else _positive_int(text)
+
+
 def _param(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -738,7 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset: folder or zip, one (group/)class folder per class")
     p.add_argument("--head", required=True, help="head to train: identity, protonet, metric, anil, maml")
     p.add_argument("--out", required=True, help="directory to save the trained head to")
-    p.add_argument("--force", action="store_true", help="replace the head already saved at --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace the head already saved at --out, and save the trained head even where raw "
+                        "features score higher on the validation classes (otherwise raw features are saved)")
     p.add_argument("--protocol", help="protocol file: train on the classes its test split leaves out")
     p.add_argument("--ways", type=_positive_int, default=20)
     p.add_argument("--shots", type=_positive_int, default=1)
@@ -777,6 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_evaluate)
 
     _add_serve_parser(sub, [common, encoder, with_head])
+    _add_compare_encoders(sub, common)
 
     p = sub.add_parser("info", parents=[common, encoder], help="versions, threads and encoders")
     p.set_defaults(run=cmd_info)
@@ -842,6 +870,26 @@ def _add_export_parser(sub, parents: list) -> None:
     p.add_argument("--calibration", metavar="DIR", help="with --int8: a few dozen photos like the ones to classify, "
                                                         "to calibrate the int8 activation ranges")
     p.set_defaults(run=cmd_export)
+
+
+def _add_compare_encoders(sub, common) -> None:
+    p = sub.add_parser("compare-encoders", parents=[common],
+                       help="rank encoders on your folder: few-shot accuracy (95%% CI), images/s, dimension, PNG")
+    p.add_argument("--data", required=True, help="folder or zip, one subfolder per class")
+    p.add_argument("--encoder", action="append", metavar="NAME",
+                   help="encoder to compare, repeatable; NAME@SIZE sets its resolution, A+B an ensemble "
+                        "(default: every offline encoder, and all of them together)")
+    p.add_argument("--ways", type=_ways, default="all", help="classes per episode, or 'all' (default)")
+    p.add_argument("--shots", type=_positive_int, default=1)
+    p.add_argument("--queries", type=_positive_int, default=5)
+    p.add_argument("--episodes", type=_positive_int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speed-images", type=int, default=32, help="images timed per encoder, uncached (0: skip)")
+    p.add_argument("--max-per-class", type=_positive_int, help="use only each class's first N images (faster)")
+    p.add_argument("--out", default="compare-encoders", help="folder for encoders.json and encoders.png")
+    p.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_compare_encoders)
 
 
 if __name__ == "__main__":

@@ -555,6 +555,10 @@ def describe_fingerprint(fingerprint: dict | None) -> str:
     """One-line description of the encoder a fingerprint stands for."""
     if not fingerprint:
         return "an unknown encoder"
+    if isinstance(fingerprint.get("members"), list):  # an ensemble (fewshot.ensemble)
+        head = fingerprint.get("head")
+        return ("the ensemble " + " + ".join(describe_fingerprint(m) for m in fingerprint["members"])
+                + (f" with head {head.get('name')} {str(head.get('sha256'))[:12]}" if isinstance(head, dict) else ""))
     features = fingerprint.get("features") or {}
     where = f", stages {features['stages']}" if features.get("stages") else ""
     where += f", pool {features['pool']}" if features.get("pool", "avg") != "avg" else ""
@@ -589,9 +593,14 @@ def create_encoder(
     features beyond float rounding, nor the fingerprint, and falls back to eager with a warning.
     ``runtime``: "torch", "onnxruntime" or "auto" (``RUNTIMES``); like ``compile``, it never changes the
     fingerprint, and onnxruntime falls back to torch with a warning where it fails its check.
+    ``name@SIZE`` sets the input resolution; ``"a+b"`` (e.g. ``"efficientnet_lite0+efficientnet_lite2"``)
+    is an ensemble of encoders, their normalised features concatenated (see ``fewshot.ensemble``).
     """
     _check_compile(compile)
     _check_runtime(runtime)
+    if "+" in name or "@" in name:  # an ensemble "a+b", or a resolution "name@SIZE"
+        return _create_ensemble(name, weights=weights, pretrained=pretrained, stages=stages, pool=pool,
+                                input_size=input_size, compile=compile)
     arch = PACKAGED_WEIGHTS[name][0] if name in PACKAGED_WEIGHTS else name
     if arch not in timm.list_models() and arch not in timm.list_pretrained():
         raise ValueError(f"unknown encoder {name!r}: use one of {sorted(PACKAGED_WEIGHTS)} or a timm model name "
@@ -612,6 +621,17 @@ def create_encoder(
     return Encoder(model, name=name, stages=stages, pool=pool, input_size=input_size, compile=compile,
                    runtime=runtime)
 
+
+def _create_ensemble(name: str, *, weights, pretrained: bool, stages, pool, input_size, compile: str) -> Encoder:
+    from .ensemble import EnsembleEncoder, split_encoder_name
+
+    members = split_encoder_name(name)
+    if weights is not None and len(members) > 1:
+        raise ValueError(f"weights=FILE names one encoder's weights; {name!r} is an ensemble of packaged or "
+                         f"timm-pretrained encoders")
+    encoders = [create_encoder(member, weights=weights, pretrained=pretrained, stages=stages, pool=pool,
+                               input_size=size or input_size, compile=compile) for member, size in members]
+    return encoders[0] if len(encoders) == 1 else EnsembleEncoder(encoders)
 
 def check_fingerprint(fingerprint) -> None:
     """Raise ValueError naming the field unless ``fingerprint`` (read from a file: a registry manifest,
@@ -691,6 +711,13 @@ def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weig
     """Re-create the encoder a fingerprint describes (the caller compares fingerprints after); the
     fingerprint is checked first (``check_fingerprint``)."""
     check_fingerprint(fingerprint)
+    if fingerprint.get("members") and name is None:  # an ensemble: re-create each member
+        from .ensemble import EnsembleEncoder
+
+        if not isinstance(fingerprint["members"], list) or not 2 <= len(fingerprint["members"]) <= 8:
+            raise ValueError("an ensemble fingerprint's 'members' must list 2 to 8 encoder fingerprints")
+        return EnsembleEncoder([encoder_from_fingerprint(m, weights=weights, compile=compile)
+                                for m in fingerprint["members"]])
     features = fingerprint.get("features") or {}
     size = (fingerprint.get("preprocess") or {}).get("input_size")
     return create_encoder(name or fingerprint.get("name", DEFAULT_ENCODER), weights=weights,

@@ -29,6 +29,10 @@ class TrainResult:
     episodes_run: int
     stopped_early: bool
     history: list[dict] = field(default_factory=list)  # {"episode", "train_loss", "train_accuracy", "val_accuracy"}
+    # The same validation episodes scored on raw features (cosine nearest prototype) and on the untrained
+    # head: the bar a head must clear, and where it started (None without validation data).
+    raw_val_accuracy: float | None = None
+    initial_val_accuracy: float | None = None
 
 
 def _features(x, in_dim: int, what: str) -> torch.Tensor:
@@ -60,6 +64,11 @@ def _episode_tensors(episode):
             torch.from_numpy(np.asarray(episode.query_labels, dtype=np.int64)))
 
 
+def _validate_raw(x: torch.Tensor, labels: np.ndarray, episodes: list) -> float:
+    """Mean query accuracy of raw features (cosine nearest prototype) over the same episodes."""
+    return evaluate_episodes(x.numpy(), labels, episodes, metric="cosine", progress=False).accuracy
+
+
 def _validate(head: Head, x: torch.Tensor, labels: np.ndarray, episodes: list) -> float:
     """Mean query accuracy of ``head`` over fixed ``episodes`` (eval mode)."""
     head.eval()
@@ -89,6 +98,8 @@ def train_head(head: Head, features, labels, *, groups=None, ways: int = 20, sho
     ``groups`` (N,) with ``within_group=True`` draws each episode's classes from one group (e.g. one
     Omniglot alphabet); validation episodes do likewise from ``val_groups``. Without validation data
     there is no early stopping and the last weights are kept. ``patience=None`` never stops early.
+    With validation data the untrained head is validated first and kept if no trained state beats it
+    (``best_episode`` 0), and raw features are scored on the same episodes (``raw_val_accuracy``).
     ``progress``: None = a tqdm bar when on a terminal, True/False = always/never. The head is left
     in eval mode with the kept weights. ``threads``: torch intra-op threads while training (restored
     afterwards); episodes are small batches, where extra threads mostly add synchronisation (measured
@@ -129,6 +140,11 @@ def train_head(head: Head, features, labels, *, groups=None, ways: int = 20, sho
 
     history: list[dict] = []
     best_acc, best_episode, best_state, stale, stopped = None, 0, None, 0, False
+    raw_acc = initial_acc = None
+    if val_set:  # the untrained head is a candidate too: a head initialised at identity never ends below it
+        raw_acc = _validate_raw(val_x, val_codes, val_set)
+        initial_acc = _validate(head, val_x, val_codes, val_set)
+        best_acc, best_state = initial_acc, copy.deepcopy(head.state_dict())
     run = 0
     previous_threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
@@ -178,7 +194,8 @@ def train_head(head: Head, features, labels, *, groups=None, ways: int = 20, sho
                             stale += 1
                     history.append(point)
                     bar.set_postfix(loss=f"{point['train_loss']:.3f}",
-                                    **({"val_acc": f"{point['val_accuracy']:.3f}"} if val_set else {}))
+                                    **({"val_acc": f"{point['val_accuracy']:.3f}",
+                                        "raw": f"{raw_acc:.3f}"} if val_set else {}))
                     if val_set and patience is not None and stale >= patience and not last:
                         stopped = True
                         break
@@ -193,4 +210,5 @@ def train_head(head: Head, features, labels, *, groups=None, ways: int = 20, sho
         best_episode = run
     head.eval()
     return TrainResult(best_val_accuracy=best_acc, best_episode=best_episode, episodes_run=run,
-                       stopped_early=stopped, history=history)
+                       stopped_early=stopped, history=history, raw_val_accuracy=raw_acc,
+                       initial_val_accuracy=initial_acc)

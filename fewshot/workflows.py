@@ -72,11 +72,15 @@ def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: st
                           val_fraction: float = 0.2, seed: int = 0, lr: float = 1e-3,
                           head_params: dict | None = None, augment: str | None = None,
                           val_every: int = 200, patience: int = 5,
-                          cache: EmbeddingCache | None = None,
+                          cache: EmbeddingCache | None = None, force: bool = False,
                           progress: bool | None = None) -> tuple[Head, TrainResult]:
     """Embed the dataset, hold out validation classes, train ``head_name`` episodically.
 
-    ``augment="rotations"`` adds rotated copies of the training classes as new classes."""
+    ``augment="rotations"`` adds rotated copies of the training classes as new classes.
+    A head is never worse than the features it was trained on without saying so: if the trained head
+    scores below raw features on the validation classes, raw features are returned instead (an
+    ``identity`` head without centring) with a warning, unless ``force=True``. Both figures and the choice
+    are in ``head.metadata["training"]``."""
     if within_group and dataset.groups is None:
         raise ValueError(f"--within-group needs a dataset of groups (group/class/image folders, like Omniglot's "
                          f"alphabets), but {dataset.source} is flat: leave --within-group out (within_group=False)")
@@ -96,18 +100,29 @@ def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: st
                       patience=patience, progress=progress)
     raw, trained = compare_with_raw_features(head, x_val, val, ways=ways, shots=shots, queries=queries,
                                              within_group=within_group, seed=seed)
+    keep_raw = trained < raw and not force
+    if trained < raw:
+        kept = "raw features (an identity head without centring)" if keep_raw else f"the {head_name} head (--force)"
+        warnings.warn(f"the trained {head_name} head ({trained:.1%}) is worse than raw features ({raw:.1%}) on "
+                      f"the validation classes; keeping {kept}. This domain may need no head, more training "
+                      f"classes, or a head that starts at raw features (protonet with residual=true)",
+                      RuntimeWarning, stacklevel=2)
+    if keep_raw:
+        head = raw_features_head(encoder.dim)
     head.metadata["encoder"] = encoder.fingerprint
     head.metadata["training"] = {"dataset": dataset.source, "ways": ways, "shots": shots, "queries": queries,
                                  "episodes": episodes, "within_group": within_group, "seed": seed,
                                  "augment": augment, "validation_classes": val.classes[:50],
                                  "best_val_accuracy": result.best_val_accuracy,
-                                 "val_accuracy_raw_features": raw, "val_accuracy_head": trained}
-    if trained < raw:
-        warnings.warn(f"the trained {head_name} head ({trained:.1%}) is worse than raw features ({raw:.1%}) on "
-                      f"the validation classes: this domain may need no head (use 'identity'), or more "
-                      f"training classes", RuntimeWarning, stacklevel=2)
+                                 "val_accuracy_raw_features": raw, "val_accuracy_head": trained,
+                                 "trained_head": head_name, "kept": "raw features" if keep_raw else "head",
+                                 "forced": bool(force)}
     return head, result
 
+
+def raw_features_head(dim: int) -> Head:
+    """A head that leaves features as they are (cosine nearest prototype on the encoder's vectors)."""
+    return create_head("identity", dim, center=False)
 
 def _check_measurable(val: ImageDataset, within_group: bool) -> None:
     """A 1-way validation episode always scores 100%: such a report would be meaningless."""

@@ -192,11 +192,13 @@ def test_early_stopping_triggers_and_restores_the_best_weights():
     result = train_head(head, x, y, ways=5, queries=5, episodes=1000, lr=3e-3, val_features=vx, val_labels=vy,
                         val_episodes=30, val_every=20, patience=3, progress=False)
     assert isinstance(result, TrainResult) and result.stopped_early
-    accs = [p["val_accuracy"] for p in result.history]
+    # The untrained head is validated first and is a candidate like any trained state (episode 0).
+    accs = [result.initial_val_accuracy] + [p["val_accuracy"] for p in result.history]
+    episodes = [0] + [p["episode"] for p in result.history]
     assert result.episodes_run < 1000 and result.episodes_run == result.history[-1]["episode"]
     assert result.best_val_accuracy == max(accs) > accs[-1]
     assert [p["episode"] for p in result.history] == list(range(20, result.episodes_run + 1, 20))
-    assert result.best_episode == result.history[int(np.argmax(accs))]["episode"]
+    assert result.best_episode == episodes[int(np.argmax(accs))]
     assert len(accs) - 1 - int(np.argmax(accs)) == 3  # stopped after exactly `patience` bad validations
     # The same fixed validation episodes, scored independently with the returned weights: the best.
     val_episodes = EpisodeSampler(vy, ways=5, shots=1, queries=5, seed=0).sample_many(30)
@@ -254,3 +256,25 @@ def test_within_group_training_and_argument_errors():
         train_head(head, x, y[:-1], progress=False)
     with pytest.raises(ValueError, match="val_labels"):
         train_head(head, x, y, val_features=x, progress=False)
+
+
+def test_residual_head_starts_at_raw_features_and_never_ends_below_them():
+    # Validation classes carry their signal where training suppresses it: every trained state is worse
+    # than raw features, so the kept head must be the untrained one, which is exactly the raw features.
+    x, y = low_variance_signal(4, 30, dim=16, signal_dims=4, noise=1.5)
+    vx, vy = low_variance_signal(5, 10, dim=16, signal_dims=4, noise=0.2, spread=0.2, signal_at=4)
+    head = create_head("protonet", 16, hidden=32, distance="cosine", residual=True, dropout=0.0)
+    assert head.out_dim == 16
+    unit = vx / np.linalg.norm(vx, axis=1, keepdims=True)
+    np.testing.assert_allclose(head.transform(vx), unit, atol=1e-6)  # untrained = raw features
+    result = train_head(head, x, y, ways=5, queries=5, episodes=200, lr=3e-3, val_features=vx, val_labels=vy,
+                        val_episodes=30, val_every=20, patience=3, progress=False)
+    assert result.initial_val_accuracy == pytest.approx(result.raw_val_accuracy, abs=1e-9)
+    assert result.best_val_accuracy >= result.raw_val_accuracy
+    assert min(p["val_accuracy"] for p in result.history) < result.raw_val_accuracy  # training did hurt
+    np.testing.assert_allclose(head.transform(vx), unit, atol=1e-6)  # and the untrained state was kept
+
+
+def test_residual_needs_the_mlp_projection():
+    with pytest.raises(ValueError, match="residual"):
+        create_head("protonet", 16, in_shape=(4, 2, 2), arch="conv", residual=True)

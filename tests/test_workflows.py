@@ -120,6 +120,34 @@ def test_evaluate_usage_errors(capsys, tmp_path):
     assert exit_info.value.code == 2
 
 
+def test_a_head_worse_than_raw_features_is_not_kept_unless_forced(omniglot, protocol, tmp_path, capsys):
+    from fewshot import load_head
+
+    # A 2-dimensional projection cannot match raw features on 5-way episodes.
+    args = ["train-head", "--data", omniglot, "--protocol", protocol, "--head", "protonet", "--ways", "5",
+            "--episodes", "20", "--val-every", "10", "--within-group", "--param", "out_dim=2", "--json", *FEATURES]
+    code, out, err = run(capsys, *args, "--out", tmp_path / "guarded")
+    assert "worse than raw features" in err and "keeping raw features" in err
+    summary = json.loads(out)
+    assert code == 0 and summary["kept"] == "raw features"
+    assert summary["val_accuracy_head"] < summary["val_accuracy_raw_features"]
+    guarded = load_head(tmp_path / "guarded")
+    assert guarded.name == "identity" and not guarded.center
+    assert guarded.metadata["training"]["trained_head"] == "protonet"
+    assert guarded.metadata["training"]["val_accuracy_raw_features"] == summary["val_accuracy_raw_features"]
+    # Evaluating with the kept head is evaluating raw features.
+    _, raw, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--json", "--out",
+                    tmp_path / "raw", *FEATURES)
+    _, kept, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--head", tmp_path / "guarded",
+                     "--json", "--out", tmp_path / "kept")
+    assert json.loads(kept)["accuracy"] == pytest.approx(json.loads(raw)["accuracy"], abs=1e-9)
+
+    code, out, err = run(capsys, *args, "--force", "--out", tmp_path / "forced")
+    assert "keeping the protonet head (--force)" in err
+    forced = load_head(tmp_path / "forced")
+    assert code == 0 and json.loads(out)["kept"] == "head" and forced.name == "protonet" and forced.out_dim == 2
+    assert forced.metadata["training"]["forced"] is True
+
 def test_default_output_keeps_head_and_raw_results_apart_with_provenance(omniglot, protocol, trained_head,
                                                                           tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
