@@ -95,7 +95,7 @@ class EnsembleEncoder(Encoder):
         result = super().embed_batch(images, batch_size=batch_size, cache=members_cache, progress=progress,
                                      workers=workers)
         vectors = np.concatenate([_unit_rows(block) for block in _blocks(result.vectors, self.dims)], axis=1)
-        return Embeddings(vectors=vectors, sources=result.sources, errors=result.errors)
+        return Embeddings(vectors=vectors, sources=result.sources, errors=result.errors, digests=result.digests)
 
 
 class _MembersCache:
