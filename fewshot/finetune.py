@@ -387,13 +387,15 @@ def _identity_head(features: np.ndarray, seed: int) -> Head:
     return head
 
 
-def _validate(model: _Model, tasks: list[_Task], seed: int) -> dict[str, float]:
-    """Validation accuracy per task: the trained head, or (identity head) centred cosine on train features."""
+def _validate(model: _Model, tasks: list[_Task], seed: int, identity: bool = False) -> dict[str, float]:
+    """Validation accuracy per task with the model's head, or with ``identity`` (or an identity head recipe)
+    the identity head: centred on the training features, normalised, cosine."""
     model.eval()
     accuracies = {}
     for task in tasks:
         val = _all_features(model, task.val)
-        head = model.head if model.head.episodic else _identity_head(_all_features(model, task.train), seed)
+        head = model.head if model.head.episodic and not identity else \
+            _identity_head(_all_features(model, task.train), seed)
         accuracies[task.name] = evaluate_episodes(val, task.val.labels, task.val_episodes, head=head,
                                                   progress=False).accuracy
     model.train()
@@ -450,7 +452,7 @@ def _finetune(datasets, recipe: Recipe, weights, adapt_to, progress, start) -> t
         head = create_head(recipe.head, encoder.dim, in_shape=encoder.feature_shape, seed=recipe.seed,
                            **recipe.head_params)
     model = _Model(net, head)
-    frozen_accuracy = _validate(model, tasks, recipe.seed)  # the frozen encoder: nothing trained yet
+    frozen_accuracy = _validate(model, tasks, recipe.seed, identity=True)  # the frozen encoder, raw features
     frozen_state = copy.deepcopy(net.state_dict())
     for module in net.trainable_modules():
         module.requires_grad_(True)
@@ -543,11 +545,12 @@ def _max_ways(cached: _Cached, within_group: bool) -> int:
     return int(cached.labels.max()) + 1
 
 
-def _optimizer(model: _Model, discriminator, recipe: Recipe) -> torch.optim.Optimizer:
+def _optimizer(model: _Model, extra: nn.Module | None, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW: the trainable stages at ``encoder_lr``; the head and ``extra`` (discriminator, classifier) at ``lr``."""
     encoder_params = [p for m in model.net.trainable_modules() for p in m.parameters()]
     head_params = [p for p in model.head.parameters() if p.requires_grad] + [model.log_scale]
-    if discriminator is not None:
-        head_params += list(discriminator.parameters())
+    if extra is not None:
+        head_params += list(extra.parameters())
     groups = [{"params": head_params, "lr": recipe.lr}]
     if encoder_params:
         groups.append({"params": encoder_params, "lr": recipe.encoder_lr})
