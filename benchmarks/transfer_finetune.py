@@ -11,7 +11,8 @@ Tables (each row trains on a protocol's train classes and evaluates on its held-
   with the same features and budget.
 - domain: Caltech photos (train classes) to edge sketches of the held-out classes; fine-tuning with and
   without --adapt-to (DANN) on the unlabeled sketches, evaluated 5-way 1-shot on the sketches.
-``--test-cap`` keeps that many test images per class (the same ones for every row), to bound time.
+``--test-cap`` keeps that many test images per class (the same ones for every row), ``--train-cap`` that many
+training images per class, to bound time.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def evaluate_raw(recipe: Recipe, protocol, test) -> dict:
 
 def _recipe(name: str, args) -> Recipe:
     recipe = Recipe.load(RECIPES / f"{name}.toml")
-    return recipe.replace(episodes=args.episodes, seed=args.seed)
+    return recipe.replace(episodes=args.episodes, seed=args.seed, max_images_per_class=args.train_cap)
 
 
 def _fmt(row: dict) -> str:
@@ -98,7 +99,7 @@ def multitask_table(args) -> list[dict]:
     data = {s: resolve_dataset(args.data, p) for s, p in protocols.items()}
     recipe = Recipe(input_size=112, trainable_stages=1, head="identity", ways=5, shots=1, queries=5,
                     episodes=args.episodes or 200, val_every=25, val_episodes=100, encoder_lr=1e-4,
-                    augment=("flip",), max_images_per_class=args.train_cap, seed=args.seed)
+                    augment=("flip",), max_images_per_class=args.train_cap or 20, seed=args.seed)
     tests = {s: capped(protocols[s].test_split(data[s]), args.test_cap) for s in protocols}
     five_way = {s: dataclasses.replace(p, ways=5, queries=5, within_group=False, episodes=300)
                 for s, p in protocols.items()}
@@ -151,7 +152,7 @@ def main() -> None:
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--episodes", type=int, help="override the recipes' episode budget")
     parser.add_argument("--test-cap", type=int, default=20, help="test images kept per class")
-    parser.add_argument("--train-cap", type=int, default=20, help="training images per class (multitask)")
+    parser.add_argument("--train-cap", type=int, help="training images kept per class (multitask default: 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
