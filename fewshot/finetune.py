@@ -375,10 +375,16 @@ class _Model(nn.Module):
         return self
 
 
-def _all_features(model: _Model, cached: _Cached, chunk: int = 64) -> np.ndarray:
+def _all_features(model: _Model, cached: _Cached, rows=None, chunk: int = 64) -> np.ndarray:
+    rows = np.arange(len(cached)) if rows is None else rows
     with torch.no_grad():
-        return torch.cat([model.features(cached, np.arange(s, min(s + chunk, len(cached))))
-                          for s in range(0, len(cached), chunk)]).numpy()
+        return torch.cat([model.features(cached, rows[s:s + chunk]) for s in range(0, len(rows), chunk)]).numpy()
+
+
+def _centring_features(model: _Model, cached: _Cached, seed: int, limit: int = 512) -> np.ndarray:
+    """Features of at most ``limit`` seeded training rows: enough for the identity head's centring mean."""
+    rows = np.random.default_rng(seed).permutation(len(cached))[:limit]
+    return _all_features(model, cached, np.sort(rows))
 
 
 def _identity_head(features: np.ndarray, seed: int) -> Head:
@@ -395,7 +401,7 @@ def _validate(model: _Model, tasks: list[_Task], seed: int, identity: bool = Fal
     for task in tasks:
         val = _all_features(model, task.val)
         head = model.head if model.head.episodic and not identity else \
-            _identity_head(_all_features(model, task.train), seed)
+            _identity_head(_centring_features(model, task.train, seed), seed)
         accuracies[task.name] = evaluate_episodes(val, task.val.labels, task.val_episodes, head=head,
                                                   progress=False).accuracy
     model.train()
@@ -606,7 +612,7 @@ def _package(model: _Model, encoder: Encoder, tasks: list[_Task], kept: str, rec
     guard kept the frozen encoder or the recipe trains no head)."""
     head = model.head
     if kept == "frozen" or not head.episodic:
-        train_features = np.concatenate([_all_features(model, t.train) for t in tasks])
+        train_features = np.concatenate([_centring_features(model, t.train, recipe.seed) for t in tasks])
         head = _identity_head(train_features, recipe.seed)
     spec = {"name": encoder.name, "architecture": encoder.fingerprint["architecture"],
             "stages": list(recipe.stages) if recipe.stages is not None else None, "pool": recipe.pool,
