@@ -4,6 +4,8 @@ refused when tampered with or mixed with the frozen encoder's registries."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot import FewShotClassifier, create_encoder, load_dataset, load_head, save_head
+from fewshot import FewShotClassifier, create_encoder, load_dataset, load_head
 from fewshot.cli import main
 from fewshot.errors import EncoderMismatchError, HeadFormatError
 from fewshot.finetune import Recipe, SplitNetwork, finetune
@@ -28,11 +30,17 @@ def photos_dataset(caltech_subset):
 
 
 @pytest.fixture(scope="module")
-def forced_model(photos_dataset, tmp_path_factory):
-    """A fine-tuned model the guard may not replace, saved to disk (and its training result)."""
-    model, result = finetune(photos_dataset, Recipe(**TINY, pretrain_steps=2, guard=False), progress=False)
-    path = save_head(model, tmp_path_factory.mktemp("models") / "forced")
-    return path, result
+def forced_model(caltech_subset, tmp_path_factory):
+    """``fewshot finetune --recipe FILE --force``: a model the guard may not replace (path, printed summary)."""
+    tmp = tmp_path_factory.mktemp("models")
+    recipe = tmp / "tiny.toml"
+    recipe.write_text("".join(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}\n"
+                              for k, v in {**TINY, "pretrain_steps": 2}.items()))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["finetune", "--data", str(caltech_subset), "--recipe", str(recipe), "--force",
+                     "--out", str(tmp / "forced"), "--json"]) == 0
+    return tmp / "forced", json.loads(out.getvalue())
 
 
 def _protocol(tmp_path: Path) -> Path:
@@ -62,7 +70,7 @@ def test_saved_model_works_as_head_for_register_predict_evaluate(forced_model, c
 
 
 def test_lineage_and_both_validation_figures_are_recorded(forced_model, photos_dataset):
-    path, result = forced_model
+    path, summary = forced_model
     meta = load_head(path).metadata
     lineage = meta["lineage"]
     assert lineage["base_encoder"] == create_encoder(input_size=64).fingerprint
@@ -70,8 +78,9 @@ def test_lineage_and_both_validation_figures_are_recorded(forced_model, photos_d
     assert Recipe.from_dict(lineage["recipe"]) == Recipe(**TINY, pretrain_steps=2, guard=False)
     assert lineage["datasets"] == [photos_dataset.source]
     assert meta["training"]["kept"] == "finetuned"
-    assert meta["training"]["val_accuracy_frozen"] == result.val_accuracy_frozen
-    assert meta["training"]["val_accuracy_finetuned"] == result.val_accuracy_finetuned
+    assert summary["kept"] == "finetuned" and summary["out"] == str(path)
+    assert meta["training"]["val_accuracy_frozen"] == summary["val_accuracy_frozen"]
+    assert meta["training"]["val_accuracy_finetuned"] == summary["val_accuracy_finetuned"]
 
 
 def test_fingerprint_differs_and_frozen_registries_refuse_the_model(forced_model, caltech_subset, tmp_path):
@@ -136,6 +145,14 @@ def test_multitask_with_weights_and_domain_adaptation_run_and_replay(photos_data
     assert model.metadata["lineage"]["adapt_to"] == photos_dataset.source
     again, _ = finetune([first, second], recipe, weights=[3, 1], adapt_to=photos_dataset, progress=False)
     assert again.fingerprint == model.fingerprint  # seeded: the same call gives the same model
+
+
+def test_finetune_usage_errors_exit_2(caltech_subset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--data", str(caltech_subset), "--weight", "1", "--weight", "2", "--out", str(tmp_path / "m")])
+    assert exit_info.value.code == 2
+    assert "--weight" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_recipes_load_and_bad_recipes_say_what_is_wrong(tmp_path):
