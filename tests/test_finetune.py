@@ -149,7 +149,8 @@ def test_multitask_with_weights_and_domain_adaptation_run_and_replay(photos_data
 
 def test_finetune_usage_errors_exit_2(caltech_subset, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--data", str(caltech_subset), "--weight", "1", "--weight", "2", "--out", str(tmp_path / "m")])
+        main(["finetune", "--data", str(caltech_subset), "--weight", "1", "--weight", "2",
+              "--out", str(tmp_path / "m")])
     assert exit_info.value.code == 2
     assert "--weight" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
