@@ -49,9 +49,7 @@ def capped(dataset, cap: int | None, seed: int = 0):
 
 
 def evaluate(model, protocol, test, progress=False) -> dict:
-    encoder = model.carried_encoder() if model is not None else None
-    if encoder is None:
-        raise ValueError("evaluate needs a model")
+    encoder = model.carried_encoder()
     result = evaluate_protocol(test, dataclasses.replace(protocol, split={}), encoder, head=model, progress=progress)
     return {"accuracy": result.accuracy, "ci95": result.ci95}
 
