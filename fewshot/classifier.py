@@ -542,7 +542,9 @@ def head_encoder(head: Head, *, weights=None) -> Encoder:
     if not fingerprint:
         raise ValueError("this head does not record the encoder it was trained on; train it with "
                          "fewshot train-head (or set head.metadata['encoder'] = encoder.fingerprint)")
-    encoder = _encoder_for(fingerprint, name=None, weights=weights)
+    encoder = head.carried_encoder()  # a fine-tuned model carries its own network
+    if encoder is None:
+        encoder = _encoder_for(fingerprint, name=None, weights=weights)
     if encoder.fingerprint != fingerprint:
         raise EncoderMismatchError(f"the head was trained on {describe_fingerprint(fingerprint)}, but re-creating "
                                    f"it gave {describe_fingerprint(encoder.fingerprint)}; pass the same "

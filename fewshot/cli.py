@@ -422,6 +422,61 @@ def cmd_train_head(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .episodes import load_protocol
+    from .finetune import Recipe, finetune
+    from .heads import save_head
+    from .workflows import resolve_dataset
+
+    if len(args.weight) not in (0, len(args.data)):
+        raise UsageError(f"give one --weight per --data ({len(args.data)}), or none")
+    if len(args.protocol) > len(args.data):
+        raise UsageError("give at most one --protocol per --data (in the same order)")
+    datasets = []
+    for i, data in enumerate(args.data):
+        protocol = load_protocol(args.protocol[i]) if i < len(args.protocol) else None
+        dataset = resolve_dataset(data, protocol)
+        datasets.append(protocol.train_split(dataset) if protocol is not None and protocol.split else dataset)
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
+    recipe = recipe.replace(trainable_stages=args.trainable_stages, episodes=args.episodes, seed=args.seed,
+                            guard=False if args.force else None)
+    adapt_to = resolve_dataset(args.adapt_to) if args.adapt_to else None
+    model, result = finetune(datasets, recipe, weights=args.weight or None, adapt_to=adapt_to)
+    save_head(model, args.out)
+    summary = {"out": args.out, "kept": result.kept, "val_accuracy_finetuned": result.val_accuracy_finetuned,
+               "val_accuracy_frozen": result.val_accuracy_frozen, "per_dataset": result.val_accuracy_per_dataset,
+               "episodes_run": result.steps_run, "stopped_early": result.stopped_early,
+               "minutes": round(result.seconds / 60, 1)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"kept the {result.kept} encoder: validation accuracy fine-tuned {result.val_accuracy_finetuned:.2%}, "
+              f"frozen {result.val_accuracy_frozen:.2%} ({result.steps_run} episodes, {summary['minutes']} min)")
+        print(f"saved {args.out} (use it as --head {args.out})")
+    return 0
+
+
+def _add_finetune_parser(sub, common) -> None:
+    p = sub.add_parser("finetune", parents=[common],
+                       help="fine-tune the encoder's last stages with a head; the result works as --head MODEL")
+    p.add_argument("--data", required=True, action="append", help="dataset (folder or zip); repeat for multi-task")
+    p.add_argument("--weight", type=float, action="append", default=[],
+                   help="sampling weight of each --data, in the same order (default: equal)")
+    p.add_argument("--protocol", action="append", default=[],
+                   help="protocol file per --data (in order): train on the classes its test split leaves out")
+    p.add_argument("--out", required=True, help="directory to save the model to")
+    p.add_argument("--recipe", help="recipe TOML (see recipes/); options below override it")
+    p.add_argument("--trainable-stages", type=int, help="last encoder stages to train (0: the head only)")
+    p.add_argument("--episodes", type=_positive_int, help="training episodes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--force", action="store_true",
+                   help="keep the fine-tuned encoder even where the frozen one validates better")
+    p.add_argument("--adapt-to", metavar="DIR",
+                   help="unlabeled images of the target domain: adds a domain-adversarial (DANN) loss")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_finetune)
+
+
 def cmd_evaluate(args) -> int:
     from .heads import load_head
     from .workflows import evaluate_protocol, evaluate_runs, resolve_dataset
@@ -785,6 +840,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="head parameter, e.g. arch=conv, distance=cosine, loss=supcon, out_dim=128")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_train_head)
+
+    _add_finetune_parser(sub, common)
 
     p = sub.add_parser("evaluate", parents=[common, encoder, with_head],
                        help="episodic evaluation: accuracy with a 95%% CI, per-class accuracy, confusion PNG")

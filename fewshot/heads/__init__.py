@@ -14,6 +14,6 @@ from ._base import (
     register_head,
     save_head,
 )
-from . import anil, identity, maml, metric, protonet  # noqa: F401  (importing registers the heads)
+from . import anil, finetuned, identity, maml, metric, protonet  # noqa: F401  (importing registers the heads)
 
 __all__ = ["Head", "HeadFormatError", "available_heads", "create_head", "load_head", "register_head", "save_head"]

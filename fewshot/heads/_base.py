@@ -170,6 +170,11 @@ class Head(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def carried_encoder(self):
+        """The encoder this head carries in its own weights (fine-tuned models), or None: the encoder
+        is then re-created from ``metadata["encoder"]``."""
+        return None
+
     def cosine_scale(self) -> torch.Tensor | float:
         """Multiplier of cosine similarities in ``episode_logits`` (heads may learn it)."""
         return DEFAULT_COSINE_SCALE
