@@ -16,7 +16,8 @@ def test_demo_on_bundled_images(tmp_path, capsys):
     assert float(photos.split("accuracy ")[1].split("%")[0]) >= 90  # one-shot instances
     with Image.open(tmp_path / "contact_sheet.png") as sheet:
         assert sheet.format == "PNG" and sheet.width > 500
-    assert len(FewShotClassifier.load(tmp_path / "registry").classes) == 10 + 12
+    assert len(FewShotClassifier.load(tmp_path / "registry").classes) == 10
+    assert len(FewShotClassifier.load(tmp_path / "photos-registry").classes) == 12
 
 
 def test_demo_on_a_users_folder(tmp_path, capsys, caltech_subset):
