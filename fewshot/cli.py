@@ -892,8 +892,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-episodes", metavar="FILE", help="write the sampled episodes to a manifest")
     p.add_argument("--replay", metavar="FILE", help="evaluate the episodes of a manifest instead of sampling "
                    "(its protocol and dataset are recorded: --data and --protocol are then optional)")
-    p.add_argument("--target-tpr", type=float, help="open-set protocols: share of known queries the fitted "
-                   "threshold should keep (default 0.95)")
+    p.add_argument("--target-tpr", type=float, help="open-set protocols (and --unknown-ways): share of known "
+                   "queries the fitted threshold should keep (default 0.95)")
     p.add_argument("--out", help="folder for result.json, episodes.csv, confusion.png "
                                  "(default evaluation/<protocol>/<head folder name, or raw>); without "
                                  "--protocol: shots.json and shots.png (default evaluation/<DIR>/shots/...)")

@@ -122,7 +122,7 @@ def shots_sweep(dataset: ImageDataset, encoder: Encoder, *, ways: int = 5, shots
     for k in tqdm(plan.shots, desc="shots", unit="shot count", disable=not progress if progress is not None else None):
         protocol = Protocol(name=f"{Path(dataset.source).name} {plan.ways}-way {k}-shot", ways=plan.ways, shots=k,
                             queries=queries, episodes=episodes, seed=seed, unknown_ways=unknown_ways)
-        rows.append(_evaluate_row(features, dataset, protocol, int((counts >= k + queries).sum()), head,
+        rows.append(_evaluate_row(features, dataset, protocol, _classes_with(counts, k + queries), head,
                                   target_tpr))
     return SweepResult(rows, ways=plan.ways, queries=queries, episodes=episodes, seed=seed,
                        unknown_ways=unknown_ways, target_tpr=target_tpr, skipped=plan.skipped, notes=plan.notes,
@@ -146,7 +146,7 @@ def _plan(counts: np.ndarray, *, ways: int, shots: list[int], queries: int, unkn
                          f"{unknown_ways} unknown ones: lower --unknown-ways (unknown_ways) or add classes")
 
     def enough(k: int) -> int:
-        return int((counts >= k + queries).sum())
+        return _classes_with(counts, k + queries)
 
     feasible = [k for k in shots if min(enough(k), known_limit) >= 2]
     skipped = {k: f"only {enough(k)} classes have {k + queries}+ images ({k} shots + {queries} queries); "
@@ -162,6 +162,10 @@ def _plan(counts: np.ndarray, *, ways: int, shots: list[int], queries: int, unkn
                if enough(top) < known_limit else f"{n_classes} classes minus {unknown_ways} unknown ones")
         notes.append(f"ways lowered from {ways} to {used} for every row: {why}")
     return _Plan(used, feasible, skipped, notes)
+
+
+def _classes_with(counts: np.ndarray, images: int) -> int:
+    return int((counts >= images).sum())
 
 
 def _evaluate_row(features: np.ndarray, dataset: ImageDataset, protocol: Protocol, classes: int,
