@@ -211,6 +211,7 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     ax.errorbar(shots, [r.accuracy for r in result.rows], yerr=[r.ci95 for r in result.rows], marker="o",
                 capsize=3, label="closed-set accuracy")
     _annotate(ax, shots, [r.accuracy for r in result.rows], "{:.1%}")
+    ax.axhline(1 / result.ways, color="grey", linestyle=":", linewidth=1, label=f"chance (1/{result.ways})")
     _shots_axis(ax, shots, f"{result.ways}-way accuracy (95% CI)")
     ax.set_ylabel("accuracy")
     if result.unknown_ways:
