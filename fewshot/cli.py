@@ -584,19 +584,16 @@ def _evaluate_own_folder(args) -> int:
     """``fewshot evaluate --data DIR`` without a protocol: accuracy (and AUROC) against shot count."""
     from .data import load_dataset
     from .heads import load_head
-    from .openset import DEFAULT_TARGET_TPR
-    from .sweep import DEFAULT_SHOTS, shots_sweep
+    from .sweep import shots_sweep
 
     if args.save_episodes:
         raise UsageError("--save-episodes needs --protocol; a folder sweep replays exactly from --seed")
     dataset = load_dataset(args.data)  # before the slow part
     head = load_head(args.head) if args.head else None
-    result = shots_sweep(dataset, _head_or_plain_encoder(args, head), ways=args.ways or 5,
-                         shots=args.shots or DEFAULT_SHOTS, queries=args.queries or 5,
-                         unknown_ways=args.unknown_ways or 0, episodes=args.episodes or 600,
-                         seed=0 if args.seed is None else args.seed, head=head,
-                         target_tpr=DEFAULT_TARGET_TPR if args.target_tpr is None else args.target_tpr,
-                         cache=_cache(args), progress=_progress())
+    given = {name: getattr(args, name) for name in ("ways", "shots", "queries", "unknown_ways", "episodes", "seed",
+                                                    "target_tpr") if getattr(args, name) is not None}
+    result = shots_sweep(dataset, _head_or_plain_encoder(args, head), head=head, cache=_cache(args),
+                         progress=_progress(), **given)  # what is not given takes shots_sweep's defaults
     default_out = Path("evaluation") / Path(args.data).stem / "shots" / _result_folder(args.head)
     paths = result.save(Path(args.out) if args.out else default_out)
     if args.json:
