@@ -78,6 +78,9 @@ _EXPORTS = {
     "OpenSetResult": "openset_evaluate",
     "evaluate_open_set": "openset_evaluate",
     "ExampleSource": "registry",
+    # shots sweep on a folder
+    "SweepResult": "sweep",
+    "shots_sweep": "sweep",
     # train
     "TrainResult": "train",
     "train_head": "train",
@@ -134,6 +137,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .openset import Calibration, calibrate, fit_calibration
     from .openset_evaluate import OpenSetResult, evaluate_open_set
     from .registry import ExampleSource, Registry, SearchResult
+    from .sweep import SweepResult, shots_sweep
     from .train import TrainResult, train_head
 
 __all__ = [
@@ -167,6 +171,7 @@ __all__ = [
     "RegistryLockedError",
     "RegistrySaveError",
     "SearchResult",
+    "SweepResult",
     "TrainResult",
     "UnknownClassError",
     "WeightsError",
@@ -191,6 +196,7 @@ __all__ = [
     "save_episodes",
     "save_head",
     "split_by_class",
+    "shots_sweep",
     "split_by_group",
     "train_head",
     "write_fixed_runs",

@@ -481,8 +481,12 @@ def cmd_evaluate(args) -> int:
     from .heads import load_head
     from .workflows import evaluate_protocol, evaluate_runs, resolve_dataset
 
+    if args.data and not (args.runs or args.protocol or args.replay):
+        return _evaluate_own_folder(args)
+    _check_no_sweep_options(args)
     if bool(args.runs) == bool(args.protocol or args.replay):
-        raise UsageError("give either --data ROOT --protocol FILE (or --replay MANIFEST), or --runs DIR")
+        raise UsageError("give either --data DIR alone (shot counts swept on your folder), --data ROOT "
+                         "--protocol FILE (or --replay MANIFEST), or --runs DIR")
     protocol, data = (None, None) if args.runs else _protocol_and_data(args)  # before the slow part
     head = load_head(args.head) if args.head else None
     encoder = _head_or_plain_encoder(args, head)
@@ -574,6 +578,37 @@ def _evaluate_open_set(args, protocol, data, encoder, head) -> int:
         print(result.summary())
         print(f"wrote {paths['json']}, {paths['roc']} and {paths['reliability']}")
     return 0
+
+
+def _evaluate_own_folder(args) -> int:
+    """``fewshot evaluate --data DIR`` without a protocol: accuracy (and AUROC) against shot count."""
+    from .data import load_dataset
+    from .heads import load_head
+    from .sweep import shots_sweep
+
+    if args.save_episodes:
+        raise UsageError("--save-episodes needs --protocol; a folder sweep replays exactly from --seed")
+    dataset = load_dataset(args.data)  # before the slow part
+    head = load_head(args.head) if args.head else None
+    given = {name: getattr(args, name) for name in ("ways", "shots", "queries", "unknown_ways", "episodes", "seed",
+                                                    "target_tpr") if getattr(args, name) is not None}
+    result = shots_sweep(dataset, _head_or_plain_encoder(args, head), head=head, cache=_cache(args),
+                         progress=_progress(), **given)  # what is not given takes shots_sweep's defaults
+    default_out = Path("evaluation") / Path(args.data).stem / "shots" / _result_folder(args.head)
+    paths = result.save(Path(args.out) if args.out else default_out)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(result.table())
+        print(f"wrote {paths['json']} and {paths['plot']}")
+    return 0
+
+
+def _check_no_sweep_options(args) -> None:
+    given = [f"--{n.replace('_', '-')}" for n in ("ways", "shots", "queries", "unknown_ways") if getattr(args, n)]
+    if given:
+        raise UsageError(f"{', '.join(given)} set the episodes of a folder sweep (--data DIR alone); with "
+                         "--protocol, --replay or --runs the episodes come from there: leave them out")
 
 
 def cmd_demo(args) -> int:
@@ -848,15 +883,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset, or the folder holding the protocol's dataset")
     p.add_argument("--protocol", help="protocol file (see episodes/)")
     p.add_argument("--runs", help="folder of fixed-episode runs (Omniglot one-shot format)")
-    p.add_argument("--episodes", type=_positive_int, help="override the protocol's number of episodes")
-    p.add_argument("--seed", type=int, help="override the protocol's seed")
+    p.add_argument("--episodes", type=_positive_int, help="override the protocol's number of episodes "
+                   "(folder sweep: default 600)")
+    p.add_argument("--seed", type=int, help="override the protocol's seed (folder sweep: default 0)")
     p.add_argument("--save-episodes", metavar="FILE", help="write the sampled episodes to a manifest")
     p.add_argument("--replay", metavar="FILE", help="evaluate the episodes of a manifest instead of sampling "
                    "(its protocol and dataset are recorded: --data and --protocol are then optional)")
-    p.add_argument("--target-tpr", type=float, help="open-set protocols: share of known queries the fitted "
-                   "threshold should keep (default 0.95)")
+    p.add_argument("--target-tpr", type=float, help="open-set protocols (and --unknown-ways): share of known "
+                   "queries the fitted threshold should keep (default 0.95)")
     p.add_argument("--out", help="folder for result.json, episodes.csv, confusion.png "
-                                 "(default evaluation/<protocol>/<head folder name, or raw>)")
+                                 "(default evaluation/<protocol>/<head folder name, or raw>); without "
+                                 "--protocol: shots.json and shots.png (default evaluation/<DIR>/shots/...)")
+    _add_sweep_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_evaluate)
 
@@ -873,6 +911,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_demo)
     return parser
+
+
+def _add_sweep_options(p) -> None:
+    """Options of ``evaluate --data DIR`` without --protocol: how many images per class are needed."""
+    g = p.add_argument_group("your own folder (--data DIR, no --protocol): accuracy against shots")
+    g.add_argument("--ways", type=_positive_int, help="classes per episode (default 5, capped by the classes "
+                   "with enough images for the largest shot count)")
+    g.add_argument("--shots", type=_shot_list, help="shot counts to compare, e.g. 1,2,5,10 (the default)")
+    g.add_argument("--queries", type=_positive_int, help="query images per class and episode (default 5)")
+    g.add_argument("--unknown-ways", type=_positive_int, help="also classes never registered, only queried: "
+                   "adds AUROC, known kept and unknowns accepted at the fitted threshold")
+
+
+def _shot_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, e.g. 1,2,5,10; got {text!r}")
+    return values
 
 
 def _add_serve_parser(sub, parents) -> None:

@@ -295,3 +295,31 @@ def test_evaluate_open_set_protocol_reports_metrics_and_plots(tmp_path, capsys, 
     assert (out / "roc.png").stat().st_size > 0 and (out / "reliability.png").stat().st_size > 0
     code, _, err = run(capsys, "evaluate", "--data", caltech_subset, "--protocol", protocol, "--replay", "x.json")
     assert code == 2 and "replays exactly from its seed" in err
+
+
+def test_evaluate_own_folder_sweeps_shots_without_a_protocol(tmp_path, capsys, caltech_subset):
+    out = tmp_path / "sweep"
+    argv = ["evaluate", "--data", caltech_subset, "--ways", 3, "--shots", "1,2,10", "--queries", 2,
+            "--unknown-ways", 2, "--episodes", 12, "--seed", 3, "--out", out]
+    code, text, _ = run(capsys, *argv, "--json")
+    assert code == 0
+    result = json.loads(text)
+    assert [r["shots"] for r in result["rows"]] == [1, 2] and "10" in result["skipped"]
+    assert result["ways"] == 3 and result["unknown_ways"] == 2 and result["episodes"] == 12 and result["seed"] == 3
+    assert {"accuracy", "ci95", "auroc", "known_kept", "unknown_accepted"} <= set(result["rows"][0])
+    assert json.loads((out / "shots.json").read_text()) == result
+    assert (out / "shots.png").stat().st_size > 0
+    code, table, _ = run(capsys, *argv)
+    assert code == 0 and "3-way, 2 queries per class, 12 episodes per row, seed 3" in table
+    assert "10-shot left out: only 0 classes have 12+ images" in table and f"wrote {out / 'shots.json'}" in table
+
+
+def test_evaluate_own_folder_errors_say_what_to_change(tmp_path, capsys, caltech_subset):
+    code, _, err = run(capsys, "evaluate", "--data", caltech_subset, "--shots", "1,x")
+    assert code == 2 and "positive integers separated by commas" in err
+    code, _, err = run(capsys, "evaluate", "--data", caltech_subset, "--shots", "8", "--queries", "1")
+    assert code == 1 and "lower --queries or add images" in err
+    protocol = tmp_path / "p.toml"
+    protocol.write_text('name = "p"\nways = 3\nshots = 1\nqueries = 1\nepisodes = 5\n')
+    code, _, err = run(capsys, "evaluate", "--data", caltech_subset, "--protocol", protocol, "--shots", "1,5")
+    assert code == 2 and "--shots set the episodes of a folder sweep" in err
