@@ -295,3 +295,21 @@ def test_evaluate_open_set_protocol_reports_metrics_and_plots(tmp_path, capsys, 
     assert (out / "roc.png").stat().st_size > 0 and (out / "reliability.png").stat().st_size > 0
     code, _, err = run(capsys, "evaluate", "--data", caltech_subset, "--protocol", protocol, "--replay", "x.json")
     assert code == 2 and "replays exactly from its seed" in err
+
+
+def test_register_support_views_flip_is_kept_by_the_registry_for_later_registers(tmp_path, capsys, photos):
+    from fewshot import FewShotClassifier
+    from fewshot.cli import SUPPORT_VIEWS_CHOICES
+    from fewshot.views import SUPPORT_VIEWS
+
+    assert SUPPORT_VIEWS_CHOICES == SUPPORT_VIEWS
+    reg = tmp_path / "r"
+    code, out, _ = run(capsys, "register", reg, "--class", "cat", photos["chelsea"], "--support-views", "flip")
+    assert code == 0 and "+1 image(s), 1 in total" in out  # the mirror is averaged in, not counted
+    code, out, _ = run(capsys, "register", reg, "--class", "cup", photos["coffee"])  # no flag: the registry's
+    loaded = FewShotClassifier.load(reg)
+    assert code == 0 and loaded.support_views == "flip" and loaded.counts == {"cat": 1, "cup": 1}
+    plain = FewShotClassifier(loaded.encoder_, cache=False)
+    plain.register("cup", photos["coffee"])
+    assert not np.allclose(loaded.registry_.examples("cup"), plain.registry_.examples("cup"), atol=1e-3)
+    assert run(capsys, "evaluate", "--runs", tmp_path, "--support-views", "flip")[0] == 2
