@@ -113,6 +113,9 @@ def cmd_register_from_embeddings(args) -> int:
     if args.class_name or args.folder or args.paths or args.head:
         raise UsageError("--from-embeddings takes no --class, --folder, --head or image paths: the classes come "
                          "from the embeddings' class column")
+    if args.support_views:
+        raise UsageError("--from-embeddings adds the embeddings as they are (one view per image); to register "
+                         "with --support-views, register the images themselves")
     fingerprint = dataset_fingerprint(args.from_embeddings)
     if fingerprint is None:
         raise FewShotError(f"no embeddings at {args.from_embeddings}; write them with "
@@ -123,6 +126,10 @@ def cmd_register_from_embeddings(args) -> int:
         registry = Registry.open(args.registry, fingerprint["features"]["dim"], metric=args.metric or "cosine",
                                  index=args.index or "auto", fingerprint=fingerprint,
                                  store_examples=args.store_examples is not False)
+    saved = registry.metadata.get("classifier")
+    if isinstance(saved, dict) and saved.get("support_views", "none") != "none":
+        print("fewshot: warning: this registry registers images with support views; these embeddings are added "
+              "with one view per image", file=sys.stderr)
     with registry, registry.batch():  # the classes and the refitted unknown threshold: one save
         counts = register_embeddings(registry, args.from_embeddings)
         calibrate(registry)

@@ -313,3 +313,4 @@ def test_register_support_views_flip_is_kept_by_the_registry_for_later_registers
     plain.register("cup", photos["coffee"])
     assert not np.allclose(loaded.registry_.examples("cup"), plain.registry_.examples("cup"), atol=1e-3)
     assert run(capsys, "evaluate", "--runs", tmp_path, "--support-views", "flip")[0] == 2
+    assert run(capsys, "register", reg, "--from-embeddings", tmp_path / "emb", "--support-views", "flip")[0] == 2
