@@ -13,7 +13,8 @@ classes the heads never trained on; embeddings come from the embedding cache aft
   classes, and evaluated on the 17 test classes. "kept by train-head" is what ``fewshot train-head``
   saves: the head if it validated at least as well as raw features, else raw features.
 - ``caltech-encoders``: Caltech all-way 1-shot (17 test classes) per offline encoder and ensemble, on raw
-  features and centred on the base-class mean (SimpleShot, the ``identity`` head fitted on base classes).
+  features and centred on the base-class mean (SimpleShot, the ``identity`` head fitted on base classes), each
+  also with flip views of the support images (``support_views="flip"``).
 - ``caltech-compare``: ``fewshot compare-encoders`` on all 51 shared Caltech classes (the README table).
 """
 
@@ -85,14 +86,16 @@ def caltech_encoders_table(args) -> str:
     if args.test_per_class:
         dataset = first_per_class(dataset, args.test_per_class)
     cache = EmbeddingCache()
-    lines = ["| encoder | dimension | raw features | centred (SimpleShot) |", "|---|---|---|---|"]
+    lines = ["| encoder | dimension | raw features | centred (SimpleShot) | raw + flip views | centred + flip views |",
+             "|---|---|---|---|---|---|"]
     for name in OFFLINE + ENSEMBLES:
         encoder = create_encoder(name)
-        raw = evaluate_protocol(dataset, protocol, encoder, cache=cache, progress=False)
         centred = create_head("identity", encoder.dim)
         centred.fit(embed_dataset(encoder, base, cache=cache, progress=False)[0])
-        result = evaluate_protocol(dataset, protocol, encoder, head=centred, cache=cache, progress=False)
-        lines.append(f"| {name} | {encoder.dim} | {_pct(raw)} | {_pct(result)} |")
+        # Same seeded episodes in every cell; flip views: each support image also embedded mirrored.
+        cells = [evaluate_protocol(dataset, protocol, encoder, head=head, cache=cache, progress=False,
+                                   support_views=views) for views in ("none", "flip") for head in (None, centred)]
+        lines.append(f"| {name} | {encoder.dim} | " + " | ".join(_pct(cell) for cell in cells) + " |")
     return "\n".join(lines)
 
 

@@ -24,9 +24,11 @@ from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder,
 from .errors import EncoderMismatchError, ImageError, RegistryFormatError, WeightsError
 from .data import class_folders
 from .heads import Head, load_head, save_head
+from .images import expand_inputs
 from .hygiene import Finding, diagnose, duplicate_images, likely_mislabelled, near_duplicate_classes
 from .openset import Calibration, calibrate, current_calibration
 from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, _check_label, _lock_dir, check_thumbnail
+from .views import SUPPORT_VIEWS, average_views, check_support_views, embed_flipped
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
 # squared L2 distances are already on a large scale.
@@ -111,14 +113,18 @@ class FewShotClassifier:
     threshold for every class instead of the fitted ones. store_examples: keep every example embedding,
     not only prototypes (on by default: the unknown threshold is fitted from them).
     cache: True (default location), a path, or False for no embedding cache.
+    support_views: "flip" embeds each registered image also mirrored left-right and keeps the average of
+    the two as its example (one example per image: counts stay the number of images); queries are embedded
+    once. "none" (default) embeds each image once. Recorded in the registry, so a reloaded one does the same.
     """
 
     def __init__(self, encoder: str | Encoder = DEFAULT_ENCODER, *, weights: str | os.PathLike | None = None,
                  stages=None, head: str | os.PathLike | Head | None = None, metric: str = "cosine",
                  index: str = "auto", temperature: float | None = None, unknown_threshold: float | None = None,
                  unknown: bool = True, store_examples: bool = True, cache: bool | str | os.PathLike = True,
-                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None):
+                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None, support_views: str = "none"):
         _check_settings(metric, temperature, unknown_threshold)  # now, not at the first predict
+        check_support_views(support_views)
         self.encoder = encoder
         self.weights = weights
         self.stages = stages
@@ -132,6 +138,7 @@ class FewShotClassifier:
         self.cache = cache
         self.batch_size = batch_size
         self.progress = progress
+        self.support_views = support_views
         self._encoder: Encoder | None = encoder if isinstance(encoder, Encoder) else None
         self._head: Head | None = head if isinstance(head, Head) else None
         self._registry: Registry | None = None
@@ -218,7 +225,7 @@ class FewShotClassifier:
         label = _check_label(label)  # before the (slow) embedding; labels are stored in Unicode NFC
         if thumbnail is not None:
             check_thumbnail(thumbnail)
-        result = self._embed(images)
+        result = self._embed_support(images)
         failures = [e for e in result.errors if e]
         if not len(result.errors):
             raise ImageError(f"no images given for class {label!r}; pass image files, folders or arrays")
@@ -240,6 +247,30 @@ class FewShotClassifier:
             warnings += [f.message for f in self._registration_findings(label, vectors, kept, is_new)]
         return RegisterReport(label=label, added=len(keep), total=self.registry_.count(label),
                               errors=failures, warnings=warnings)
+
+    def _embed_support(self, images) -> Embeddings:
+        """Embeddings of support images: with ``support_views="flip"``, each image's vector is the average
+        of it and its mirror image (``fewshot.views``), so the class gains one example per image."""
+        if self.support_views == "none":
+            return self._embed(images)
+        items = expand_inputs(images)
+        result = self._embed(items)
+        ok = np.flatnonzero(result.ok)
+        if not len(ok):
+            return result
+
+        def embed(views: list) -> tuple[np.ndarray, np.ndarray]:
+            flipped = self._embed(views)
+            return flipped.vectors, flipped.ok
+
+        flipped, flipped_ok = embed_flipped(embed, [items[i] for i in ok], progress=self.progress)
+        vectors, errors = result.vectors.copy(), list(result.errors)
+        metric = self.head_.metric if self.head_ is not None else self.metric
+        vectors[ok] = average_views([result.vectors[ok], flipped], metric)
+        for i in ok[~flipped_ok]:  # cannot happen for a readable image unless the network gives NaN
+            errors[i] = f"{result.sources[i]}: its flipped view could not be embedded"
+            vectors[i] = np.nan
+        return Embeddings(vectors=vectors, sources=result.sources, errors=errors, digests=result.digests)
 
     def _skip_repeated_images(self, label: str, sources: list[ExampleSource]) -> tuple[list[int], list[str]]:
         """Indices of the images to add, and a warning for each image the class already holds (same
@@ -414,6 +445,7 @@ class FewShotClassifier:
             "temperature": self.temperature,
             "unknown_threshold": self.unknown_threshold,
             "unknown": self.unknown,
+            "support_views": self.support_views,
             "weights": str(Path(self.weights).resolve()) if self.weights else None,
             "head": str(Path(self.head).resolve()) if self.head is not None and not isinstance(self.head, Head)
             else None,
@@ -478,6 +510,7 @@ class FewShotClassifier:
         options.setdefault("temperature", saved.get("temperature"))
         options.setdefault("unknown_threshold", saved.get("unknown_threshold"))
         options.setdefault("unknown", saved.get("unknown", True))
+        options.setdefault("support_views", saved.get("support_views", "none"))
         classifier = cls(encoder if isinstance(encoder, Encoder) else DEFAULT_ENCODER, weights=weights, head=head,
                          metric=registry.metric, index=registry.index_factory,
                          store_examples=registry.store_examples, **options)
@@ -516,6 +549,9 @@ def _saved_settings(path, registry: Registry) -> dict:
         value = saved.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise refuse(f"saved {key} must be a number, got {str(value)[:100]!r}")
+    if saved.get("support_views", "none") not in SUPPORT_VIEWS:
+        raise refuse(f"saved support_views must be one of {', '.join(SUPPORT_VIEWS)}, got "
+                     f"{str(saved['support_views'])[:100]!r}")
     return saved
 
 

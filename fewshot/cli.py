@@ -20,6 +20,9 @@ from pathlib import Path
 from . import __version__
 from .errors import FewShotError
 
+# fewshot.views.SUPPORT_VIEWS, spelled out: importing that module would load numpy at every start-up.
+SUPPORT_VIEWS_CHOICES = ("none", "flip")
+
 
 class UsageError(Exception):
     """The command line itself is wrong (exit status 2)."""
@@ -110,6 +113,9 @@ def cmd_register_from_embeddings(args) -> int:
     if args.class_name or args.folder or args.paths or args.head:
         raise UsageError("--from-embeddings takes no --class, --folder, --head or image paths: the classes come "
                          "from the embeddings' class column")
+    if args.support_views:
+        raise UsageError("--from-embeddings adds the embeddings as they are (one view per image); to register "
+                         "with --support-views, register the images themselves")
     fingerprint = dataset_fingerprint(args.from_embeddings)
     if fingerprint is None:
         raise FewShotError(f"no embeddings at {args.from_embeddings}; write them with "
@@ -120,6 +126,10 @@ def cmd_register_from_embeddings(args) -> int:
         registry = Registry.open(args.registry, fingerprint["features"]["dim"], metric=args.metric or "cosine",
                                  index=args.index or "auto", fingerprint=fingerprint,
                                  store_examples=args.store_examples is not False)
+    saved = registry.metadata.get("classifier")
+    if isinstance(saved, dict) and saved.get("support_views", "none") != "none":
+        print("fewshot: warning: this registry registers images with support views; these embeddings are added "
+              "with one view per image", file=sys.stderr)
     with registry, registry.batch():  # the classes and the refitted unknown threshold: one save
         counts = register_embeddings(registry, args.from_embeddings)
         calibrate(registry)
@@ -488,6 +498,9 @@ def cmd_evaluate(args) -> int:
         raise UsageError("give either --data DIR alone (shot counts swept on your folder), --data ROOT "
                          "--protocol FILE (or --replay MANIFEST), or --runs DIR")
     protocol, data = (None, None) if args.runs else _protocol_and_data(args)  # before the slow part
+    if args.support_views != "none" and (args.runs or protocol.unknown_ways or protocol.runs):
+        raise UsageError("--support-views works with sampled closed-set protocols only; drop it for fixed runs "
+                         "and open-set protocols")
     head = load_head(args.head) if args.head else None
     encoder = _head_or_plain_encoder(args, head)
     if args.runs:
@@ -502,12 +515,14 @@ def cmd_evaluate(args) -> int:
     else:
         result = evaluate_protocol(resolve_dataset(data, protocol), protocol, encoder, head=head,
                                    episodes=args.episodes, seed=args.seed, cache=_cache(args),
-                                   save_episodes=args.save_episodes, replay=args.replay, progress=_progress())
+                                   save_episodes=args.save_episodes, replay=args.replay, progress=_progress(),
+                                   support_views=args.support_views)
         name = protocol.name
     if head is not None:
         result.provenance["head"]["path"] = str(Path(args.head).resolve())
-    # Results of raw features and of each head go to folders of their own: none overwrites another.
-    paths = result.save(Path(args.out) if args.out else Path("evaluation") / name / _result_folder(args.head))
+    # Results of raw features and of each head (and with support views) go to folders of their own.
+    folder = _result_folder(args.head) + ("" if args.support_views == "none" else f"+{args.support_views}-views")
+    paths = result.save(Path(args.out) if args.out else Path("evaluation") / name / folder)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:
@@ -653,12 +668,14 @@ def _open_for_writing(args):
     from .classifier import FewShotClassifier
 
     if _registry_exists(args.registry):
+        views = {"support_views": args.support_views} if args.support_views else {}  # else the saved one
         return FewShotClassifier.open(args.registry, encoder=args.encoder, weights=args.weights, head=args.head,
-                                      cache=not args.no_cache)
+                                      cache=not args.no_cache, **views)
     encoder = None if args.head else _encoder(args)
     return FewShotClassifier.open(args.registry, encoder=encoder or "efficientnet_lite0", head=args.head,
                                   weights=args.weights, metric=args.metric or "cosine", index=args.index or "auto",
-                                  store_examples=args.store_examples is not False, cache=not args.no_cache)
+                                  store_examples=args.store_examples is not False, cache=not args.no_cache,
+                                  support_views=args.support_views or "none")
 
 
 def _open_registry(args):
@@ -797,6 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fitted from them)")
     p.add_argument("--from-embeddings", metavar="EMB", help="add the classes of a `fewshot embed` Parquet dataset "
                    "(bulk; refuses embeddings of another encoder)")
+    p.add_argument("--support-views", choices=SUPPORT_VIEWS_CHOICES, help="flip: also embed each image mirrored "
+                   "and keep the average as its example (counts unchanged); recorded in the registry (default: the "
+                   "registry's, else none)")
     p.set_defaults(run=cmd_register)
     _add_embed_parser(sub, parents=[common, encoder])
     _add_export_parser(sub, parents=[common, encoder, with_head])
@@ -896,6 +916,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "--protocol: shots.json and shots.png (default evaluation/<DIR>/shots/...)")
     _add_sweep_options(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--support-views", choices=SUPPORT_VIEWS_CHOICES, default="none", help="flip: each support image "
+                   "also counts mirrored, averaged into one example, as register --support-views flip does")
     p.set_defaults(run=cmd_evaluate)
 
     _add_serve_parser(sub, [common, encoder, with_head])

@@ -27,6 +27,7 @@ from .openset import DEFAULT_TARGET_TPR, check_target
 from .openset_evaluate import OpenSetResult, evaluate_open_set
 from .images import NamedBytes, describe, load_image
 from .train import TrainResult
+from .views import check_support_views, embed_flipped
 
 
 def resolve_dataset(data: str | os.PathLike, protocol: Protocol | None = None) -> ImageDataset:
@@ -185,8 +186,12 @@ def _max_ways(dataset: ImageDataset, within_group: bool) -> int:
 def evaluate_protocol(dataset: ImageDataset, protocol: Protocol, encoder: Encoder, *, head: Head | None = None,
                       episodes: int | None = None, seed: int | None = None, cache: EmbeddingCache | None = None,
                       progress: bool | None = None, save_episodes: str | os.PathLike | None = None,
-                      replay: str | os.PathLike | None = None) -> EvaluationResult:
-    """Evaluate on the protocol's test split with its seeded episodes, or replay a manifest's."""
+                      replay: str | os.PathLike | None = None, support_views: str = "none") -> EvaluationResult:
+    """Evaluate on the protocol's test split with its seeded episodes, or replay a manifest's.
+
+    ``support_views="flip"``: each support image also counts with its left-right mirror, averaged into
+    one example as ``FewShotClassifier(support_views="flip")`` registers it (``fewshot.views``)."""
+    check_support_views(support_views)
     if seed is not None:
         protocol = dataclasses.replace(protocol, seed=seed)
     features, test = embed_dataset(encoder, protocol.test_split(dataset), cache=cache, progress=progress)
@@ -201,10 +206,45 @@ def evaluate_protocol(dataset: ImageDataset, protocol: Protocol, encoder: Encode
         sampled = sampler.sample_many(episodes or protocol.episodes)
     if save_episodes is not None:
         write_episodes(save_episodes, sampled, test, protocol=protocol.to_dict())
-    result = evaluate_episodes(features, test.labels, sampled, head=head, class_names=test.classes,
-                               progress=progress)
-    result.provenance = provenance(encoder, head, dataset.source, protocol.to_dict())
+    labels, scored = test.labels, sampled
+    if support_views == "flip":
+        features, labels, scored = with_flipped_support(encoder, test, features, sampled, cache=cache,
+                                                        progress=progress)
+    result = evaluate_episodes(features, labels, scored, head=head, class_names=test.classes, progress=progress)
+    if support_views == "flip":
+        result.shots = _shots_of(sampled)  # a flipped view is a second view of a shot, not another shot
+    result.provenance = provenance(encoder, head, dataset.source, protocol.to_dict()) | {"support_views": support_views}
     return result
+
+
+def with_flipped_support(encoder: Encoder, dataset: ImageDataset, features: np.ndarray, episodes: list[Episode], *,
+                         cache: EmbeddingCache | None = None,
+                         progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, list[Episode]]:
+    """(features, labels, episodes) with the flipped view of every support image appended as a row, and
+    each episode's support holding both views of each image. Under nearest prototype the prototype is
+    then the mean of the images' view averages, as a registry with ``support_views="flip"`` keeps it.
+    Each image is flipped and embedded once (cached), however many episodes it supports."""
+    support = np.unique(np.concatenate([e.support for e in episodes]))
+
+    def embed(items: list) -> tuple[np.ndarray, np.ndarray]:
+        result = encoder.embed_batch(items, cache=cache, progress=False)
+        return result.vectors, result.ok
+
+    vectors, ok = embed_flipped(embed, [dataset.items[i] for i in support], progress=progress)
+    if not ok.all():  # the image itself was read, so its mirror can only fail in the network
+        raise ImageError(f"{int((~ok).sum())} flipped support images could not be embedded "
+                         f"(first: {dataset.names[support[np.flatnonzero(~ok)[0]]]})")
+    flipped_row = np.full(len(features), -1)
+    flipped_row[support] = len(features) + np.arange(len(support))
+    viewed = [dataclasses.replace(e, support=np.stack([e.support, flipped_row[e.support]], axis=1).ravel(),
+                                  support_labels=np.repeat(e.support_labels, 2)) for e in episodes]
+    return (np.concatenate([features, vectors.astype(features.dtype)]),
+            np.concatenate([dataset.labels, dataset.labels[support]]), viewed)
+
+
+def _shots_of(episodes: list[Episode]) -> int | str:
+    shots = {int(n) for e in episodes for n in np.bincount(e.support_labels)}
+    return shots.pop() if len(shots) == 1 else "variable"
 
 
 def provenance(encoder: Encoder, head: Head | None, dataset: str, protocol: dict | None = None) -> dict:

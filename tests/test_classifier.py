@@ -145,6 +145,7 @@ def _resealed_registry(path, fingerprint: dict, settings: dict):
     (lambda fp: None, {"weights": "/proc/self/status"}, "weights"),
     (lambda fp: None, {"weights": 42}, "weights"),
     (lambda fp: None, {"temperature": "hot"}, "temperature"),
+    (lambda fp: None, {"support_views": "rotate"}, "support_views"),
 ])
 def test_manifest_settings_are_checked_before_the_encoder_is_created(tmp_path, change, settings, message):
     """Fields of a registry's manifest that drive encoder creation are validated first: input_size
@@ -272,3 +273,47 @@ def test_register_saves_a_thumbnail_with_the_examples_in_one_save(tmp_path, enco
             clf.register("coffee", [photos["coffee"]], thumbnail=b"")  # refused: the examples are not kept either
     saved = Registry.load(tmp_path / "r")
     assert saved.classes == ["cat"] and saved.thumbnail("cat")[:2] == b"\xff\xd8"
+
+
+def _unit(x):
+    import numpy as np
+
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_flip_support_views_keep_one_example_per_image_averaged_with_its_mirror(encoder, photos):
+    import numpy as np
+
+    from fewshot.images import load_image
+
+    flip = FewShotClassifier(encoder, support_views="flip", cache=False)
+    report = flip.register("cat", photos["chelsea"])
+    assert (report.added, report.total, flip.counts) == (1, 1, {"cat": 1})  # the mirror is no extra image
+    as_is = encoder.embed([photos["chelsea"]])
+    mirrored = encoder.embed([np.asarray(load_image(photos["chelsea"]))[:, ::-1]])
+    expected = (_unit(as_is) + _unit(mirrored)) / 2
+    assert np.allclose(flip.registry_.examples("cat"), expected, atol=1e-5)
+    plain = FewShotClassifier(encoder, cache=False)
+    plain.register("cat", photos["chelsea"])
+    assert not np.allclose(plain.registry_.examples("cat"), expected, atol=1e-3)
+    # Queries are embedded once, as they are: the photo itself is still nearest its own class.
+    assert flip.predict([photos["chelsea"]])[0].top_k[0][0] == "cat"
+
+
+def test_support_views_are_recorded_and_a_reloaded_registry_registers_the_same_way(tmp_path, encoder, photos):
+    import numpy as np
+
+    flip = FewShotClassifier(encoder, support_views="flip", cache=False)
+    flip.register("cat", photos["chelsea"])
+    flip.save(tmp_path / "r")
+    loaded = FewShotClassifier.load(tmp_path / "r", encoder=encoder, cache=False)
+    assert loaded.support_views == "flip"
+    flip.register("cup", photos["coffee"])
+    loaded.register("cup", photos["coffee"])
+    assert np.allclose(loaded.registry_.examples("cup"), flip.registry_.examples("cup"), atol=1e-6)
+    assert FewShotClassifier.load(tmp_path / "r", encoder=encoder, support_views="none").support_views == "none"
+
+
+def test_bad_support_views_setting_is_refused_when_given():
+    with pytest.raises(ValueError, match="support_views must be one of"):
+        FewShotClassifier(support_views="mirror")

@@ -120,6 +120,8 @@ def test_classes_lists_from_the_manifest_without_reading_prototypes(tmp_path, ca
         data.write_bytes(b"garbage")
     assert main(["classes", str(tmp_path / "r"), "--json"]) == 0
     assert [row["label"] for row in json.loads(capsys.readouterr().out)] == [f"c{i}" for i in range(5)]
+
+
 def test_text_output_escapes_control_characters_and_marks_a_class_named_unknown(tmp_path, capsys, photos):
     reg = tmp_path / "r"
     hostile = "cat\nfake-class\t99\x1b]0;pwned\x07"
@@ -323,3 +325,22 @@ def test_evaluate_own_folder_errors_say_what_to_change(tmp_path, capsys, caltech
     protocol.write_text('name = "p"\nways = 3\nshots = 1\nqueries = 1\nepisodes = 5\n')
     code, _, err = run(capsys, "evaluate", "--data", caltech_subset, "--protocol", protocol, "--shots", "1,5")
     assert code == 2 and "--shots set the episodes of a folder sweep" in err
+
+
+def test_register_support_views_flip_is_kept_by_the_registry_for_later_registers(tmp_path, capsys, photos):
+    from fewshot import FewShotClassifier
+    from fewshot.cli import SUPPORT_VIEWS_CHOICES
+    from fewshot.views import SUPPORT_VIEWS
+
+    assert SUPPORT_VIEWS_CHOICES == SUPPORT_VIEWS
+    reg = tmp_path / "r"
+    code, out, _ = run(capsys, "register", reg, "--class", "cat", photos["chelsea"], "--support-views", "flip")
+    assert code == 0 and "+1 image(s), 1 in total" in out  # the mirror is averaged in, not counted
+    code, out, _ = run(capsys, "register", reg, "--class", "cup", photos["coffee"])  # no flag: the registry's
+    loaded = FewShotClassifier.load(reg)
+    assert code == 0 and loaded.support_views == "flip" and loaded.counts == {"cat": 1, "cup": 1}
+    plain = FewShotClassifier(loaded.encoder_, cache=False)
+    plain.register("cup", photos["coffee"])
+    assert not np.allclose(loaded.registry_.examples("cup"), plain.registry_.examples("cup"), atol=1e-3)
+    assert run(capsys, "evaluate", "--runs", tmp_path, "--support-views", "flip")[0] == 2
+    assert run(capsys, "register", reg, "--from-embeddings", tmp_path / "emb", "--support-views", "flip")[0] == 2

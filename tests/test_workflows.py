@@ -116,7 +116,7 @@ def test_fixed_runs(omniglot, tmp_path, capsys):
 
 def test_evaluate_usage_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main(["evaluate", "--data", str(tmp_path)])  # neither --protocol nor --runs
+        main(["evaluate"])  # nothing to evaluate: no --data, --protocol, --replay or --runs
     assert exit_info.value.code == 2
 
 
@@ -190,3 +190,35 @@ def test_evaluate_shows_progress_on_a_terminal(omniglot, protocol, tmp_path, run
                                             "--out", tmp_path, *FEATURES)
     assert code == 0 and "accuracy" in out
     assert "evaluating" in terminal and "8/8" in terminal  # the episode bar, even for a short run
+
+
+def test_flip_support_views_evaluation_replays_exactly_and_is_recorded(omniglot, protocol, tmp_path, capsys):
+    manifest = tmp_path / "episodes.json"
+    _, first, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--json", "--out",
+                      tmp_path / "a", "--save-episodes", manifest, "--support-views", "flip", *FEATURES)
+    _, again, _ = run(capsys, "evaluate", "--data", omniglot, "--protocol", protocol, "--json", "--out",
+                      tmp_path / "b", "--replay", manifest, "--support-views", "flip", *FEATURES)
+    first, again = json.loads(first), json.loads(again)
+    assert first["accuracy"] == again["accuracy"] and first["per_class_accuracy"] == again["per_class_accuracy"]
+    assert first["support_views"] == "flip" and first["shots"] == 1  # a mirror is a view, not another shot
+    assert (tmp_path / "a" / "episodes.csv").read_text() == (tmp_path / "b" / "episodes.csv").read_text()
+
+
+def test_flipped_support_rows_are_the_mirrored_images_and_queries_stay_as_they_are(caltech_subset, encoder):
+    import numpy as np
+
+    from fewshot.data import load_dataset
+    from fewshot.episodes import EpisodeSampler
+    from fewshot.images import load_image
+    from fewshot.workflows import embed_dataset, with_flipped_support
+
+    dataset = load_dataset(caltech_subset)
+    dataset = dataset.select_items(np.isin(dataset.labels, [0, 1, 2]))
+    features, dataset = embed_dataset(encoder, dataset)
+    episodes = EpisodeSampler(dataset.labels, ways=3, shots=1, queries=1, seed=0).sample_many(2)
+    viewed_features, labels, viewed = with_flipped_support(encoder, dataset, features, episodes)
+    for plain, views in zip(episodes, viewed):
+        assert (views.query == plain.query).all() and (views.support[0::2] == plain.support).all()
+        assert (labels[views.support[1::2]] == dataset.labels[plain.support]).all()
+        mirrors = encoder.embed([np.asarray(load_image(dataset.items[i]))[:, ::-1] for i in plain.support])
+        assert np.allclose(viewed_features[views.support[1::2]], mirrors, atol=1e-5)
