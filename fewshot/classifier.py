@@ -26,7 +26,7 @@ from .data import class_folders
 from .heads import Head, load_head, save_head
 from .hygiene import Finding, diagnose, duplicate_images, likely_mislabelled, near_duplicate_classes
 from .openset import Calibration, calibrate, current_calibration
-from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, _check_label, _lock_dir, check_thumbnail
+from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, check_label, check_thumbnail, lock_registry_dir
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
 # squared L2 distances are already on a large scale.
@@ -215,7 +215,7 @@ class FewShotClassifier:
         ``thumbnail``: a small encoded image (``fewshot.thumbnails.make_thumbnail``) kept as the class's
         thumbnail, saved in the same atomic save as the examples.
         """
-        label = _check_label(label)  # before the (slow) embedding; labels are stored in Unicode NFC
+        label = check_label(label)  # before the (slow) embedding; labels are stored in Unicode NFC
         if thumbnail is not None:
             check_thumbnail(thumbnail)
         result = self._embed(images)
@@ -277,7 +277,7 @@ class FewShotClassifier:
         folders = class_folders(root)
         for label in folders:
             try:
-                _check_label(label)
+                check_label(label)
             except ValueError:
                 raise ValueError(f"{Path(root) / label}: the folder name {label!r} cannot be a class label "
                                  "(not valid Unicode text); rename the folder") from None
@@ -436,7 +436,7 @@ class FewShotClassifier:
         loaded as ``load`` does (``metric``, ``index`` and ``store_examples`` only apply to a new one).
         """
         path = Path(path)
-        lock = _lock_dir(path)
+        lock = lock_registry_dir(path)
         try:
             if (path / MANIFEST).is_file():
                 kept = {k: v for k, v in options.items() if k not in ("metric", "index", "store_examples")}
