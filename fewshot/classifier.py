@@ -27,7 +27,7 @@ from .heads import Head, load_head, save_head
 from .images import expand_inputs
 from .hygiene import Finding, diagnose, duplicate_images, likely_mislabelled, near_duplicate_classes
 from .openset import Calibration, calibrate, current_calibration
-from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, _check_label, _lock_dir, check_thumbnail
+from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, check_label, check_thumbnail, lock_registry_dir
 from .views import SUPPORT_VIEWS, average_views, check_support_views, embed_flipped
 
 # Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
@@ -222,7 +222,7 @@ class FewShotClassifier:
         ``thumbnail``: a small encoded image (``fewshot.thumbnails.make_thumbnail``) kept as the class's
         thumbnail, saved in the same atomic save as the examples.
         """
-        label = _check_label(label)  # before the (slow) embedding; labels are stored in Unicode NFC
+        label = check_label(label)  # before the (slow) embedding; labels are stored in Unicode NFC
         if thumbnail is not None:
             check_thumbnail(thumbnail)
         result = self._embed_support(images)
@@ -308,7 +308,7 @@ class FewShotClassifier:
         folders = class_folders(root)
         for label in folders:
             try:
-                _check_label(label)
+                check_label(label)
             except ValueError:
                 raise ValueError(f"{Path(root) / label}: the folder name {label!r} cannot be a class label "
                                  "(not valid Unicode text); rename the folder") from None
@@ -468,7 +468,7 @@ class FewShotClassifier:
         loaded as ``load`` does (``metric``, ``index`` and ``store_examples`` only apply to a new one).
         """
         path = Path(path)
-        lock = _lock_dir(path)
+        lock = lock_registry_dir(path)
         try:
             if (path / MANIFEST).is_file():
                 kept = {k: v for k, v in options.items() if k not in ("metric", "index", "store_examples")}

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .cache import EmbeddingCache
 from .errors import ImageError, WeightsError
-from .images import _load_one, content_digest, describe, expand_inputs, limit_aspect
+from .images import content_digest, describe, expand_inputs, limit_aspect, load_one
 
 DEFAULT_ENCODER = "efficientnet_lite0"
 
@@ -293,7 +293,7 @@ class Encoder:
         """Decode, preprocess and embed one batch of rows (in a stream's thread); returns rows handled."""
         good, values = [], []
         for row in rows:
-            result = _load_one(items[row], transform=self._image_step, min_size=self.resize_size)
+            result = load_one(items[row], transform=self._image_step, min_size=self.resize_size)
             if result.ok:
                 good.append(row)
                 values.append(result.value)

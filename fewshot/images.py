@@ -378,13 +378,15 @@ def load_images(
         raise ValueError(f"prefetch must be >= 1, got {prefetch}")
     if isinstance(items, _SINGLE):  # one item, not e.g. the characters of a path
         items = [items]
-    load = partial(_load_one, transform=transform, min_size=min_size)
+    load = partial(load_one, transform=transform, min_size=min_size)
     if workers <= 1:
         return (load(item) for item in items)  # a generator, so close() works as in the threaded case
     return _load_threaded(iter(items), load, workers, prefetch)
 
 
-def _load_one(item: Any, *, transform: Callable | None, min_size: int | None) -> LoadResult:
+def load_one(item: Any, *, transform: Callable | None, min_size: int | None) -> LoadResult:
+    """One item decoded (and transformed): a LoadResult with the image, or with the error that fails
+    this item alone."""
     source = describe(item)
     try:
         image = load_image(item, min_size=min_size)

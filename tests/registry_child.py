@@ -150,7 +150,7 @@ def _install_kill_switch(kill_at: int, when: str) -> None:
     unlink), just before or just after it: every window of a save can be hit on purpose."""
     import signal
 
-    registry = import_registry_only()
+    storage = import_registry_only().storage  # the module that writes the registry's files
     count = 0
 
     def wrap(fn):
@@ -166,15 +166,15 @@ def _install_kill_switch(kill_at: int, when: str) -> None:
         return wrapper
 
     os.fsync, os.replace, os.unlink = wrap(os.fsync), wrap(os.replace), wrap(os.unlink)
-    writer = registry._HashingWriter
+    writer = storage._HashingWriter
     writer.write = wrap(writer.write)
 
 
 def count_durable_calls(fn) -> int:
     """How many durable-storage calls fn() makes (in this process)."""
-    registry = import_registry_only()
+    storage = import_registry_only().storage  # the module that writes the registry's files
     count = 0
-    saved = os.fsync, os.replace, os.unlink, registry._HashingWriter.write
+    saved = os.fsync, os.replace, os.unlink, storage._HashingWriter.write
 
     def wrap(f):
         def wrapper(*args, **kwargs):
@@ -184,11 +184,11 @@ def count_durable_calls(fn) -> int:
         return wrapper
 
     os.fsync, os.replace, os.unlink = wrap(os.fsync), wrap(os.replace), wrap(os.unlink)
-    registry._HashingWriter.write = wrap(registry._HashingWriter.write)
+    storage._HashingWriter.write = wrap(storage._HashingWriter.write)
     try:
         fn()
     finally:
-        os.fsync, os.replace, os.unlink, registry._HashingWriter.write = saved
+        os.fsync, os.replace, os.unlink, storage._HashingWriter.write = saved
     return count
 
 

@@ -285,12 +285,12 @@ def test_a_reader_gets_its_generation_however_many_saves_happen_while_it_reads(t
     and the moment it reads the data files, the writer saves twice (as it would while a 100k-class
     registry is being read). Every attempt of the reader meets this, so retrying cannot help: the
     reader must still get the generation whose manifest it read, complete."""
-    import fewshot.registry as registry_module
+    import fewshot.registry.manifest as registry_manifest
 
     path = tmp_path / "r"
     writer = Registry.open(path, DIM)
     writer.add_many([f"v{i}" for i in range(50)], unit_vectors(50, seed=5))
-    parse, saves = registry_module._parse_manifest, []
+    parse, saves = registry_manifest._parse_manifest, []
 
     def parse_then_two_saves(mpath):
         m = parse(mpath)
@@ -299,7 +299,7 @@ def test_a_reader_gets_its_generation_however_many_saves_happen_while_it_reads(t
             saves.append(writer.classes)
         return m
 
-    monkeypatch.setattr(registry_module, "_parse_manifest", parse_then_two_saves)
+    monkeypatch.setattr(registry_manifest, "_parse_manifest", parse_then_two_saves)
     loaded = Registry.load(path)
     monkeypatch.undo()
     assert loaded.classes == [f"v{i}" for i in range(50)]  # the generation it started to read

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fewshot.registry as registry_module
-from fewshot.errors import RegistrySaveError
+import fewshot.registry.storage as registry_storage
+from fewshot.errors import RegistryFormatError, RegistrySaveError
 from fewshot.locking import LOCK_FILE, READERS_LOCK_FILE
 from fewshot.registry import MANIFEST, Registry
 
@@ -224,7 +224,7 @@ def test_open_refuses_user_folders_and_needs_dim_to_create(tmp_path):
     with pytest.raises(RegistrySaveError, match="not a fewshot registry"):
         Registry.open(tmp_path / "photos", DIM)
     assert os.listdir(tmp_path / "photos") == ["cat.jpg"]
-    with pytest.raises(registry_module.RegistryFormatError, match="pass dim"):
+    with pytest.raises(RegistryFormatError, match="pass dim"):
         Registry.open(tmp_path / "new")
 
 
@@ -278,7 +278,7 @@ def failing(monkeypatch, kind: str, n: int, err: int):
     """Make the n-th durable-storage call of `kind` fail with errno err (ENOSPC, EIO, ...)."""
     calls = [0]
     if kind == "write":
-        target, name = registry_module._HashingWriter, "write"
+        target, name = registry_storage._HashingWriter, "write"
     else:
         target, name = os, kind
     real = getattr(target, name)
@@ -297,7 +297,7 @@ def calls_of_one_save(kind: str, variant: str, tmp_path) -> int:
     reg.save(tmp_path / "count")
     reg.add("x", np.ones(DIM))
     counted = [0]
-    target, name = (registry_module._HashingWriter, "write") if kind == "write" else (os, kind)
+    target, name = (registry_storage._HashingWriter, "write") if kind == "write" else (os, kind)
     real = getattr(target, name)
 
     def counting(*args, **kwargs):

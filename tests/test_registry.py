@@ -20,7 +20,8 @@ from fewshot.errors import (
     UnknownClassError,
 )
 from fewshot.locking import LOCK_FILE, READERS_LOCK_FILE
-from fewshot.registry import Registry, SearchResult, _seal
+from fewshot.registry import Registry, SearchResult
+from fewshot.registry.manifest import _seal
 
 DIM = 16
 
