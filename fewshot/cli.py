@@ -980,6 +980,8 @@ def _add_serve_parser(sub, parents) -> None:
     p.add_argument("--store-examples", action=argparse.BooleanOptionalAction,
                    help="keep every example embedding (new registry; default on: the unknown threshold is "
                         "fitted from them)")
+    p.add_argument("--support-views", choices=SUPPORT_VIEWS_CHOICES, help="flip: register each uploaded image "
+                   "with its mirror averaged in, as register --support-views flip (default: the registry's, else none)")
     p.set_defaults(run=cmd_serve)
 
 
