@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 import sys
 import warnings
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_int
 from .data import ImageDataset, split_by_class, split_by_group
 from .images import IMAGE_EXTENSIONS
 
@@ -125,9 +125,9 @@ class EpisodeSampler:
         for name, value, high in [("shots", shots, MAX_ITEMS_PER_CLASS), ("queries", queries, MAX_ITEMS_PER_CLASS),
                                   ("min_ways", min_ways, MAX_WAYS), ("max_ways", max_ways, MAX_WAYS),
                                   ("max_support", max_support, MAX_SUPPORT)]:
-            _check_int(name, value, 1, high)
+            check_int(value, name, 1, high)
         if ways is not None:
-            _check_int("ways", ways, 1, MAX_WAYS)
+            check_int(ways, "ways", 1, MAX_WAYS)
         if variable and max_ways < min_ways:
             raise ValueError(f"max_ways={max_ways} is below min_ways={min_ways}; raise max_ways or lower min_ways")
         self.ways, self.shots, self.queries = ways, shots, queries
@@ -202,12 +202,12 @@ class EpisodeSampler:
 
     def sample_many(self, n: int) -> list[Episode]:
         """The next ``n`` episodes (the same as calling ``sample()`` n times)."""
-        _check_int("the number of episodes", n, 0, MAX_EPISODES)
+        check_int(n, "the number of episodes", 0, MAX_EPISODES)
         return [self.sample() for _ in range(n)]
 
     def sample_batch(self, n: int) -> EpisodeBatch:
         """``n`` episodes drawn at once as arrays; fixed ways and shots only."""
-        _check_int("the number of episodes", n, 1, MAX_EPISODES)
+        check_int(n, "the number of episodes", 1, MAX_EPISODES)
         if self.variable:
             raise ValueError("variable episodes differ in shape and cannot form a batch; use sample_many()")
         if self.within_group and self.ways is None and len({len(p) for p in self._usable}) > 1:
@@ -289,13 +289,6 @@ def _pad(pools: list[np.ndarray]) -> np.ndarray:
     for row, pool in zip(out, pools):
         row[:len(pool)] = pool
     return out
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be at most {high}, got {value!r}")
 
 
 # --- manifests ----------------------------------------------------------------------------------
@@ -467,9 +460,9 @@ def sample_open_set(labels, *, ways: int, shots: int, queries: int, unknown_ways
     labels = np.asarray(labels)
     for name, value in [("ways", ways), ("shots", shots), ("queries", queries), ("unknown_ways", unknown_ways),
                         ("episodes", episodes)]:
-        _check_int(name, value, 1)
+        check_int(value, name, 1)
     unknown_queries = queries if unknown_queries is None else unknown_queries
-    _check_int("unknown_queries", unknown_queries, 1)
+    check_int(unknown_queries, "unknown_queries", 1)
     classes, inverse = np.unique(labels, return_inverse=True)
     members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
     eligible = np.array([c for c in range(len(classes)) if len(members[c]) >= shots + queries])
@@ -706,7 +699,7 @@ def write_fixed_runs(dataset: ImageDataset, root: str | os.PathLike, *, runs: in
     Each run is a ways-way episode with one support and one query image per class; queries are numbered
     in random order, so item numbers say nothing about classes.
     """
-    _check_int("runs", runs, 1)
+    check_int(runs, "runs", 1)
     if within_group and dataset.groups is None:
         raise ValueError(f"{dataset.source} is a flat dataset without groups; pass within_group=False")
     root = Path(root)

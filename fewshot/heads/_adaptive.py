@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._base import MAX_INNER_STEPS, MAX_WAYS, Head, _check_int, seeded
+from ..checks import check_int
+from ._base import MAX_INNER_STEPS, MAX_WAYS, Head, seeded
 from ._projection import build_projection
 
 
@@ -63,8 +64,8 @@ class AdaptiveHead(Head):
         super().__init__(in_dim, in_shape=in_shape, seed=seed, arch=arch, hidden=hidden, out_dim=out_dim,
                          norm=norm, dropout=dropout, channels=channels, blocks=blocks, pool_size=pool_size,
                          ways=ways, inner_steps=inner_steps, inner_lr=inner_lr, first_order=bool(first_order))
-        self.ways = _check_int(ways, "ways", high=MAX_WAYS)
-        self.inner_steps = _check_int(inner_steps, "inner_steps", low=0, high=MAX_INNER_STEPS)
+        self.ways = check_int(ways, "ways", high=MAX_WAYS)
+        self.inner_steps = check_int(inner_steps, "inner_steps", low=0, high=MAX_INNER_STEPS)
         if not isinstance(inner_lr, (int, float)) or not 0 < inner_lr < float("inf"):
             raise ValueError(f"inner_lr must be a positive number, got {inner_lr!r}")
         self.inner_lr, self.first_order = float(inner_lr), bool(first_order)
@@ -84,8 +85,8 @@ class AdaptiveHead(Head):
         from ..interop_learn2learn import import_learn2learn
 
         l2l = import_learn2learn(f"the {self.name!r} head")
-        steps = self.inner_steps if steps is None else _check_int(steps, "steps", low=0)
-        ways = _check_int(ways, "ways")
+        steps = self.inner_steps if steps is None else check_int(steps, "steps", low=0)
+        ways = check_int(ways, "ways")
         outer_grad = torch.is_grad_enabled()
         # Second-order meta-gradients only where they are wanted: training with grad, not first_order.
         first_order = self.first_order or not (outer_grad and self.training)

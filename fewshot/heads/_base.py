@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_int
 from ..errors import HeadFormatError
 from ..files import honour_umask
 
@@ -100,14 +101,6 @@ MAX_WAYS = 10**5
 MAX_SEED = 2**63 - 1
 
 
-def _check_int(value, what: str, low: int = 1, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{what} must be at most {high}, got {value!r}")
-    return int(value)
-
-
 def check_choice(value, what: str, choices) -> str:
     if value not in choices:
         raise ValueError(f"{what} must be one of {tuple(choices)}, got {value!r}")
@@ -130,7 +123,7 @@ class Head(torch.nn.Module):
 
     def __init__(self, in_dim: int, *, in_shape: tuple[int, int, int] | None = None, seed: int = 0, **params):
         super().__init__()
-        self.in_dim = _check_int(in_dim, "in_dim", high=MAX_IN_DIM)
+        self.in_dim = check_int(in_dim, "in_dim", high=MAX_IN_DIM)
         if in_shape is not None:
             if (not isinstance(in_shape, (tuple, list)) or len(in_shape) != 3
                     or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in in_shape)):
@@ -140,7 +133,7 @@ class Head(torch.nn.Module):
                 raise ValueError(f"in_shape {in_shape} holds {math.prod(in_shape)} values but in_dim is "
                                  f"{self.in_dim}; the input must be the flattened (C, H, W) map, C-major")
         self.in_shape = in_shape
-        self.seed = _check_int(seed, "seed", low=0, high=MAX_SEED)
+        self.seed = check_int(seed, "seed", low=0, high=MAX_SEED)
         try:
             self._params = json.loads(canonical_json(params))
         except (TypeError, ValueError) as e:
@@ -215,7 +208,7 @@ class Head(torch.nn.Module):
             x = x[None, :]
         if x.ndim != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"{self.name} head expects features of shape (N, {self.in_dim}), got {x.shape}")
-        batch_size = _check_int(batch_size, "batch_size")
+        batch_size = check_int(batch_size, "batch_size")
         was_training = self.training
         self.eval()
         try:

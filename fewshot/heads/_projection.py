@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._base import MAX_WIDTH, _check_int, check_choice
+from ..checks import check_int
+from ._base import MAX_WIDTH, check_choice
 
 ARCHS = ("mlp", "conv")
 NORMS = ("batch", "layer", "none")
@@ -34,11 +35,11 @@ def build_projection(in_dim: int, in_shape, *, arch: str, hidden: int, out_dim: 
     """The projection network (build it inside ``seeded(seed)`` for reproducible weights)."""
     check_choice(arch, "arch", ARCHS)
     check_choice(norm, "norm", NORMS)
-    out_dim = _check_int(out_dim, "out_dim", high=MAX_WIDTH)
+    out_dim = check_int(out_dim, "out_dim", high=MAX_WIDTH)
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if arch == "mlp":
-        hidden = _check_int(hidden, "hidden", high=MAX_WIDTH)
+        hidden = check_int(hidden, "hidden", high=MAX_WIDTH)
         norm_layer = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}.get(norm)
         return nn.Sequential(
             nn.Linear(in_dim, hidden),
@@ -49,8 +50,8 @@ def build_projection(in_dim: int, in_shape, *, arch: str, hidden: int, out_dim: 
         )
     if in_shape is None:
         raise ValueError("arch='conv' needs in_shape=(C, H, W): the features must be flattened feature maps")
-    channels, pool_size = _check_int(channels, "channels", high=MAX_WIDTH), _check_int(pool_size, "pool_size", high=64)
-    if _check_int(blocks, "blocks") not in (2, 3):
+    channels, pool_size = check_int(channels, "channels", high=MAX_WIDTH), check_int(pool_size, "pool_size", high=64)
+    if check_int(blocks, "blocks") not in (2, 3):
         raise ValueError(f"blocks must be 2 or 3, got {blocks}")
     c, h, w = in_shape
     layers: list[nn.Module] = [_Unflatten(in_shape)]

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._base import MAX_WAYS, Head, _check_int, check_choice, prototype_logits, register_head, seeded
+from ..checks import check_int
+from ._base import MAX_WAYS, Head, check_choice, prototype_logits, register_head, seeded
 from ._projection import build_projection
 
 LOSSES = ("supcon", "arcface", "triplet", "ntxent")
@@ -59,7 +60,7 @@ class MetricHead(Head):
             if num_classes is None:
                 raise ValueError("loss='arcface' keeps one weight vector per training class: pass "
                                  "num_classes=<number of classes in the training labels>")
-            _check_int(num_classes, "num_classes", high=10 * MAX_WAYS)
+            check_int(num_classes, "num_classes", high=10 * MAX_WAYS)
         self.num_classes = num_classes
         self.out_dim = int(out_dim)
         with seeded(self.seed):

@@ -13,8 +13,8 @@ import faiss
 import numpy as np
 
 from ..errors import RegistryFormatError
-from .labels import _check_int
-from .storage import MANIFEST, _read_verified_into
+from ..checks import check_int
+from .storage import MANIFEST, read_verified_into
 from .vectors import _CHUNK_FLOATS, _as_matrix, _chunk_rows, _normalise
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def _index_ids(index) -> np.ndarray:
 
 def _load_index(path: Path, m: dict, reg: Registry, opened: dict):
     fpath = path / m["files"]["index"]["name"]
-    (data,) = _read_verified_into(path, m["files"]["index"], lambda size: [np.empty(size, np.uint8)], opened)
+    (data,) = read_verified_into(path, m["files"]["index"], lambda size: [np.empty(size, np.uint8)], opened)
     try:
         index = faiss.deserialize_index(data)
     except Exception as e:  # noqa: BLE001 - any parse failure is a format error
@@ -230,7 +230,7 @@ class IndexedSearch:
             names = ", ".join(sorted(valid)) if valid else "none (this index is exact)"
             raise ValueError(f"unknown search parameter(s) {', '.join(unknown)} for index "
                              f"{self._factory!r}; valid ones: {names}")
-        return {name: _check_int(v, f"search parameter {name}", valid[name]) for name, v in params.items()}
+        return {name: check_int(v, f"search parameter {name}", valid[name]) for name, v in params.items()}
 
     def _faiss_params(self, params: dict):
         if self._fallback or not (params or self._auto):

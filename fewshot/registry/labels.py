@@ -8,7 +8,6 @@ import re
 import unicodedata
 from typing import NamedTuple
 
-import numpy as np
 
 MAX_LABEL_LEN = 1024
 MAX_SOURCE_LEN = 4096  # characters of an example's source name (a path; Linux's PATH_MAX)
@@ -85,7 +84,3 @@ def _json_copy(obj, what: str):
         raise ValueError(f"{what} must be JSON-serialisable: {e}") from None
 
 
-def _check_int(value, what: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ValueError(f"{what} must be an integer >= {lo}, got {value!r}")
-    return int(value)

@@ -19,7 +19,7 @@ from .labels import MAX_THUMBNAIL_BYTES, ExampleSource, _check_sources, _json_co
 from .manifest import FORMAT_VERSION, _check_fingerprint, _manifest_digest, _read_manifest, _seal
 from .storage import (
     _ATTACHMENT_KEY, FORMAT_NAME, MANIFEST, _checked_attachments, _fsync_dir, _load_attachments, _load_npy, _npy,
-    _npy_chunks, _open_generation, _read_verified_into, _remove_other_generations, _same_dir, _saved_generation,
+    _npy_chunks, _open_generation, read_verified_into, _remove_other_generations, _same_dir, _saved_generation,
     _unlink_quietly, _write_atomic, lock_registry_dir,
 )
 from .vectors import _all_finite, _chunk_rows, _norms
@@ -349,7 +349,7 @@ def _load_sources(path: Path, m: dict, opened: dict) -> dict[int, list[ExampleSo
     """The provenance file: {"classes": [{"id": class id, "sources": [[source, digest], ...]}]},
     one pair per example of each class listed (classes without any recorded source are absent)."""
     fpath = path / m["files"]["provenance"]["name"]
-    (data,) = _read_verified_into(path, m["files"]["provenance"], lambda size: [np.empty(size, np.uint8)],
+    (data,) = read_verified_into(path, m["files"]["provenance"], lambda size: [np.empty(size, np.uint8)],
                                   opened)
     bad = f"{fpath}: not a valid provenance file"
     try:

@@ -194,7 +194,7 @@ def _open_generation(path: Path, m: dict) -> dict:
     return opened
 
 
-def _read_verified_into(path: Path, entry: dict, split, opened: dict) -> list[np.ndarray]:
+def read_verified_into(path: Path, entry: dict, split, opened: dict) -> list[np.ndarray]:
     """Read a data file (already open, in ``opened``) into buffers after checking its size, hashing as
     it streams in, and check the sha256 against the manifest before anything in it is parsed.
     ``split(size)`` returns the writable buffers that together take the whole file (so big arrays are
@@ -252,7 +252,7 @@ def _load_attachments(path: Path, m: dict, opened: dict) -> dict[str, bytes]:
         name = key[len(_ATTACHMENT_KEY):]
         if not _ATTACHMENT_RE.match(f"attachment-0-{name}") or entry["bytes"] > MAX_ATTACHMENT_BYTES:
             raise RegistryFormatError(f"{path / MANIFEST}: bad attachment {name!r}")
-        out[name] = _read_verified_into(path, entry, lambda size: [np.empty(size, np.uint8)],
+        out[name] = read_verified_into(path, entry, lambda size: [np.empty(size, np.uint8)],
                                         opened)[0].tobytes()
     return out
 
@@ -270,7 +270,7 @@ def _load_npy(path: Path, entry: dict, shape: tuple, dtype, opened: dict) -> np.
             raise RegistryFormatError(f"{bad}, but the file has {size} bytes")
         return [np.empty(size - data_bytes, np.uint8), np.empty(shape, dtype)]
 
-    buffers = _read_verified_into(path, entry, split, opened)
+    buffers = read_verified_into(path, entry, split, opened)
     arr = buffers[1]
     header = io.BytesIO(buffers[0].tobytes())
     try:

@@ -15,7 +15,8 @@ import numpy as np
 from ..errors import DuplicateClassError, UnknownClassError
 from ..locking import WriterLock
 from .index import AUTO, AUTO_FLAT_FLOATS, MIN_AUTO_THRESHOLD, IndexedSearch, _kind
-from .labels import UNRECORDED, ExampleSource, _check_int, _check_sources, _json_copy, check_label, check_thumbnail
+from ..checks import check_int
+from .labels import UNRECORDED, ExampleSource, _check_sources, _json_copy, check_label, check_thumbnail
 from .persistence import Persistence
 from .vectors import MAX_DIM, METRICS, _as_matrix, _chunk_rows, _divide_rows, _grown, _normalise, _norms
 
@@ -76,7 +77,7 @@ class Registry(IndexedSearch, Persistence):
         self._auto = index == AUTO
         if self._auto:
             self._threshold = (max(MIN_AUTO_THRESHOLD, AUTO_FLAT_FLOATS // self._dim) if auto_threshold is None
-                               else _check_int(auto_threshold, "auto_threshold", MIN_AUTO_THRESHOLD))
+                               else check_int(auto_threshold, "auto_threshold", MIN_AUTO_THRESHOLD))
             self._param_kind = "ivf"  # the parameters of the approximate index (ignored while exact)
         else:
             if auto_threshold is not None:
