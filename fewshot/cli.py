@@ -522,13 +522,7 @@ def cmd_evaluate(args) -> int:
         result.provenance["head"]["path"] = str(Path(args.head).resolve())
     # Results of raw features and of each head (and with support views) go to folders of their own.
     folder = _result_folder(args.head) + ("" if args.support_views == "none" else f"+{args.support_views}-views")
-    paths = result.save(Path(args.out) if args.out else Path("evaluation") / name / folder)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        print(result.summary())
-        print(f"wrote {paths['json']}, {paths['episodes']} and {paths['confusion']}")
-    return 0
+    return _save_and_report(args, result, Path("evaluation") / name / folder, result.summary())
 
 
 def cmd_compare_encoders(args) -> int:
@@ -586,13 +580,8 @@ def _evaluate_open_set(args, protocol, data, encoder, head) -> int:
     result = evaluate_open_set_protocol(resolve_dataset(data, protocol), protocol, encoder, head=head,
                                         episodes=args.episodes, seed=args.seed, target_tpr=args.target_tpr,
                                         cache=_cache(args))
-    paths = result.save(Path(args.out) if args.out else Path("evaluation") / protocol.name / _result_folder(args.head))
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.summary())
-        print(f"wrote {paths['json']}, {paths['roc']} and {paths['reliability']}")
-    return 0
+    return _save_and_report(args, result, Path("evaluation") / protocol.name / _result_folder(args.head),
+                            result.summary())
 
 
 def _evaluate_own_folder(args) -> int:
@@ -610,12 +599,18 @@ def _evaluate_own_folder(args) -> int:
     result = shots_sweep(dataset, _head_or_plain_encoder(args, head), head=head, cache=_cache(args),
                          progress=_progress(), **given)  # what is not given takes shots_sweep's defaults
     default_out = Path("evaluation") / Path(args.data).stem / "shots" / _result_folder(args.head)
-    paths = result.save(Path(args.out) if args.out else default_out)
+    return _save_and_report(args, result, default_out, result.table())
+
+
+def _save_and_report(args, result, default_out: Path, text: str) -> int:
+    """Save an evaluation's files (to --out, else ``default_out``), then print it as JSON or as ``text``
+    followed by the files written."""
+    paths = list(result.save(Path(args.out) if args.out else default_out).values())
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:
-        print(result.table())
-        print(f"wrote {paths['json']} and {paths['plot']}")
+        print(text)
+        print(f"wrote {', '.join(map(str, paths[:-1]))} and {paths[-1]}")
     return 0
 
 
