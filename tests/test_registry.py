@@ -9,6 +9,7 @@ import shutil
 import threading
 import time
 
+import faiss
 import numpy as np
 import pytest
 
@@ -21,6 +22,7 @@ from fewshot.errors import (
 )
 from fewshot.locking import LOCK_FILE, READERS_LOCK_FILE
 from fewshot.registry import Registry, SearchResult
+from fewshot.registry import index as registry_index
 from fewshot.registry.manifest import _seal
 
 DIM = 16
@@ -640,6 +642,51 @@ def test_save_load_restores_index_in_use(tmp_path):
     write_manifest(tmp_path / "r", m)
     with pytest.raises(RegistryFormatError, match="not the 'Flat' index the manifest names"):
         Registry.load(tmp_path / "r")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_auto_projects_wide_embeddings_and_scans_every_code(metric, monkeypatch, tmp_path):
+    """Above AUTO_PCA_DIM dims "auto" codes a principal-direction projection, scans all codes and
+    re-scores exactly: the top-1 is the exact one, single queries agree with batches, and a saved
+    registry answers the same."""
+    monkeypatch.setattr(registry_index, "AUTO_PCA_DIM", 16)  # ADIM 32 stands in for 1280
+    reg, x = auto_registry(3000, metric, threshold=1000)
+    queries = np.concatenate([x[:60] + 0.3 * rng(3).normal(size=(60, ADIM)) / np.sqrt(ADIM),
+                              clustered(60, seed=13)]).astype(np.float32)
+    res = reg.search(queries, 3)
+    assert reg.index_in_use.startswith("PCAR16,IVF") and reg.index_in_use.endswith(",PQ8x4fs")
+    top, _ = exact_top(x, queries, metric, 3)
+    assert [row[0] for row in res.labels] == [f"p{i}" for i in top[:, 0]]
+    singles = [reg.search(q[None], 3) for q in queries[:20]]  # lists split over threads
+    assert [r.labels[0] for r in singles] == res.labels[:20]
+    np.testing.assert_array_equal(np.concatenate([r.scores for r in singles]), res.scores[:20])
+    if metric == "cosine":  # principal directions of the uncentred prototypes: nothing subtracted
+        pca = faiss.downcast_VectorTransform(reg._index.chain.at(0))
+        assert np.abs(faiss.vector_to_array(pca.mean)).max() < 1e-6
+    reg.save(tmp_path / "r")
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.index_in_use == reg.index_in_use
+    again = loaded.search(queries, 3)
+    assert again.labels == res.labels
+    np.testing.assert_array_equal(again.scores, res.scores)
+
+
+def test_auto_index_of_an_older_scheme_is_rebuilt_on_load(tmp_path, monkeypatch):
+    """A registry saved with the inverted lists of 8-dimension codes that "auto" built before gets
+    today's index at its next search, with the same answers as exact search."""
+    reg, x = auto_registry(2500, threshold=1000)
+    with monkeypatch.context() as m:
+        m.setattr(registry_index, "_auto_codec", lambda dim: f"PQ{dim // 8}x4fs")
+        reg.search(x[:1], 1)
+        assert reg.index_in_use.endswith(",PQ4x4fs")
+        reg.save(tmp_path / "r")
+    loaded = Registry.load(tmp_path / "r")
+    assert loaded.index_in_use.endswith(",PQ16x4fs")  # planned: rebuilt at the next search
+    queries = clustered(30, seed=15)
+    top, _ = exact_top(x, queries, "cosine")
+    assert [row[0] for row in loaded.search(queries, 1).labels] == [f"p{i}" for i in top[:, 0]]
+    loaded.save(tmp_path / "r")
+    assert manifest(tmp_path / "r")["index_in_use"] == loaded.index_in_use
 
 
 def test_loads_format_1_registries(tmp_path):

@@ -15,12 +15,14 @@ Nothing is ever unpickled: the formats are JSON, ``.npy`` read without pickle, a
 Scale: prototypes live in one growable ``(capacity, dim)`` float32 array (measured ~1.1x
 ``4 * dim`` bytes per class at 1M x 1280, index included), so a million classes load and save in
 seconds without per-class array objects. With ``index="auto"`` (the default) searches are exact
-(FAISS ``Flat``) while the registry is small, and from ``auto_threshold`` prototypes on use an
-inverted file with 4-bit fast-scan product quantisation (``IVF{~2*sqrt(n)},PQ{dim/8}x4fs``, dim/2
-bytes a prototype; HNSW was slower to build, 2x the memory, and no more accurate per ms here). The
-candidates of an approximate index are re-scored exactly against the stored prototypes, so scores
-are always exact; only the candidate set is approximate. ``benchmarks/registry_scale.py`` has the
-recall, speed and memory figures behind these choices.
+(FAISS ``Flat``) while the registry is small, and from ``auto_threshold`` prototypes on scan 4-bit
+fast-scan product-quantised codes of every prototype (2 dimensions per sub-quantiser; above 512
+dimensions, of a projection onto the 512 principal directions: ``PCAR512,IVF{~sqrt(n)/4},PQ256x4fs``,
+128 bytes a prototype), whose best 512 candidates are re-scored exactly against the stored
+prototypes, so scores are always exact; only the candidate set is approximate. Partitions (IVF with
+few lists probed, also with an HNSW coarse quantiser), graphs (HNSW, flat or on PCA vectors), OPQ and
+coarser codes all lost the exact top-1 far more often on diffuse embeddings for the same time.
+``benchmarks/registry_scale.py`` has the recall, speed and memory figures behind these choices.
 
 Modules, one concern each: ``table`` (the Registry: prototype table, running means, examples and
 other class data), ``index`` (FAISS index choice and auto sizing, search with exact re-scoring),
@@ -32,6 +34,7 @@ seal, paranoid parse), ``storage`` (atomic writes, generations, writer lock, ver
 from .index import (
     AUTO,
     AUTO_FLAT_FLOATS,
+    AUTO_PCA_DIM,
     AUTO_RERANK,
     AUTO_SCAN_CODES,
     AUTO_TRAIN_PER_LIST,
@@ -54,7 +57,7 @@ from .table import Registry
 from .vectors import MAX_DIM, METRICS
 
 __all__ = [
-    "AUTO", "AUTO_FLAT_FLOATS", "AUTO_RERANK", "AUTO_SCAN_CODES", "AUTO_TRAIN_PER_LIST", "FORMAT_NAME",
+    "AUTO", "AUTO_FLAT_FLOATS", "AUTO_PCA_DIM", "AUTO_RERANK", "AUTO_SCAN_CODES", "AUTO_TRAIN_PER_LIST", "FORMAT_NAME",
     "FORMAT_VERSION", "MANIFEST", "MAX_ATTACHMENT_BYTES", "MAX_DIM", "MAX_LABEL_LEN", "MAX_MANIFEST_BYTES",
     "MAX_SOURCE_LEN", "MAX_THUMBNAIL_BYTES", "METRICS", "MIN_AUTO_THRESHOLD", "SERIAL_SEARCH_BELOW",
     "UNRECORDED", "ExampleSource", "Registry", "SearchResult", "check_label", "check_thumbnail",

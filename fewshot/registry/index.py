@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,13 +30,27 @@ AUTO = "auto"
 # 512 (benchmarks/registry_scale.py --flat-sweep).
 AUTO_FLAT_FLOATS = 12 * 2**20
 MIN_AUTO_THRESHOLD = 256  # below this an inverted file has too little to train on
+# Above the threshold "auto" scans compact codes of every prototype, then re-scores the best
+# candidates exactly. Inverted-list pruning and graphs both lose the exact top-1 on diffuse embeddings
+# (1-shot prototypes of very varied classes: k-means lists need ~60% of the data scanned for 99% of
+# the top-1s; HNSW needs efSearch > 1000), while a full scan of 4-bit codes with 2 dimensions per
+# sub-quantiser keeps the exact top-1 among its best 512 candidates for 99.9% of queries at 1M
+# (benchmarks/registry_scale.py --sweep). Above AUTO_PCA_DIM dimensions the codes are of a projection
+# onto the top AUTO_PCA_DIM principal directions: the same bytes, a better ranking.
+AUTO_PCA_DIM = 512
 AUTO_TRAIN_PER_LIST = 40  # k-means training sample: 40 prototypes per list (FAISS asks >= 39)
-AUTO_RERANK = 128  # approximate candidates re-scored exactly by default (at least 2 * k)
-AUTO_SCAN_CODES = 65536  # PQ codes scanned per query by default (sets nprobe from the list sizes)
+AUTO_TRAIN_MIN = 65536  # but at least this many, for the principal directions and the PQ codebooks
+AUTO_RERANK = 512  # approximate candidates re-scored exactly by default (at least 2 * k)
+# Codes scanned per query by default (sets nprobe from the list sizes): every code up to ~1M
+# prototypes (~3.5 ms on 2 cores at 128 bytes a code), the nearest lists' beyond.
+AUTO_SCAN_CODES = 2**20
 # Searches of fewer queries than this run on one OpenMP thread: a parallel region waits for every
 # thread, and when another process holds the other cores that wait is whole scheduler ticks (single
 # exact queries measured 4-24 ms instead of 1.5 ms on 2 busy cores). Bigger batches use them all.
+# The exception is a fast-scan inverted file, which splits one query's lists over the threads: a
+# full scan at 1M takes ~3.5 ms on 2 cores against ~5.5 ms on one.
 SERIAL_SEARCH_BELOW = 64
+FASTSCAN_PARALLEL_LISTS = 14  # FAISS IndexIVFFastScan.implem: one query's lists split over threads
 
 
 @dataclass(frozen=True)
@@ -45,29 +60,54 @@ class SearchResult:
 
 
 def _auto_nlist(n: int) -> int:
-    """Inverted lists for n prototypes: the power of two nearest 2*sqrt(n), with >= 40 per list."""
-    nlist = 2 ** max(0, round(math.log2(max(1.0, 2 * math.sqrt(n)))))
+    """Inverted lists for n prototypes: the power of two nearest sqrt(n)/4, with >= 40 per list. Few
+    lists: below AUTO_SCAN_CODES all are scanned, and each list costs time; beyond, they let a
+    search skip the farthest prototypes."""
+    nlist = 2 ** max(0, round(math.log2(max(1.0, math.sqrt(n) / 4))))
     while nlist > 1 and nlist * AUTO_TRAIN_PER_LIST > n:
         nlist //= 2
     return nlist
 
 
 def _auto_nprobe(nlist: int, ntotal: int) -> int:
-    """Lists visited per query by default: enough to scan ~AUTO_SCAN_CODES codes (a fixed time
-    budget, ~1.5 ms at 1M x 1280 on 2 busy cores), at least 16: the most recall for that time."""
+    """Lists visited per query by default: enough to scan ~AUTO_SCAN_CODES codes, at least 16."""
     return min(nlist, max(16, math.ceil(AUTO_SCAN_CODES * nlist / max(1, ntotal))))
 
 
+def _searched_dim(dim: int) -> int:
+    return min(dim, AUTO_PCA_DIM)
+
+
 def _auto_codec(dim: int) -> str:
-    """4-bit fast-scan PQ: about 8 dimensions per sub-quantiser (dim/2 bytes a vector), but at least
-    32 sub-quantisers (2-4 dimensions each) for small dims, where coarser codes miss neighbours."""
-    target = max(dim / 8, min(dim / 2, 32))
-    m = next(m for m in range(max(1, math.ceil(target)), dim + 1) if dim % m == 0)
+    """4-bit fast-scan PQ with 2 dimensions per sub-quantiser (dim/2 bytes a code): coarser codes
+    (8 dimensions each) rank the exact top-1 of diffuse embeddings below the 3,000th candidate."""
+    m = next(m for m in range(max(1, math.ceil(dim / 2)), dim + 1) if dim % m == 0)
     return f"PQ{m}x4fs"
 
 
 def _auto_factory(n: int, dim: int, threshold: int) -> str:
-    return "Flat" if n < threshold else f"IVF{_auto_nlist(n)},{_auto_codec(dim)}"
+    if n < threshold:
+        return "Flat"
+    searched = _searched_dim(dim)
+    projection = f"PCAR{searched}," if searched < dim else ""
+    return f"{projection}IVF{_auto_nlist(n)},{_auto_codec(searched)}"
+
+
+def _auto_scheme(factory: str) -> str:
+    """The factory without its list count: what an "auto" index of any size is built as."""
+    return re.sub(r"IVF\d+", "IVF", factory)
+
+
+def _train_projections(index, x: np.ndarray, metric: int) -> None:
+    """Train the PCA of a pre-transformed index on x and -x for inner products: the principal
+    directions of the uncentred data. Centring would subtract the mean from prototypes and queries,
+    which adds a per-prototype bias to every inner product (the exact top-1 fell out of the best 256
+    candidates for 2% of queries instead of 0.2%, at 200k diffuse prototypes)."""
+    if not isinstance(index, faiss.IndexPreTransform) or metric != faiss.METRIC_INNER_PRODUCT:
+        return
+    first = faiss.downcast_VectorTransform(index.chain.at(0))
+    if isinstance(first, faiss.PCAMatrix) and not first.is_trained:
+        first.train(np.concatenate([x, -x]))
 
 
 @contextlib.contextmanager
@@ -83,6 +123,26 @@ def _openmp_threads(n: int | None):
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _search_threads(index, n_queries: int):
+    """OpenMP threads and FAISS implementation for a search of n_queries (see SERIAL_SEARCH_BELOW);
+    the index's setting is restored after, so a saved index is the same as a fresh one."""
+    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    fast_scan = isinstance(ivf, faiss.IndexIVFFastScan)
+    if n_queries >= SERIAL_SEARCH_BELOW:
+        yield
+    elif fast_scan:
+        before, ivf.implem = ivf.implem, FASTSCAN_PARALLEL_LISTS
+        try:
+            yield
+        finally:
+            ivf.implem = before
+    else:
+        with _openmp_threads(1):
+            yield
 
 
 def _inner(index):
@@ -134,6 +194,15 @@ def _load_index(path: Path, m: dict, reg: Registry, opened: dict):
         raise RegistryFormatError(f"{fpath}: index holds {index.ntotal} vectors / ids that do not "
                                   f"match the {len(reg)} classes of the manifest")
     return index
+
+
+def _auto_outdated(reg: Registry) -> bool:
+    """Whether a loaded "auto" index is of an older scheme than "auto" builds today (e.g. inverted
+    lists of 8-dimension codes, saved before the full-scan codes): the next search rebuilds it
+    rather than keep its lower recall."""
+    if not reg._auto or reg._exact:
+        return False
+    return _auto_scheme(reg._in_use) != _auto_scheme(_auto_factory(len(reg), reg._dim, reg._threshold))
 
 
 def _check_flat_vectors(fpath: Path, reg: Registry) -> None:
@@ -189,12 +258,11 @@ class IndexedSearch:
 
         params: per-call search parameters of the index in use, e.g. ``{"nprobe": 32}`` (IVF,
         including "auto"), ``{"efSearch": 128}`` (HNSW), and for any approximate index
-        ``{"rerank": 512}``: how many candidates to re-score exactly (default
-        ``max(128, 2 * k)``). They are ignored while the index is exact (a small "auto" registry).
-        "auto" defaults to the nprobe that scans ~65k codes (every list of a small registry, 1/16
-        of the lists at 1M): recall@1 vs exact search is ~1.0 on clustered embeddings, but on
-        diffuse ones (1-shot prototypes of very varied classes) ~0.70 at 1M (~0.88 at 100k); more
-        nprobe and rerank buy recall for time, see ``benchmarks/registry_scale.py --sweep``.
+        ``{"rerank": 1024}``: how many candidates to re-score exactly (default
+        ``max(512, 2 * k)``). They are ignored while the index is exact (a small "auto" registry).
+        "auto" scans every prototype's code up to ~1M prototypes (the nearest lists' ~1M codes
+        beyond) and re-scores the best 512 exactly: recall@1 against exact search ~0.999 at 1M
+        diffuse prototypes; see ``benchmarks/registry_scale.py --sweep``.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -207,7 +275,7 @@ class IndexedSearch:
                 raise ValueError("registry has no classes; register some first")
             self._ensure_index()
             k = min(int(k), len(self._row_of))
-            with _openmp_threads(1 if len(q) < SERIAL_SEARCH_BELOW else None):
+            with _search_threads(self._index, len(q)):
                 if self._exact:
                     dist, ids = self._index.search(q, k)
                     scores = dist if self._metric == "cosine" else -dist  # higher is always closer
@@ -319,7 +387,7 @@ class IndexedSearch:
 
     def _train(self, inner, rows: np.ndarray) -> None:
         ivf = faiss.try_extract_index_ivf(inner)
-        cap = AUTO_TRAIN_PER_LIST * ivf.nlist if self._auto and ivf is not None else 2**18
+        cap = max(AUTO_TRAIN_PER_LIST * ivf.nlist, AUTO_TRAIN_MIN) if self._auto and ivf is not None else 2**18
         if len(rows) > cap:  # a fixed-seed sample: the same prototypes give the same index
             rows = np.sort(np.random.default_rng(0).choice(rows, cap, replace=False))
         if self._auto and ivf is not None:
@@ -328,7 +396,9 @@ class IndexedSearch:
             # inner-product assignment lets a few long centroids take most vectors (lists 100x the
             # median measured on clustered data, and a search then scans them all).
             ivf.cp.spherical = self._metric == "cosine"
-        inner.train(self._searched(rows))
+        x = self._searched(rows)
+        _train_projections(inner, x, self._faiss_metric)
+        inner.train(x)
 
     def _add_to(self, index, rows: np.ndarray) -> None:
         step = _chunk_rows(self._dim) * 4

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import RegistryFormatError, RegistrySaveError
 from ..locking import WriterLock, create_readers_lock, reader_pin
-from .index import _check_flat_vectors, _index_in_use, _kind, _load_index
+from .index import _auto_outdated, _check_flat_vectors, _index_in_use, _kind, _load_index
 from .labels import MAX_THUMBNAIL_BYTES, ExampleSource, _check_sources, _json_copy
 from .manifest import FORMAT_VERSION, _check_fingerprint, _manifest_digest, _read_manifest, _seal
 from .storage import (
@@ -298,6 +298,8 @@ class Persistence:
         reg._in_use, reg._fallback = _index_in_use(mpath, m, reg)
         reg._exact, reg._built_n = _kind(reg._index) == "flat", C
         reg._stale, reg._generation = False, m["generation"]
+        if _auto_outdated(reg):
+            reg._index, reg._stale = None, True
         if reg._sparse_ids():  # renumber; the next search rebuilds the index with the new ids
             reg._index, reg._stale = None, True
             reg._compact_ids()

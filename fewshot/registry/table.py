@@ -45,8 +45,9 @@ class Registry(IndexedSearch, Persistence):
     """Named classes -> prototype vectors, searchable by nearest prototype.
 
     dim: vector size. metric: "cosine" or "l2" (squared Euclidean). index: "auto" (default: exact
-    ``Flat`` below ``auto_threshold`` prototypes, an IVF + fast-scan PQ index with exact re-scoring
-    above) or any FAISS factory string ("Flat", "HNSW32", "IVF1024,PQ32", ...), which is used as is.
+    ``Flat`` below ``auto_threshold`` prototypes; above, a scan of fast-scan PQ codes of a PCA
+    projection, with exact re-scoring of the best candidates) or any FAISS factory string ("Flat",
+    "HNSW32", "IVF1024,PQ32", ...), which is used as is.
     auto_threshold: prototypes at which "auto" switches to the approximate index (default:
     ``AUTO_FLAT_FLOATS // dim``, 9,830 at dim 1280). The switch, and the re-sizing of the inverted
     file each time the registry grows or shrinks 4x, happens in one lazy rebuild at the next
