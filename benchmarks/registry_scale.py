@@ -337,8 +337,8 @@ PCA_SAMPLE = 2**16  # prototypes the projections and coarse quantisers train on 
 class Candidate:
     name: str
     build: Callable[[np.ndarray], object]  # x -> trained and filled FAISS index
-    settings: list[tuple[str, Callable[[object], None], int]]  # (label, configure(index), R)
-    threads: int = 1  # OpenMP threads while searching
+    # (label, configure(index), R, OpenMP threads while searching)
+    settings: list[tuple[str, Callable[[object], None], int, int]]
 
 
 def sample_rows(n: int, m: int, seed: int = 0) -> np.ndarray:
@@ -422,22 +422,25 @@ def previous_auto(n: int, dim: int) -> Candidate:
         nlist //= 2
     m = next(m for m in range(max(1, math.ceil(max(dim / 8, min(dim / 2, 32)))), dim + 1) if dim % m == 0)
     factory = f"IVF{nlist},PQ{m}x4fs"
-    settings = [(f"nprobe {p}, R {r}", set_nprobe(p), r) for p in (16, 64, 256, 512) if p <= nlist for r in (128, 512)]
+    settings = [(f"nprobe {p}, R {r}", set_nprobe(p), r, 1) for p in (16, 64, 256, 512) if p <= nlist
+                for r in (128, 512)]
     return Candidate(f"previous auto {factory}", lambda x: ivf_fast_scan(x, factory, nlist_sample=40 * nlist), settings)
 
 
-def pca_fast_scan(n: int, dim_out: int, reranks, plus_minus: bool = True) -> Candidate:
-    """The new auto: uncentred PCA to dim_out, IVF{nlist},PQ{dim_out/2}x4fs scanned in full."""
+def pca_fast_scan(n: int, dim_out: int, reranks, plus_minus: bool = True, one_thread_reranks=()) -> Candidate:
+    """The new auto: uncentred PCA to dim_out, IVF{nlist},PQ{dim_out/2}x4fs scanned in full, on 2
+    threads; one_thread_reranks: also on 1 (the figure a machine whose other core is busy still gets)."""
     nlist = min(256, pow2_at_most(n / 40))
     factory = f"IVF{nlist},PQ{dim_out // 2}x4fs"
     name = f"PCA-reduced fast scan PCAR{dim_out},{factory}" + ("" if plus_minus else " (centred PCA)")
-    settings = [(f"full scan, R {r}", set_nprobe(nlist, parallel_lists=True), r) for r in reranks]
-    return Candidate(name, lambda x: ivf_fast_scan(x, factory, projection(x, dim_out, plus_minus)), settings, threads=2)
+    settings = [(f"full scan, R {r}", set_nprobe(nlist, parallel_lists=True), r, 2) for r in reranks]
+    settings += [(f"full scan, R {r}", set_nprobe(nlist), r, 1) for r in one_thread_reranks]
+    return Candidate(name, lambda x: ivf_fast_scan(x, factory, projection(x, dim_out, plus_minus)), settings)
 
 
 def hnsw_pca(dim_out: int = 384, rerank: int = 256) -> Candidate:
     # FAISS explores max(efSearch, k) nodes: R is capped at efSearch, or efSearch 64 would search as 256.
-    settings = [(f"efSearch {ef}, R {min(ef, rerank)}", set_ef(ef), min(ef, rerank)) for ef in (64, 128, 256, 512)]
+    settings = [(f"efSearch {ef}, R {min(ef, rerank)}", set_ef(ef), min(ef, rerank), 1) for ef in (64, 128, 256, 512)]
     return Candidate(f"HNSW on PCA vectors PCAR{dim_out},HNSW32", lambda x: hnsw_on(x, projection(x, dim_out)),
                      settings)
 
@@ -445,13 +448,14 @@ def hnsw_pca(dim_out: int = 384, rerank: int = 256) -> Candidate:
 def ivf_hnsw_coarse(n: int, dim_out: int = 512) -> Candidate:
     nlist = min(4096, pow2_at_most(n / 40))
     factory = f"IVF{nlist}_HNSW32,PQ{dim_out // 2}x4fs"
-    settings = [(f"nprobe {p}, R 512", set_nprobe(p, parallel_lists=True), 512) for p in (256, 1024) if p <= nlist]
+    settings = [(f"nprobe {p}, R 512", set_nprobe(p, parallel_lists=True), 512, 2) for p in (256, 1024) if p <= nlist]
     return Candidate(f"IVF with HNSW coarse quantiser PCAR{dim_out},{factory}",
-                     lambda x: ivf_fast_scan(x, factory, projection(x, dim_out)), settings, threads=2)
+                     lambda x: ivf_fast_scan(x, factory, projection(x, dim_out)), settings)
 
 
 def hnsw_full(rerank: int = 256) -> Candidate:
-    settings = [(f"efSearch {ef}, R {min(ef, rerank)}", set_ef(ef), min(ef, rerank)) for ef in (128, 256, 512, 1024)]
+    settings = [(f"efSearch {ef}, R {min(ef, rerank)}", set_ef(ef), min(ef, rerank), 1)
+                for ef in (128, 256, 512, 1024)]
     return Candidate("HNSW on full vectors HNSW32_SQ8", lambda x: hnsw_on(x, None, sq8=True), settings)
 
 
@@ -467,14 +471,13 @@ def opq(n: int, dim_out: int = 512) -> Candidate:
         index.train(x[sample_rows(len(x), PCA_SAMPLE)])
         add_chunks(index, x, factory)
         return index
-    return Candidate(f"OPQ {factory}", build, [("full scan, R 512", set_nprobe(nlist, parallel_lists=True), 512)],
-                     threads=2)
+    return Candidate(f"OPQ {factory}", build, [("full scan, R 512", set_nprobe(nlist, parallel_lists=True), 512, 2)])
 
 
 def candidates_for(n: int, dim: int, args) -> list[Candidate]:
     out = []
     if n == args.candidates_at:
-        out += [previous_auto(n, dim), pca_fast_scan(n, 512, (64, 128, 256, 512, 1024)),
+        out += [previous_auto(n, dim), pca_fast_scan(n, 512, (64, 128, 256, 512, 1024), one_thread_reranks=(256, 512)),
                 pca_fast_scan(n, 384, (512,)), pca_fast_scan(n, 448, (512,)),
                 pca_fast_scan(n, 512, (512,), plus_minus=False), hnsw_pca(), ivf_hnsw_coarse(n)]
         if args.opq:
@@ -511,15 +514,15 @@ def sweep_candidate(c: Candidate, x: np.ndarray, queries: np.ndarray, ref: np.nd
     build_s = time.perf_counter() - t
     per = faiss.serialize_index(index).nbytes / len(x)
     rows = []
-    with threads(c.threads):
-        for label_, configure, rerank in c.settings:
-            configure(index)
+    for label_, configure, rerank, n_threads in c.settings:
+        configure(index)
+        with threads(n_threads):
             ms, top = time_queries(rescored_top1(index, x, rerank), queries)
-            rows.append(dict(n=n, candidate=c.name, setting=label_, rerank=rerank, threads=c.threads,
+            rows.append(dict(n=n, candidate=c.name, setting=label_, rerank=rerank, threads=n_threads,
                              build_s=build_s, per=per, recall=float((np.array(top) == ref).mean()),
                              p50=pct(ms, 50), p99=pct(ms, 99)))
-            print(f"  {c.name} | {label_}: recall@1 {rows[-1]['recall']:.3f}, p50 {rows[-1]['p50']:.2f} ms",
-                  flush=True)
+            print(f"  {c.name} | {label_}, {n_threads} thread(s): recall@1 {rows[-1]['recall']:.3f}, "
+                  f"p50 {rows[-1]['p50']:.2f} ms", flush=True)
     print(f"[{n:,}] {c.name}: build {build_s:.1f}s, {per:,.0f} bytes/prototype, peak RSS {gib(peak_rss())}",
           flush=True)
     del index
@@ -573,20 +576,20 @@ def plot_candidates(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    keys = list(dict.fromkeys((r["n"], r["candidate"]) for r in rows))
+    keys = list(dict.fromkeys((r["n"], r["candidate"], r["threads"]) for r in rows))
     xlim = (min(r["p50"] for r in rows) / 1.5, max(r["p50"] for r in rows) * 1.5)
     for ax, ymin, labelled in ((axes[0], min(r["recall"] for r in rows) - 0.02, False), (axes[1], 0.95, True)):
         ax.fill_between([xlim[0], TARGET_P50_MS], TARGET_RECALL, 1.005, color="tab:green", alpha=0.15,
                         label=f"target: recall@1 >= {TARGET_RECALL}, p50 <= {TARGET_P50_MS:g} ms")
         for i, key in enumerate(keys):
-            points = [r for r in rows if (r["n"], r["candidate"]) == key]
+            points = [r for r in rows if (r["n"], r["candidate"], r["threads"]) == key]
             lines = lines_of(points)
             reranks = " solid / ".join(str(line[0]["rerank"]) for line in lines)
             styles = f", R {reranks} dotted" if len(lines) > 1 else ""
             for j, line in enumerate(lines):
                 ax.plot([r["p50"] for r in line], [r["recall"] for r in line], marker="osD^vP*Xh"[i % 9],
                         color=f"C{i}", linestyle="-:"[j % 2], label=None if j else
-                        f"{key[1]} ({points[0]['threads']} thread{'s' * (points[0]['threads'] > 1)}{styles})")
+                        f"{key[1]} ({key[2]} thread{'s' * (key[2] > 1)}{styles})")
             for j, r in enumerate(points if labelled else []):
                 short = r["setting"].replace("full scan, ", "").replace("efSearch", "ef").replace("nprobe", "np")
                 ax.annotate(short, (r["p50"], r["recall"]), fontsize=6, xytext=(3, 4 if j % 2 else -9),
