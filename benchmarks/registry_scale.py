@@ -403,6 +403,9 @@ def set_nprobe(nprobe: int, parallel_lists: bool = False) -> Callable[[object], 
     def configure(index) -> None:
         ivf = _ivf_of(index)
         ivf.nprobe = nprobe
+        quantiser = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantiser, faiss.IndexHNSW):  # it finds at most efSearch lists: nprobe needs as many
+            quantiser.hnsw.efSearch = max(quantiser.hnsw.efSearch, nprobe)
         if parallel_lists:
             ivf.implem = 14  # fast scan parallel over the probed lists (one query uses both cores)
     return configure
@@ -439,7 +442,7 @@ def pca_fast_scan(n: int, dim_out: int, reranks, plus_minus: bool = True, one_th
 
 
 def hnsw_pca(dim_out: int = 384, rerank: int = 256) -> Candidate:
-    # FAISS explores max(efSearch, k) nodes: R is capped at efSearch, or efSearch 64 would search as 256.
+    # An HNSW search finds at most efSearch neighbours (FAISS 1.15): R is capped at efSearch.
     settings = [(f"efSearch {ef}, R {min(ef, rerank)}", set_ef(ef), min(ef, rerank), 1) for ef in (64, 128, 256, 512)]
     return Candidate(f"HNSW on PCA vectors PCAR{dim_out},HNSW32", lambda x: hnsw_on(x, projection(x, dim_out)),
                      settings)
