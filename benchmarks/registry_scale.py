@@ -692,7 +692,8 @@ def main() -> None:
     ap.add_argument("--hnsw-full-at", type=int, default=0,
                     help="also the candidate HNSW32_SQ8 on full vectors at this size (lite0; slow: 95 s at 200k)")
     ap.add_argument("--opq", action="store_true",
-                    help="also the candidate OPQ at --candidates-at (slow: ~10 min at 1M)")
+                    help="also the candidate OPQ at --candidates-at (slow: its training took 400 s at 12k "
+                         "prototypes here, far longer at 1M)")
     ap.add_argument("--candidates-plot", type=Path,
                     default=Path(__file__).parent / "results" / "registry_candidates.png",
                     help="where the candidate sweep writes its recall/latency plot")
