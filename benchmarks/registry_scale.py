@@ -577,10 +577,11 @@ def plot_candidates(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 7))
     keys = list(dict.fromkeys((r["n"], r["candidate"], r["threads"]) for r in rows))
-    xlim = (min(r["p50"] for r in rows) / 1.5, max(r["p50"] for r in rows) * 1.5)
+    xlim = (min(r["p50"] for r in rows) / 1.5, max(max(r["p50"] for r in rows), TARGET_P50_MS) * 1.5)
     for ax, ymin, labelled in ((axes[0], min(r["recall"] for r in rows) - 0.02, False), (axes[1], 0.95, True)):
         ax.fill_between([xlim[0], TARGET_P50_MS], TARGET_RECALL, 1.005, color="tab:green", alpha=0.15,
                         label=f"target: recall@1 >= {TARGET_RECALL}, p50 <= {TARGET_P50_MS:g} ms")
@@ -599,14 +600,18 @@ def plot_candidates(rows: list[dict], path: Path) -> None:
                             textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlim(*xlim)
+        ax.xaxis.set_major_locator(FixedLocator([0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(ymin, 1.004)
         ax.set_xlabel("p50 single-query ms (projection + search + exact re-scoring of R), log scale")
         ax.set_ylabel("recall@1 vs exact search")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_title(f"Candidate indexes at {rows[0]['n']:,} prototypes, lite0 data: all settings", fontsize=10)
     axes[1].set_title("near the target (recall@1 >= 0.95); R = candidates re-scored exactly", fontsize=10)
-    axes[0].legend(fontsize=6.5, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2)
+    fig.tight_layout(rect=(0, 0.05 + 0.025 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"\nplot: {path}")
