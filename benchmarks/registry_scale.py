@@ -405,9 +405,8 @@ def set_nprobe(nprobe: int, parallel_lists: bool = False) -> Callable[[object], 
         ivf.nprobe = nprobe
         quantiser = faiss.downcast_index(ivf.quantizer)
         if isinstance(quantiser, faiss.IndexHNSW):  # it finds at most efSearch lists: nprobe needs as many
-            quantiser.hnsw.efSearch = max(quantiser.hnsw.efSearch, nprobe)
-        if parallel_lists:
-            ivf.implem = 14  # fast scan parallel over the probed lists (one query uses both cores)
+            quantiser.hnsw.efSearch = nprobe
+        ivf.implem = 14 if parallel_lists else 0  # 14: fast scan parallel over the probed lists (one query, 2 cores)
     return configure
 
 
