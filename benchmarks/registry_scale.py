@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/registry_scale.py [--sizes 100000 1000000] [--dim 1280] [--queries 1000]
                                                   [--flat-sweep] [--sweep] [--hnsw-at 100000]
+                                                  [--candidates-at N] [--hnsw-full-at N] [--opq]
 
 Synthetic 1-shot prototypes shaped like image embeddings (statistics of real Lite0 embeddings, see
 ``Synthetic``): ``--centres`` centres (superclasses), each with many classes. Half of the queries are
@@ -16,28 +17,37 @@ recall@1 against the exact top-1, save and load time of the registry directory (
 give identical answers). Optional: ``--sweep`` (recall/latency over nprobe x rerank, to justify the
 defaults), ``--flat-sweep`` (exact single-query latency by size: where the auto threshold comes
 from), ``--hnsw-at N`` (HNSW32 at size N, the alternative the auto index was chosen over).
+With ``--sweep``, candidate indexes for the largest size (``--candidates-at``) are built with FAISS
+directly on the same lite0 vectors while the exact baseline holds them, one at a time: build time,
+bytes per prototype, recall@1 after exact re-scoring of their R best, p50/p99 per query, and a PNG.
 Timings are medians of single queries; peak RSS is the process high-water mark per size.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fewshot.registry import AUTO_FLAT_FLOATS, Registry  # noqa: E402
 
 CHUNK = 65536
+TARGET_RECALL, TARGET_P50_MS = 0.99, 5.0  # issue #11: recall@1 >= 0.99 at p50 <= 5 ms at 1M
 
 
 # ---------------------------------------------------------------- memory
@@ -190,8 +200,9 @@ def make_queries(data: Synthetic, src: np.ndarray, n_novel: int, seed: int) -> n
     return np.ascontiguousarray(np.concatenate([near, data.novel(n_novel, seed + 1)]))
 
 
-def exact_phase(data: Synthetic, queries: np.ndarray, src: np.ndarray, seed: int):
-    """Exact top-1 of the queries and exact single-query latency over the same prototypes (freed after)."""
+def exact_phase(data: Synthetic, queries: np.ndarray, src: np.ndarray, seed: int, with_vectors=None):
+    """Exact top-1 of the queries and exact single-query latency over the same prototypes (freed after).
+    with_vectors(x, ref), if given, runs while the vectors are in memory; its result is returned last."""
     x = np.empty((data.n, data.dim), np.float32)
     for a, b, c in data.chunks():
         x[a:b] = c
@@ -204,9 +215,10 @@ def exact_phase(data: Synthetic, queries: np.ndarray, src: np.ndarray, seed: int
     batch_s = time.perf_counter() - t
     n_timed = int(np.clip(20 / (data.n * data.dim * 4 / 4e9), 10, min(200, len(queries))))  # ~20 s
     ms, _ = time_queries(lambda q: faiss.knn(q, x, 1, faiss.METRIC_INNER_PRODUCT), queries[:n_timed])
+    extra = with_vectors(x, ref[:, 0]) if with_vectors is not None else None
     del x
     gc.collect()
-    return ref[:, 0], ms, batch_s, int((ref[:len(src), 0] == src).sum()), stats
+    return ref[:, 0], ms, batch_s, int((ref[:len(src), 0] == src).sum()), stats, extra
 
 
 def flat_sweep(dim: int, sizes: list[int]) -> None:
@@ -223,20 +235,45 @@ def flat_sweep(dim: int, sizes: list[int]) -> None:
     print(f"\n'auto' threshold = AUTO_FLAT_FLOATS // dim = {AUTO_FLAT_FLOATS // dim:,} prototypes at dim {dim}")
 
 
+def ivf_lists(in_use: str) -> int | None:
+    """nlist of the IVF component of a factory string ("IVF2048,PQ160x4fs", "PCAR512,IVF256,PQ256x4fs",
+    "IVF4096_HNSW32,..."), None without one."""
+    for part in in_use.split(","):
+        digits = part[3:].split("_")[0]
+        if part.startswith("IVF") and digits.isdigit():
+            return int(digits)
+    return None
+
+
+def scans_all_by_default(reg: Registry, dim: int, nlist: int) -> bool:
+    """Whether the registry's default nprobe already visits every list, seen from outside: the
+    default search finds the same 1024 candidates as nprobe = nlist for queries in random directions
+    (their nearest prototypes spread over many lists, so a partial scan misses some)."""
+    probes = np.random.default_rng(0).standard_normal((5, dim), dtype=np.float32)
+    k = min(1024, len(reg))
+    default = reg.search(probes, k, params={"rerank": k})
+    every = reg.search(probes, k, params={"nprobe": nlist, "rerank": k})
+    return default.labels == every.labels
+
+
 def param_sweep(reg: Registry, queries: np.ndarray, ref: np.ndarray, data_name: str) -> list[tuple]:
     """Recall@1 and p50 ms over nprobe x rerank; returns (nprobe, rerank, recall, p50) rows."""
-    if not reg.index_in_use.startswith("IVF"):
-        print(f"\n(no parameter sweep at {len(reg):,} prototypes: the index in use is exact)")
+    nlist = ivf_lists(reg.index_in_use)
+    if nlist is None:
+        print(f"\n(no parameter sweep at {len(reg):,} prototypes: the index in use, {reg.index_in_use}, "
+              f"has no inverted lists)")
         return []
+    full = scans_all_by_default(reg, queries.shape[1], nlist)
     print(f"\n#### Search parameters at {len(reg):,} prototypes, {data_name} data ({reg.index_in_use}), "
-          f"{len(queries)} queries, k=1\n")
+          f"{len(queries)} queries, k=1{' (its default nprobe scans all lists: rerank only)' if full else ''}\n")
     print("| nprobe | rerank | recall@1 | p50 ms | p99 ms |")
     print("|---:|---:|---:|---:|---:|")
-    nlist = int(reg.index_in_use.split(",")[0][3:])
     rows = []
-    for nprobe in sorted({16, 32, 64, 128, 256, 512, nlist // 8} & set(range(1, nlist + 1))):
-        for rerank in (128, 512):
-            ms, res = time_queries(lambda q: reg.search(q, 1, params={"nprobe": nprobe, "rerank": rerank}), queries)
+    nprobes = [nlist] if full else sorted({16, 32, 64, 128, 256, 512, nlist // 8} & set(range(1, nlist + 1)))
+    for nprobe in nprobes:
+        for rerank in (128, 256, 512, 1024) if full else (128, 512, 1024):
+            params = {"rerank": rerank} if full else {"nprobe": nprobe, "rerank": rerank}
+            ms, res = time_queries(lambda q: reg.search(q, 1, params=params), queries)
             recall = float((top1_rows(res) == ref).mean())
             rows.append((nprobe, rerank, recall, pct(ms, 50)))
             print(f"| {nprobe} | {rerank} | {recall:.3f} | {pct(ms, 50):.2f} | {pct(ms, 99):.2f} |", flush=True)
@@ -252,6 +289,10 @@ def plot_sweeps(sweeps: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (n, model), rows in sweeps.items():
+        if len({r[0] for r in rows}) == 1:  # full scan by default: rerank is the only knob
+            ax.plot([r[3] for r in rows], [r[2] for r in rows], marker="s",
+                    label=f"{n:,} {model}, all lists, rerank {', '.join(str(r[1]) for r in rows)}")
+            continue
         for rerank in sorted({r[1] for r in rows}):
             line = [r for r in rows if r[1] == rerank]
             ax.plot([r[3] for r in line], [r[2] for r in line], marker="o",
@@ -283,6 +324,298 @@ def hnsw_compare(data: Synthetic, queries: np.ndarray, ref: np.ndarray) -> list[
     return rows
 
 
+# ---------------------------------------------------------------- candidate indexes at one size
+# Built with FAISS directly on the exact vectors x (in memory during the exact phase), searched one
+# query at a time on the same queries as the registry, each candidate's R best re-scored exactly
+# against x the way the registry does it (gather the R rows, dot with the query, keep the best).
+
+IP = faiss.METRIC_INNER_PRODUCT
+PCA_SAMPLE = 2**16  # prototypes the projections and coarse quantisers train on (fixed seed)
+
+
+@dataclass
+class Candidate:
+    name: str
+    build: Callable[[np.ndarray], object]  # x -> trained and filled FAISS index
+    # (label, configure(index), R, OpenMP threads while searching)
+    settings: list[tuple[str, Callable[[object], None], int, int]]
+
+
+def sample_rows(n: int, m: int, seed: int = 0) -> np.ndarray:
+    return np.arange(n) if m >= n else np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+
+
+def pow2_at_most(v: float) -> int:
+    return 2 ** max(0, int(math.floor(math.log2(max(1.0, v)))))
+
+
+def projection(x: np.ndarray, dim_out: int, plus_minus: bool = True) -> faiss.PCAMatrix:
+    """PCA to dim_out then a random rotation (spreads variance evenly over PQ sub-quantisers).
+    plus_minus trains on the sample stacked with its negation: a zero mean, so the directions are
+    those of the uncentred second moment and nothing is subtracted (centring adds a per-prototype
+    bias to inner products). Without it: ordinary centred PCA."""
+    s = x[sample_rows(len(x), PCA_SAMPLE)]
+    pca = faiss.PCAMatrix(x.shape[1], dim_out, 0, True)
+    pca.train(np.vstack([s, -s]) if plus_minus else s)
+    return pca
+
+
+def projected(pre, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    if pre is None:
+        return x[rows]
+    return np.vstack([pre.apply(x[rows[a:a + CHUNK]]) for a in range(0, len(rows), CHUNK)])
+
+
+def add_chunks(index, x: np.ndarray, name: str) -> None:
+    for a in tqdm(range(0, len(x), CHUNK), desc=f"  add {name}", unit="chunk", leave=False):
+        index.add(x[a:a + CHUNK])
+
+
+def ivf_fast_scan(x: np.ndarray, factory: str, pre=None, nlist_sample: int = 0):
+    """`factory` (an IVF fast-scan index, spherical k-means) behind an optional projection."""
+    d = pre.d_out if pre is not None else x.shape[1]
+    index = faiss.index_factory(d, factory, IP)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.spherical = True
+    index.train(projected(pre, x, sample_rows(len(x), nlist_sample or max(PCA_SAMPLE, 40 * ivf.nlist))))
+    index = faiss.IndexPreTransform(pre, index) if pre is not None else index
+    add_chunks(index, x, factory)
+    return index
+
+
+def hnsw_on(x: np.ndarray, pre, m: int = 32, sq8: bool = False):
+    """HNSW{m} (efConstruction 40) on the projected vectors, or with 8-bit scalar codes on x."""
+    d = pre.d_out if pre is not None else x.shape[1]
+    hnsw = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, m, IP) if sq8 else faiss.IndexHNSWFlat(d, m, IP)
+    hnsw.hnsw.efConstruction = 40
+    if sq8:
+        hnsw.train(x[sample_rows(len(x), PCA_SAMPLE)])
+    index = faiss.IndexPreTransform(pre, hnsw) if pre is not None else hnsw
+    add_chunks(index, x, "HNSW")
+    return index
+
+
+def _ivf_of(index):
+    return faiss.downcast_index(faiss.extract_index_ivf(index))
+
+
+def set_nprobe(nprobe: int, parallel_lists: bool = False) -> Callable[[object], None]:
+    def configure(index) -> None:
+        ivf = _ivf_of(index)
+        ivf.nprobe = nprobe
+        quantiser = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantiser, faiss.IndexHNSW):  # it finds at most efSearch lists: nprobe needs as many
+            quantiser.hnsw.efSearch = nprobe
+        ivf.implem = 14 if parallel_lists else 0  # 14: fast scan parallel over the probed lists (one query, 2 cores)
+    return configure
+
+
+def set_ef(ef: int) -> Callable[[object], None]:
+    def configure(index) -> None:
+        faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index).hnsw.efSearch = ef
+    return configure
+
+
+def previous_auto(n: int, dim: int) -> Candidate:
+    """IVF{nlist},PQ{dim/8}x4fs exactly as the registry's index="auto" built it before: nlist the power
+    of two nearest 2*sqrt(n) (>= 40 prototypes per list), 40*nlist training prototypes."""
+    nlist = 2 ** max(0, round(math.log2(max(1.0, 2 * math.sqrt(n)))))
+    while nlist > 1 and nlist * 40 > n:
+        nlist //= 2
+    m = next(m for m in range(max(1, math.ceil(max(dim / 8, min(dim / 2, 32)))), dim + 1) if dim % m == 0)
+    factory = f"IVF{nlist},PQ{m}x4fs"
+    settings = [(f"nprobe {p}, R {r}", set_nprobe(p), r, 1) for p in (16, 64, 256, 512) if p <= nlist
+                for r in (128, 512)]
+    return Candidate(f"previous auto {factory}", lambda x: ivf_fast_scan(x, factory, nlist_sample=40 * nlist), settings)
+
+
+def pca_fast_scan(n: int, dim_out: int, reranks, plus_minus: bool = True, one_thread_reranks=()) -> Candidate:
+    """The new auto: uncentred PCA to dim_out, IVF{nlist},PQ{dim_out/2}x4fs scanned in full, on 2
+    threads; one_thread_reranks: also on 1 (the figure a machine whose other core is busy still gets)."""
+    nlist = min(256, pow2_at_most(n / 40))
+    factory = f"IVF{nlist},PQ{dim_out // 2}x4fs"
+    name = f"PCA-reduced fast scan PCAR{dim_out},{factory}" + ("" if plus_minus else " (centred PCA)")
+    settings = [(f"full scan, R {r}", set_nprobe(nlist, parallel_lists=True), r, 2) for r in reranks]
+    settings += [(f"full scan, R {r}", set_nprobe(nlist), r, 1) for r in one_thread_reranks]
+    return Candidate(name, lambda x: ivf_fast_scan(x, factory, projection(x, dim_out, plus_minus)), settings)
+
+
+def hnsw_pca(dim_out: int = 384, rerank: int = 256) -> Candidate:
+    # An HNSW search finds at most efSearch neighbours (FAISS 1.15): R is capped at efSearch.
+    settings = [(f"efSearch {ef}, R {min(ef, rerank)}", set_ef(ef), min(ef, rerank), 1) for ef in (64, 128, 256, 512)]
+    return Candidate(f"HNSW on PCA vectors PCAR{dim_out},HNSW32", lambda x: hnsw_on(x, projection(x, dim_out)),
+                     settings)
+
+
+def ivf_hnsw_coarse(n: int, dim_out: int = 512) -> Candidate:
+    nlist = min(4096, pow2_at_most(n / 40))
+    factory = f"IVF{nlist}_HNSW32,PQ{dim_out // 2}x4fs"
+    settings = [(f"nprobe {p}, R 512", set_nprobe(p, parallel_lists=True), 512, 2) for p in (256, 1024) if p <= nlist]
+    return Candidate(f"IVF with HNSW coarse quantiser PCAR{dim_out},{factory}",
+                     lambda x: ivf_fast_scan(x, factory, projection(x, dim_out)), settings)
+
+
+def hnsw_full(rerank: int = 256) -> Candidate:
+    settings = [(f"efSearch {ef}, R {min(ef, rerank)}", set_ef(ef), min(ef, rerank), 1)
+                for ef in (128, 256, 512, 1024)]
+    return Candidate("HNSW on full vectors HNSW32_SQ8", lambda x: hnsw_on(x, None, sq8=True), settings)
+
+
+def opq(n: int, dim_out: int = 512) -> Candidate:
+    """OPQ's learnt rotation in place of the PCA projection, same codes and full scan."""
+    nlist = min(256, pow2_at_most(n / 40))
+    m = dim_out // 2
+    factory = f"OPQ{m}_{dim_out},IVF{nlist},PQ{m}x4fs"
+
+    def build(x):
+        index = faiss.index_factory(x.shape[1], factory, IP)
+        _ivf_of(index).cp.spherical = True
+        index.train(x[sample_rows(len(x), PCA_SAMPLE)])
+        add_chunks(index, x, factory)
+        return index
+    return Candidate(f"OPQ {factory}", build, [("full scan, R 512", set_nprobe(nlist, parallel_lists=True), 512, 2)])
+
+
+def candidates_for(n: int, dim: int, args) -> list[Candidate]:
+    out = []
+    if n == args.candidates_at:
+        out += [previous_auto(n, dim), pca_fast_scan(n, 512, (64, 128, 256, 512, 1024), one_thread_reranks=(256, 512)),
+                pca_fast_scan(n, 384, (512,)), pca_fast_scan(n, 448, (512,)),
+                pca_fast_scan(n, 512, (512,), plus_minus=False), hnsw_pca(), ivf_hnsw_coarse(n)]
+        if args.opq:
+            out.append(opq(n))
+    if n == args.hnsw_full_at:
+        out.append(hnsw_full())
+    return [c for c in out if dim >= 512 or "PCAR" not in c.name]  # projections to <= 512 dims need dim >= 512
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def rescored_top1(index, x: np.ndarray, rerank: int) -> Callable[[np.ndarray], int]:
+    """Single-query search: the index's `rerank` candidates, re-scored exactly against x."""
+    def search(q: np.ndarray) -> int:
+        _, cand = index.search(q, rerank)
+        ids = cand[0][cand[0] >= 0]
+        # einsum, as the registry: BLAS would start threads for one query.
+        return int(ids[np.argmax(np.einsum("cd,d->c", x[ids], q[0]))])
+    return search
+
+
+def sweep_candidate(c: Candidate, x: np.ndarray, queries: np.ndarray, ref: np.ndarray, n: int) -> list[dict]:
+    reset_peak()
+    t = time.perf_counter()
+    index = c.build(x)
+    build_s = time.perf_counter() - t
+    per = faiss.serialize_index(index).nbytes / len(x)
+    rows = []
+    for label_, configure, rerank, n_threads in c.settings:
+        configure(index)
+        with threads(n_threads):
+            ms, top = time_queries(rescored_top1(index, x, rerank), queries)
+            rows.append(dict(n=n, candidate=c.name, setting=label_, rerank=rerank, threads=n_threads,
+                             build_s=build_s, per=per, recall=float((np.array(top) == ref).mean()),
+                             p50=pct(ms, 50), p99=pct(ms, 99)))
+            print(f"  {c.name} | {label_}, {n_threads} thread(s): recall@1 {rows[-1]['recall']:.3f}, "
+                  f"p50 {rows[-1]['p50']:.2f} ms", flush=True)
+    print(f"[{n:,}] {c.name}: build {build_s:.1f}s, {per:,.0f} bytes/prototype, peak RSS {gib(peak_rss())}",
+          flush=True)
+    del index
+    gc.collect()
+    return rows
+
+
+def candidate_sweep(x: np.ndarray, queries: np.ndarray, ref: np.ndarray, args) -> list[dict]:
+    cands = candidates_for(len(x), x.shape[1], args)
+    if not cands:
+        return []
+    print(f"[{len(x):,}] candidate indexes: {len(cands)} to build, one at a time, {len(queries)} queries each",
+          flush=True)
+    t = time.perf_counter()
+    rows = [row for c in cands for row in sweep_candidate(c, x, queries, ref, len(x))]
+    print(f"[{len(x):,}] candidate sweep {time.perf_counter() - t:.0f}s", flush=True)
+    return rows
+
+
+def print_candidates(rows: list[dict], args) -> None:
+    print("\n### Candidate indexes (FAISS directly, same vectors and queries; the R candidates re-scored exactly)\n")
+    print("| prototypes | candidate | setting | threads | build s | bytes/prototype | recall@1 | p50 ms | p99 ms |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        hit = " **" if r["recall"] >= TARGET_RECALL and r["p50"] <= TARGET_P50_MS else ""
+        print(f"| {r['n']:,} | {r['candidate']} | {r['setting']}{hit} | {r['threads']} | {r['build_s']:.1f} | "
+              f"{r['per']:,.0f} | {r['recall']:.3f} | {r['p50']:.2f} | {r['p99']:.2f} |")
+    print(f"\n** = in the target region (recall@1 >= {TARGET_RECALL}, p50 <= {TARGET_P50_MS:g} ms).")
+    off = [flag for flag, on in (("HNSW32_SQ8 on full vectors (--hnsw-full-at N)", args.hnsw_full_at),
+                                 ("OPQ (--opq)", args.opq)) if not on]
+    if off:
+        print("Not built (off by default: too slow to build at 1M on 2 cores; HNSW32_SQ8 took 95 s at 200k, "
+              f"OPQ160 training 564 s at 1M): {', '.join(off)}.")
+
+
+def lines_of(points: list[dict]) -> list[list[dict]]:
+    """A candidate's settings as plot lines: one per R where each other knob setting (nprobe) comes
+    with several R (first R solid, second dotted), else one line."""
+    knobs = {r["setting"].rsplit(", R ", 1)[0] for r in points}
+    if len(knobs) > 1 and len(points) > len(knobs):
+        return [[r for r in points if r["rerank"] == rr] for rr in dict.fromkeys(r["rerank"] for r in points)]
+    return [points]
+
+
+def plot_candidates(rows: list[dict], path: Path) -> None:
+    """Recall@1 against p50 per candidate (log time axis), the target region shaded: all settings on
+    the left, the neighbourhood of the target (recall >= 0.95) with each setting labelled on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 7))
+    keys = list(dict.fromkeys((r["n"], r["candidate"], r["threads"]) for r in rows))
+    xlim = (min(r["p50"] for r in rows) / 1.5, max(max(r["p50"] for r in rows), TARGET_P50_MS) * 1.5)
+    for ax, ymin, labelled in ((axes[0], min(r["recall"] for r in rows) - 0.02, False), (axes[1], 0.95, True)):
+        ax.fill_between([xlim[0], TARGET_P50_MS], TARGET_RECALL, 1.005, color="tab:green", alpha=0.15,
+                        label=f"target: recall@1 >= {TARGET_RECALL}, p50 <= {TARGET_P50_MS:g} ms")
+        for i, key in enumerate(keys):
+            points = [r for r in rows if (r["n"], r["candidate"], r["threads"]) == key]
+            lines = lines_of(points)
+            reranks = " solid / ".join(str(line[0]["rerank"]) for line in lines)
+            styles = f", R {reranks} dotted" if len(lines) > 1 else ""
+            for j, line in enumerate(lines):
+                ax.plot([r["p50"] for r in line], [r["recall"] for r in line], marker="osD^vP*Xh"[i % 9],
+                        color=f"C{i}", linestyle="-:"[j % 2], label=None if j else
+                        f"{key[1]} ({key[2]} thread{'s' * (key[2] > 1)}{styles})")
+            for j, r in enumerate(points if labelled else []):
+                short = r["setting"].replace("full scan, ", "").replace("efSearch", "ef").replace("nprobe", "np")
+                ax.annotate(short, (r["p50"], r["recall"]), fontsize=6, xytext=(3, 4 if j % 2 else -9),
+                            textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlim(*xlim)
+        ax.xaxis.set_major_locator(FixedLocator([0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(ymin, 1.004)
+        ax.set_xlabel("p50 single-query ms (projection + search + exact re-scoring of R), log scale")
+        ax.set_ylabel("recall@1 vs exact search")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_title(f"Candidate indexes at {rows[0]['n']:,} prototypes, lite0 data: all settings", fontsize=10)
+    axes[1].set_title("near the target (recall@1 >= 0.95); R = candidates re-scored exactly", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2)
+    fig.tight_layout(rect=(0, 0.05 + 0.025 * ((len(labels) + 1) // 2), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\nplot: {path}")
+
+
 def run_size(n: int, model: str, args, tmp: Path) -> dict:
     """Registry first (memory measured alone), saved and freed; then the exact baseline over the
     same vectors (freed); then the registry loaded back and searched."""
@@ -309,7 +642,11 @@ def run_size(n: int, model: str, args, tmp: Path) -> dict:
     gc.collect()
 
     t = time.perf_counter()
-    ref, exact_ms, exact_batch_s, src_top1, stats = exact_phase(data, queries, src, seed=7)
+    def candidates(x, ref):
+        return candidate_sweep(x, queries, ref, args) if model == "lite0" else []
+
+    ref, exact_ms, exact_batch_s, src_top1, stats, cand_rows = exact_phase(data, queries, src, seed=7,
+                                                                           with_vectors=candidates)
     print(f"[{n:,} {model}] exact phase {time.perf_counter() - t:.1f}s (batched exact search of {len(queries)} "
           f"queries {exact_batch_s:.1f}s); data: median cosine of random prototype pairs {stats[0]:.2f}, of "
           f"a near query and its class's prototype {stats[1]:.2f}; {src_top1}/{half} near queries have "
@@ -335,7 +672,8 @@ def run_size(n: int, model: str, args, tmp: Path) -> dict:
                 p99=pct(ms1, 99), p50_100=pct(ms100, 50), p99_100=pct(ms100, 99), recall=recall.mean(),
                 recall_near=recall[:half].mean(), recall_novel=recall[half:].mean(),
                 exact_p50=pct(exact_ms, 50), exact_n=len(exact_ms), save_s=save_s, load_s=load_s,
-                disk=disk, same=same, peak=peak_rss(), hnsw=hnsw, sweep=sweep if args.sweep else [])
+                disk=disk, same=same, peak=peak_rss(), hnsw=hnsw, sweep=sweep if args.sweep else [],
+                candidates=cand_rows)
 
 
 def main() -> None:
@@ -352,8 +690,21 @@ def main() -> None:
     ap.add_argument("--sweep-queries", type=int, default=400)
     ap.add_argument("--flat-sweep", action="store_true", help="exact latency by size (the auto threshold)")
     ap.add_argument("--hnsw-at", type=int, default=0, help="also build HNSW32 at this size (slow)")
+    ap.add_argument("--candidates-at", type=int, default=None,
+                    help="size at which --sweep builds the candidate indexes on lite0 data "
+                         "(default: the largest of --sizes; 0: none)")
+    ap.add_argument("--hnsw-full-at", type=int, default=0,
+                    help="also the candidate HNSW32_SQ8 on full vectors at this size (lite0; slow: 95 s at 200k)")
+    ap.add_argument("--opq", action="store_true",
+                    help="also the candidate OPQ at --candidates-at (slow: its training took 400 s at 12k "
+                         "prototypes here, far longer at 1M)")
+    ap.add_argument("--candidates-plot", type=Path,
+                    default=Path(__file__).parent / "results" / "registry_candidates.png",
+                    help="where the candidate sweep writes its recall/latency plot")
     ap.add_argument("--tmp", default=None, help="where to save registries (default: system temp)")
     args = ap.parse_args()
+    if args.candidates_at is None:
+        args.candidates_at = max(args.sizes) if args.sweep else 0
 
     print(f"# Registry scale benchmark: dim {args.dim}, {args.queries} queries, {args.centres:,} centres")
     print(f"cores: {os.cpu_count()}, faiss threads: {faiss.omp_get_max_threads()}, load average at start: "
@@ -400,6 +751,11 @@ def main() -> None:
     if sweeps:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_sweeps(sweeps, args.plot)
+    cand_rows = [row for r in results for row in r["candidates"]]
+    if cand_rows:
+        print_candidates(cand_rows, args)
+        args.candidates_plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_candidates(cand_rows, args.candidates_plot)
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
