@@ -18,7 +18,7 @@ seconds without per-class array objects. With ``index="auto"`` (the default) sea
 (FAISS ``Flat``) while the registry is small, and from ``auto_threshold`` prototypes on scan 4-bit
 fast-scan product-quantised codes of every prototype (2 dimensions per sub-quantiser; above 512
 dimensions, of a projection onto the 512 principal directions: ``PCAR512,IVF{~sqrt(n)/4},PQ256x4fs``,
-128 bytes a prototype), whose best 512 candidates are re-scored exactly against the stored
+128 bytes a prototype), whose best 256 candidates are re-scored exactly against the stored
 prototypes, so scores are always exact; only the candidate set is approximate. Partitions (IVF with
 few lists probed, also with an HNSW coarse quantiser), graphs (HNSW, flat or on PCA vectors), OPQ and
 coarser codes all lost the exact top-1 far more often on diffuse embeddings for the same time.
