@@ -659,6 +659,8 @@ def test_auto_projects_wide_embeddings_and_scans_every_code(metric, monkeypatch,
     recall = np.mean([row[0] == f"p{i}" for row, i in zip(res.labels, top[:, 0])])
     assert recall >= 0.98, recall  # half the dimensions projected away here (1280 -> 512 in use)
     singles = [reg.search(q[None], 3) for q in queries[:20]]  # lists split over threads
+    repeats = [reg.search(queries[:8], 10) for _ in range(5)]  # the same answer every time
+    assert all(r.labels == repeats[0].labels and np.array_equal(r.scores, repeats[0].scores) for r in repeats)
     assert [r.labels[0] for r in singles] == res.labels[:20]
     np.testing.assert_array_equal(np.concatenate([r.scores for r in singles]), res.scores[:20])
     if metric == "cosine":  # principal directions of the uncentred prototypes: nothing subtracted
