@@ -26,7 +26,6 @@ Timings are medians of single queries; peak RSS is the process high-water mark p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import math
@@ -44,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fewshot.registry import AUTO_FLAT_FLOATS, Registry  # noqa: E402
+from fewshot.registry import AUTO_FLAT_FLOATS, Registry, openmp_threads  # noqa: E402
 
 CHUNK = 65536
 TARGET_RECALL, TARGET_P50_MS = 0.99, 5.0  # issue #11: recall@1 >= 0.99 at p50 <= 5 ms at 1M
@@ -491,16 +490,6 @@ def candidates_for(n: int, dim: int, args) -> list[Candidate]:
     return [c for c in out if dim >= 512 or "PCAR" not in c.name]  # projections to <= 512 dims need dim >= 512
 
 
-@contextlib.contextmanager
-def threads(n: int):
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
 def rescored_top1(index, x: np.ndarray, rerank: int) -> Callable[[np.ndarray], int]:
     """Single-query search: the index's `rerank` candidates, re-scored exactly against x."""
     def search(q: np.ndarray) -> int:
@@ -520,7 +509,7 @@ def sweep_candidate(c: Candidate, x: np.ndarray, queries: np.ndarray, ref: np.nd
     rows = []
     for label_, configure, rerank, n_threads in c.settings:
         configure(index)
-        with threads(n_threads):
+        with openmp_threads(n_threads):
             ms, top = time_queries(rescored_top1(index, x, rerank), queries)
             rows.append(dict(n=n, candidate=c.name, setting=label_, rerank=rerank, threads=n_threads,
                              build_s=build_s, per=per, recall=float((np.array(top) == ref).mean()),

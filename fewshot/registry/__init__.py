@@ -41,6 +41,7 @@ from .index import (
     MIN_AUTO_THRESHOLD,
     SERIAL_SEARCH_BELOW,
     SearchResult,
+    openmp_threads,
 )
 from .labels import (
     MAX_LABEL_LEN,
@@ -59,7 +60,7 @@ from .vectors import MAX_DIM, METRICS
 __all__ = [
     "AUTO", "AUTO_FLAT_FLOATS", "AUTO_PCA_DIM", "AUTO_RERANK", "AUTO_SCAN_CODES", "AUTO_TRAIN_PER_LIST", "FORMAT_NAME",
     "FORMAT_VERSION", "MANIFEST", "MAX_ATTACHMENT_BYTES", "MAX_DIM", "MAX_LABEL_LEN", "MAX_MANIFEST_BYTES",
-    "MAX_SOURCE_LEN", "MAX_THUMBNAIL_BYTES", "METRICS", "MIN_AUTO_THRESHOLD", "SERIAL_SEARCH_BELOW",
+    "MAX_SOURCE_LEN", "MAX_THUMBNAIL_BYTES", "METRICS", "MIN_AUTO_THRESHOLD", "SERIAL_SEARCH_BELOW", "openmp_threads",
     "UNRECORDED", "ExampleSource", "Registry", "SearchResult", "check_label", "check_thumbnail",
     "lock_registry_dir",
 ]

@@ -114,7 +114,7 @@ def _train_projections(index, x: np.ndarray, metric: int) -> None:
 
 
 @contextlib.contextmanager
-def _openmp_threads(n: int | None):
+def openmp_threads(n: int | None):
     """Run the block with n OpenMP threads for FAISS; the setting is the calling thread's own
     (an OpenMP ICV) and is restored after, so other threads and later calls are unaffected."""
     if n is None:
@@ -158,7 +158,7 @@ def _search_list_parts(index, q: np.ndarray, k: int, nprobe: int, threads: int) 
     coarse_dis = np.pad(coarse_dis, ((0, 0), (0, pad)))
 
     def part(p: int):
-        with _openmp_threads(1):
+        with openmp_threads(1):
             return ivf.search_preassigned(xt, k, np.ascontiguousarray(lists[:, p::n_parts]),
                                           np.ascontiguousarray(coarse_dis[:, p::n_parts]))
 
@@ -307,7 +307,7 @@ class IndexedSearch:
             self._ensure_index()
             k = min(int(k), len(self._row_of))
             threads = faiss.omp_get_max_threads()
-            with _openmp_threads(1 if len(q) < SERIAL_SEARCH_BELOW else None):
+            with openmp_threads(1 if len(q) < SERIAL_SEARCH_BELOW else None):
                 if self._exact:
                     dist, ids = self._index.search(q, k)
                     scores = dist if self._metric == "cosine" else -dist  # higher is always closer
