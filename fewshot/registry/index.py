@@ -336,9 +336,9 @@ class IndexedSearch:
 
     def _candidates(self, q: np.ndarray, n_cand: int, params: dict, threads: int) -> np.ndarray:
         """Ids of the approximate index's n_cand best per query (-1 where it found fewer)."""
-        ivf = None if self._fallback else faiss.try_extract_index_ivf(self._index)
-        if (len(q) < SERIAL_SEARCH_BELOW and "max_codes" not in params
-                and isinstance(faiss.downcast_index(ivf) if ivf is not None else None, faiss.IndexIVFFastScan)):
+        ivf = faiss.try_extract_index_ivf(self._index)  # approximate: never a flat stand-in here
+        fast_scan = ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+        if fast_scan and len(q) < SERIAL_SEARCH_BELOW and "max_codes" not in params:
             nprobe = params.get("nprobe", self._default_nprobe(ivf))
             return _search_list_parts(self._index, q, n_cand, nprobe, threads)
         return self._index.search(q, n_cand, params=self._faiss_params(params))[1]
