@@ -49,6 +49,12 @@ METADATA_KEY = "unknown"
 # 20 draws each: ``benchmarks/openset.py --tune``, which also tests it on the other 27 classes).
 CROSS_CLASS_QUANTILE = ((0.50, 0.9968), (0.80, 0.9872), (0.90, 0.9756), (0.95, 0.9601), (0.99, 0.9004))
 MAX_TEMPERATURE_ROWS = 1000  # held-out examples the temperature is fitted on
+# Bounded work and memory whatever the example counts (a class of 10,000 examples took 61 s and 2.2 GB
+# when every pair was scored): a class with more examples than its share is calibrated on a seeded
+# sample of them, and its 1-shot pair scores come from a sample of at most MAX_PAIR_EXAMPLES of them.
+MAX_CLASS_EXAMPLES = 1000  # per class: 1000 leave-one-out scores set a 5% quantile well
+MAX_CALIBRATION_EXAMPLES = 50_000  # all classes together (2000 classes: 25 each, enough for their own threshold)
+MAX_PAIR_EXAMPLES = 200  # 19,900 pairs per class
 SOFTMAX_CANDIDATES = 100  # as FewShotClassifier: probabilities over the 100 nearest classes
 
 
@@ -109,7 +115,8 @@ def leave_one_out_scores(examples: np.ndarray, metric: str = "cosine") -> np.nda
 
 
 def pairwise_scores(examples: np.ndarray, metric: str = "cosine") -> np.ndarray:
-    """Scores between every pair of a class's examples: what a 1-shot class's known queries get."""
+    """Scores between every pair of a class's examples: what a 1-shot class's known queries get
+    (n x n work: calibration passes at most ``MAX_PAIR_EXAMPLES``)."""
     if len(examples) < 2:
         return np.zeros(0)
     upper = np.triu_indices(len(examples), 1)
@@ -163,8 +170,6 @@ def fit_temperature(examples_by_class: list[np.ndarray], metric: str = "cosine",
 
     As in prediction, probabilities are normalised over the ``SOFTMAX_CANDIDATES`` nearest classes; at
     most ``MAX_TEMPERATURE_ROWS`` held-out examples (a seeded sample) are used."""
-    if metric == "cosine":
-        examples_by_class = [_unit(e) for e in examples_by_class]
     owners = [c for c, e in enumerate(examples_by_class) if len(e) >= 2]
     if not owners:
         return None
@@ -172,11 +177,7 @@ def fit_temperature(examples_by_class: list[np.ndarray], metric: str = "cosine",
     if len(rows) > MAX_TEMPERATURE_ROWS:
         picked = np.random.default_rng(seed).choice(len(rows), MAX_TEMPERATURE_ROWS, replace=False)
         rows = [rows[i] for i in np.sort(picked)]
-    prototypes = np.stack([e.mean(axis=0) for e in examples_by_class])
-    if metric == "cosine":
-        prototypes = _unit(prototypes)
-    queries = np.stack([examples_by_class[c][j] for c, j in rows])
-    own = np.stack([np.delete(examples_by_class[c], j, axis=0).mean(axis=0) for c, j in rows])
+    prototypes, queries, own = _held_out(examples_by_class, rows, metric)
     truth = np.array([c for c, _ in rows])
     if metric == "cosine":
         logits = queries @ prototypes.T
@@ -206,21 +207,57 @@ def fit_temperature(examples_by_class: list[np.ndarray], metric: str = "cosine",
     return float(np.exp((low + high) / 2))
 
 
+def _held_out(examples_by_class: list[np.ndarray], rows: list[tuple[int, int]],
+              metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prototypes of every class, held-out examples ``rows`` as (class, index) pairs, the mean of each
+    one's class without it), one class at a time: memory for one class, not for all of them."""
+    wanted: dict[int, list[int]] = {}
+    for i, (c, _) in enumerate(rows):
+        wanted.setdefault(c, []).append(i)
+    prototypes = np.empty((len(examples_by_class), examples_by_class[rows[0][0]].shape[1]))
+    queries, own = np.empty((len(rows), prototypes.shape[1])), np.empty((len(rows), prototypes.shape[1]))
+    for c, e in enumerate(examples_by_class):
+        x = _unit(e) if metric == "cosine" else np.asarray(e, dtype=np.float64)
+        prototypes[c] = x.mean(axis=0)
+        if c in wanted:
+            picked = [rows[i][1] for i in wanted[c]]
+            queries[wanted[c]] = x[picked]
+            own[wanted[c]] = (x.sum(axis=0) - x[picked]) / (len(x) - 1)
+    return (_unit(prototypes) if metric == "cosine" else prototypes), queries, own
+
+
+def examples_cap(n_classes: int) -> int:
+    """Examples per class that calibration uses (a seeded sample of a bigger class)."""
+    share = MAX_CALIBRATION_EXAMPLES // max(n_classes, 1)
+    return max(PER_CLASS_MIN_EXAMPLES, min(MAX_CLASS_EXAMPLES, share))
+
+
+def sample_rows(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of a seeded sample of ``cap`` of ``n`` rows (all of them when ``n <= cap``)."""
+    return np.arange(n) if n <= cap else np.sort(rng.choice(n, cap, replace=False))
+
+
 def fit_calibration(labels: list[str], examples_by_class: list[np.ndarray], metric: str = "cosine",
                     target_tpr: float = DEFAULT_TARGET_TPR, *, prototypes: np.ndarray | None = None,
-                    signature: str = "") -> Calibration:
+                    signature: str = "", seed: int = 0) -> Calibration:
     """Fit thresholds and temperature from each class's example embeddings (``examples_by_class[i]``
-    belongs to ``labels[i]``; pass empty arrays and ``prototypes`` where only prototypes are known)."""
+    belongs to ``labels[i]``; pass empty arrays and ``prototypes`` where only prototypes are known).
+
+    A class with more than ``examples_cap(len(labels))`` examples is fitted on a sample of them, its
+    1-shot pair scores on a sample of ``MAX_PAIR_EXAMPLES``, both drawn with ``seed``."""
     check_target(target_tpr)
     if prototypes is None and examples_by_class:
         prototypes = np.stack([e.mean(axis=0) for e in examples_by_class])
+    rng, cap = np.random.default_rng(seed), examples_cap(len(examples_by_class))
+    examples_by_class = [e if len(e) <= cap else e[sample_rows(len(e), cap, rng)] for e in examples_by_class]
     prior = _cross_class_threshold(prototypes, metric, target_tpr)
     loo = [leave_one_out_scores(e, metric) for e in examples_by_class]
     pooled = np.concatenate(loo) if loo else np.zeros(0)
     if len(pooled) < MIN_FIT_SCORES:
         return Calibration(target_tpr, prior, prior, method="cross-class" if prior is not None else "none",
                            signature=signature)
-    pairs = np.concatenate([pairwise_scores(e, metric) for e in examples_by_class])
+    pairs = np.concatenate([pairwise_scores(e[sample_rows(len(e), MAX_PAIR_EXAMPLES, rng)], metric)
+                            for e in examples_by_class])
     one_shot = _quantile(pairs, target_tpr) if len(pairs) >= MIN_FIT_SCORES else prior
     per_class = {label: _quantile(s, target_tpr) for label, s, e in zip(labels, loo, examples_by_class)
                  if len(e) >= PER_CLASS_MIN_EXAMPLES}
@@ -252,19 +289,22 @@ def calibrate(registry, target_tpr: float | None = None, *, seed: int = 0) -> Ca
     """Fit the registry's unknown thresholds and temperature and store them in ``registry.metadata``.
 
     ``target_tpr`` defaults to the one stored by the last calibration (else 95%). Registries with more
-    than ``MAX_CALIBRATION_CLASSES`` classes are calibrated on a sample of them drawn with ``seed``."""
+    than ``MAX_CALIBRATION_CLASSES`` classes are calibrated on a sample of them, and classes with many
+    examples on a sample of those (see ``fit_calibration``), drawn with ``seed``."""
     if target_tpr is None:
         target_tpr = stored_target(registry)
-    labels, prototypes = registry.prototypes()
+    labels = registry.classes
     if len(labels) > MAX_CALIBRATION_CLASSES:
         keep = np.sort(np.random.default_rng(seed).choice(len(labels), MAX_CALIBRATION_CLASSES, replace=False))
-        labels, prototypes = [labels[i] for i in keep], prototypes[keep]
+        labels = [labels[i] for i in keep]
+    _, prototypes = registry.prototypes(labels)
     if registry.store_examples:
-        examples = [registry.examples(label) for label in labels]
+        rng, cap = np.random.default_rng([seed, 1]), examples_cap(len(labels))
+        examples = [registry.examples(label, sample_rows(registry.count(label), cap, rng)) for label in labels]
     else:
         examples = [np.zeros((0, registry.dim), np.float32) for _ in labels]
     calibration = fit_calibration(labels, examples, registry.metric, target_tpr, prototypes=prototypes,
-                                  signature=registry_signature(registry))
+                                  signature=registry_signature(registry), seed=seed)
     registry.metadata[METADATA_KEY] = calibration.to_dict()
     return calibration
 

@@ -208,3 +208,36 @@ def test_temperature_stays_honest_when_every_held_out_example_is_named_right():
     confidence = (1 / top.sum(1)).mean()
     # 15 of 15 right: Jeffreys' 15.5/16, not the certainty a likelihood fit would claim.
     assert confidence == pytest.approx(15.5 / 16, abs=0.01)
+
+
+def test_a_class_of_thousands_of_examples_calibrates_in_bounded_memory():
+    import tracemalloc
+
+    rng = np.random.default_rng(6)
+    reg = Registry(16, store_examples=True)
+    reg.add("big", rng.normal(size=(4000, 16)) + 3)  # every pair scored: 4000 x 4000 matrices, ~400 MB
+    reg.add("small", rng.normal(size=(30, 16)) - 3)
+    tracemalloc.start()
+    try:
+        fitted = calibrate(reg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"calibration peaked at {peak / 2**20:.0f} MB"
+    assert set(fitted.per_class) == {"big", "small"} and fitted.temperature > 0
+    assert calibrate(reg) == fitted  # the samples are seeded: the same fit every time
+
+
+def test_classes_below_the_sampling_caps_calibrate_exactly_as_before():
+    # Figures of the fit that scored every example and every pair (before sampling existed).
+    rng = np.random.default_rng(1)
+    expected = {"cosine": (0.9168849546648781, 0.9107980354861208, 0.9158276210905953, 0.9545133918613137,
+                           0.004063462540132064),
+                "l2": (-45.52962665144502, -90.46289277036814, -42.56864231469942, -45.287734710476656,
+                       1.9335065627716228)}
+    for metric, (pooled, one_shot, c3, c4, temperature) in expected.items():
+        examples = [rng.normal(size=(n, 32)).astype(np.float32) + i for i, n in enumerate([1, 2, 5, 30, 150, 3])]
+        fitted = fit_calibration([f"c{i}" for i in range(6)], examples, metric)
+        assert (fitted.threshold, fitted.one_shot_threshold) == pytest.approx((pooled, one_shot), rel=1e-12)
+        assert fitted.per_class == pytest.approx({"c3": c3, "c4": c4}, rel=1e-12)
+        assert fitted.temperature == pytest.approx(temperature, rel=1e-4)  # float64 now where l2 summed float32

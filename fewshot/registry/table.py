@@ -404,22 +404,36 @@ class Registry(IndexedSearch, Persistence):
             means = self._means[rows]
         return _divide_rows(means, self._norm[rows]) if self._metric == "cosine" else means
 
-    def prototypes(self) -> tuple[list[str], np.ndarray]:
-        """(labels, (C, dim) float32 copy of the searched prototypes), in class order."""
+    def prototypes(self, labels: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """(labels, (C, dim) float32 copy of the searched prototypes), in class order, or of ``labels``."""
         with self._lock:
-            labels = list(self._row_of)
-            rows = self._ordered_rows()
+            if labels is None:
+                labels, rows = list(self._row_of), self._ordered_rows()
+            else:
+                labels, rows = list(labels), np.array([self._get(label) for label in labels], np.int64)
             out = np.empty((len(rows), self._dim), np.float32)
             step = _chunk_rows(self._dim)
             for a in range(0, len(rows), step):
                 out[a:a + step] = self._searched(rows[a:a + step])
         return labels, out
 
-    def examples(self, label: str) -> np.ndarray:
+    def examples(self, label: str, rows=None) -> np.ndarray:
+        """The stored examples of class ``label`` in the order they were added, or only its ``rows``
+        (indices into that order; no copy of the other examples is made)."""
         if not self._store_examples:
             raise ValueError("this registry does not store examples; create it with store_examples=True")
         with self._lock:
-            return np.concatenate(self._examples[int(self._ids[self._get(label)])])
+            parts = self._examples[int(self._ids[self._get(label)])]
+            if rows is None:
+                return np.concatenate(parts)
+            rows = np.asarray(rows, np.int64)
+            starts = np.cumsum([0] + [len(p) for p in parts])
+            part_of = np.searchsorted(starts, rows, side="right") - 1
+            out = np.empty((len(rows), self._dim), np.float32)
+            for k in np.unique(part_of).tolist():
+                mine = part_of == k
+                out[mine] = parts[k][rows[mine] - starts[k]]
+            return out
 
     def sources(self, label: str) -> list[ExampleSource]:
         """One ``ExampleSource`` per example of class ``label``, in the order they were added (the
