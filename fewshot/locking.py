@@ -133,7 +133,8 @@ def open_lock_file(path: Path, flags: int) -> int:
     refused = RegistryFormatError(f"{path} is not a regular file (a symlink, hard link, FIFO or device); "
                                   "the registry may have been tampered with: delete that entry, then try again")
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+        # 0666 less the umask, like every other registry file: a group-shared registry stays shareable
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR):
             raise refused from None

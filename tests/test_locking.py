@@ -80,3 +80,19 @@ def test_symlinked_readers_lock_is_refused_by_readers_and_writers(tmp_path):
     with pytest.raises(RegistrySaveError, match="regular file"):
         reg.save(tmp_path / "reg")
     assert victim.read_text() == "keep\n"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_lock_files_get_the_mode_the_umask_gives_the_other_registry_files(tmp_path, umask):
+    from fewshot.locking import READERS_LOCK_FILE
+
+    old = os.umask(umask)
+    try:
+        with Registry.open(tmp_path / "reg", 4) as reg:
+            reg.add("a", np.ones((1, 4)))
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask  # what a plain open() gives, as every registry file gets
+    modes = {name: os.stat(tmp_path / "reg" / name).st_mode & 0o777
+             for name in (LOCK_FILE, READERS_LOCK_FILE, "manifest.json")}
+    assert modes == dict.fromkeys(modes, expected)
