@@ -3,8 +3,10 @@
 An exclusive ``flock`` on ``<registry>/.fewshot-writer.lock``, held for as long as a registry is open
 for writing (``Registry.open``, ``FewShotClassifier.open``, the CLI's register / remove / rename) and
 during every ``save``. The kernel drops the lock when its holder dies, so a crash or a SIGKILL never
-leaves a stale lock. The file itself is never deleted: a writer that deleted it while another process
-had it open would let two writers in at once. On platforms without ``fcntl`` there is no lock.
+leaves a stale lock. The file is deleted only with the folder of a new registry in which nothing was
+saved, by its holder before letting go; a writer that gets the lock of a deleted file notices (the
+path no longer names it) and is refused, so two writers never both hold it. On platforms without
+``fcntl`` there is no lock.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import RegistryFormatError, RegistryLockedError
@@ -37,14 +39,17 @@ class WriterLock:
     ``WriterLock`` on the same directory in the same process is refused too.
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, on_release: Callable[[], None] | None = None):
         self.directory = Path(directory)
         self._fd = None
+        self._on_release = on_release  # runs while the lock is still held (e.g. removing an unsaved folder)
         if fcntl is None:
             return
         fd = open_lock_file(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _still_linked(fd, self.directory / LOCK_FILE):  # its holder removed it before letting go
+                raise BlockingIOError
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
@@ -64,6 +69,9 @@ class WriterLock:
         return self._fd is not None or fcntl is None
 
     def release(self) -> None:
+        on_release, self._on_release = self._on_release, None
+        if on_release is not None and self.held:
+            on_release()
         if self._fd is not None:
             os.close(self._fd)  # closing the only descriptor of the open file drops the flock
             self._fd = None
@@ -144,6 +152,18 @@ def open_lock_file(path: Path, flags: int) -> int:
         os.close(fd)
         raise refused
     return fd
+
+
+def _still_linked(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path``: a writer that created a registry folder and saved
+    nothing removes its lock file (holding it) on the way out, and a lock on that removed file locks
+    nothing."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _holder(fd: int) -> str:

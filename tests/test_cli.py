@@ -344,3 +344,19 @@ def test_register_support_views_flip_is_kept_by_the_registry_for_later_registers
     assert not np.allclose(loaded.registry_.examples("cup"), plain.registry_.examples("cup"), atol=1e-3)
     assert run(capsys, "evaluate", "--runs", tmp_path, "--support-views", "flip")[0] == 2
     assert run(capsys, "register", reg, "--from-embeddings", tmp_path / "emb", "--support-views", "flip")[0] == 2
+
+
+def test_a_failed_first_register_leaves_no_registry_folder_behind(tmp_path, capsys, photos):
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a photo")
+    (tmp_path / "empty").mkdir()
+    reg = tmp_path / "new" / "shop.reg"
+    for argv in (["--class", "cat", tmp_path / "typo.jpg"], ["--class", "cat", not_an_image],
+                 ["--folder", tmp_path / "empty"]):
+        code, out, err = run(capsys, "register", reg, *argv)
+        assert code == 1 and err and "saved" not in out
+        assert not (tmp_path / "new").exists(), sorted(p.name for p in reg.iterdir())
+    code, _, err = run(capsys, "classes", reg)
+    assert code == 1 and "no registry at" in err and "create one with `fewshot register" in err
+    code, out, _ = run(capsys, "register", reg, "--class", "cat", photos["chelsea"])
+    assert code == 0 and f"saved {reg} (1 classes)" in out

@@ -96,3 +96,20 @@ def test_lock_files_get_the_mode_the_umask_gives_the_other_registry_files(tmp_pa
     modes = {name: os.stat(tmp_path / "reg" / name).st_mode & 0o777
              for name in (LOCK_FILE, READERS_LOCK_FILE, "manifest.json")}
     assert modes == dict.fromkeys(modes, expected)
+
+
+def test_a_new_registry_folder_is_removed_when_nothing_was_saved_in_it(tmp_path):
+    path = tmp_path / "parent" / "reg"
+    with pytest.raises(KeyboardInterrupt):
+        with Registry.open(path, 4) as reg:
+            assert (path / LOCK_FILE).is_file()  # held while open
+            with reg.batch():
+                reg.add("a", np.ones((1, 4)))
+                raise KeyboardInterrupt  # Ctrl-C before the first save
+    assert not (tmp_path / "parent").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, lock file and all
+    Registry.open(tmp_path / "mine", 4).close()
+    assert (tmp_path / "mine").is_dir()
+    with Registry.open(path, 4) as reg:  # a registry that saved something stays
+        reg.add("a", np.ones((1, 4)))
+    assert Registry.load(path).classes == ["a"]

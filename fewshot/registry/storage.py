@@ -87,22 +87,48 @@ def _is_ours(name: str) -> bool:
 
 def lock_registry_dir(path: Path) -> WriterLock:
     """Create the registry directory if needed (never in a folder of user data) and take its
-    writer lock."""
+    writer lock. A directory created here is removed again when the lock is released with nothing
+    saved in it (a first register that failed or was interrupted leaves no empty registry behind)."""
     refuse = RegistrySaveError(f"{path} is not a fewshot registry; choose another path")
     try:
         if path.exists() and not path.is_dir():
             raise refuse
+        created = _missing_folders(path)
         path.mkdir(parents=True, exist_ok=True)
         names = os.listdir(path)
         # Without a manifest, leftovers of a crashed first save are ours; anything else is the user's.
         if (not all(_is_ours(n) for n in names) if MANIFEST not in names
                 else _saved_generation(path) is None):
             raise refuse  # user data, or someone else's manifest.json: never overwrite it
-        return WriterLock(path)
+        return WriterLock(path, on_release=(lambda: _remove_unsaved(created)) if created else None)
     except RegistrySaveError:
         raise
     except OSError as e:
         raise RegistrySaveError(f"could not prepare {path} for saving: {e}") from e
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_unsaved(folders: list[Path]) -> None:
+    """Remove the registry folder ``folders[0]`` (and the parents created for it) if nothing was saved
+    in it: no manifest, only our lock and temporary files. Best effort: a leftover is harmless."""
+    try:
+        names = os.listdir(folders[0])
+        if MANIFEST in names or not all(_is_ours(n) for n in names):
+            return
+        for name in names:
+            os.unlink(folders[0] / name)
+        for folder in folders:
+            os.rmdir(folder)
+    except OSError:
+        pass
 
 
 def _saved_generation(path: Path) -> int | None:
