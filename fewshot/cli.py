@@ -106,7 +106,7 @@ def cmd_register(args) -> int:
 
 def cmd_register_from_embeddings(args) -> int:
     """`register REG --from-embeddings EMB.parquet`: classes from `fewshot embed` output, no network run."""
-    from .jobs import dataset_fingerprint, register_embeddings
+    from .jobs import check_encoder_reproduces, dataset_fingerprint, register_embeddings
     from .openset import calibrate
     from .registry import Registry
 
@@ -123,6 +123,7 @@ def cmd_register_from_embeddings(args) -> int:
     if _registry_exists(args.registry):
         registry = Registry.open(args.registry)  # register_embeddings refuses another encoder's vectors
     else:
+        check_encoder_reproduces(fingerprint, weights=args.weights)  # predict will re-create it
         registry = Registry.open(args.registry, fingerprint["features"]["dim"], metric=args.metric or "cosine",
                                  index=args.index or "auto", fingerprint=fingerprint,
                                  store_examples=args.store_examples is not False)

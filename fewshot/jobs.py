@@ -35,6 +35,7 @@ from .errors import EncoderMismatchError
 
 ENGINES = ("local", "ray")
 FINGERPRINT_KEY = b"fewshot.encoder"  # Parquet file metadata: the encoder fingerprint, as JSON
+MAX_FINGERPRINT_BYTES = 64 * 2**10  # a fingerprint is a few hundred bytes; a bigger one is not ours
 PART_PREFIX = "part-"
 DEFAULT_PART_ROWS = 1024  # images per part file: the unit of progress that survives a crash
 DEFAULT_BATCH_SIZE = 64  # images per actor call with Ray
@@ -222,11 +223,43 @@ def dataset_fingerprint(out: str | os.PathLike) -> dict | None:
 
 
 def _part_fingerprint(schema, part: Path) -> dict:
+    """The part's encoder fingerprint, once it and the part's columns are checked to be what
+    ``fewshot embed`` writes (a tampered file is refused before any row is read)."""
+    from .encoders import check_fingerprint
+    from .registry import MAX_DIM
+
     raw = (schema.metadata or {}).get(FINGERPRINT_KEY)
     if raw is None:
         raise ValueError(f"{part} is not a fewshot embeddings file (no encoder fingerprint in its metadata); "
                          f"write it with `fewshot embed`")
-    return json.loads(raw)
+    redo = "embed the images again with `fewshot embed`"
+    try:
+        if len(raw) > MAX_FINGERPRINT_BYTES:
+            raise ValueError(f"{len(raw)} bytes")
+        fingerprint = json.loads(raw)
+        check_fingerprint(fingerprint)
+        dim = (fingerprint.get("features") or {}).get("dim")
+        if type(dim) is not int or not 1 <= dim <= MAX_DIM:
+            raise ValueError(f"features.dim must be an integer in 1..{MAX_DIM}")
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{part}: malformed encoder fingerprint ({str(e)[:200]}); {redo}") from None
+    _check_columns(schema, part, dim, redo)
+    return fingerprint
+
+
+def _check_columns(schema, part: Path, dim: int, redo: str) -> None:
+    """Every column ``rows_table`` writes, of its type; embeddings ``dim`` float32 each."""
+    pa, _ = _pyarrow()
+    for name in ("path", "sha256", "class", "group", "embedding", "error"):
+        if schema.get_field_index(name) < 0:
+            raise ValueError(f"{part} has no '{name}' column (or several); {redo}")
+        kind = schema.field(name).type
+        if name != "embedding" and kind != pa.string():
+            raise ValueError(f"{part}: column '{name}' holds {str(kind)[:100]}, not text; {redo}")
+    kind = schema.field("embedding").type
+    if not (pa.types.is_fixed_size_list(kind) and kind.list_size == dim and kind.value_type == pa.float32()):
+        raise ValueError(f"{part}: column 'embedding' holds {str(kind)[:100]}, not the {dim} float32 numbers "
+                         f"per image its encoder fingerprint says; {redo}")
 
 
 def written_paths(out: str | os.PathLike) -> set[str]:
@@ -248,7 +281,7 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
         raise ValueError(f"no embeddings at {path}; write them with `fewshot embed DATA --out {path}`")
     fingerprint = dataset_fingerprint(path)
     table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="none")
-    ok = pc.is_null(table.column("error"))
+    ok = pc.and_(pc.is_null(table.column("error")), pc.is_valid(table.column("embedding")))  # else failed
     good = table.filter(ok)
     dim = good.schema.field("embedding").type.list_size
     vectors = good.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -372,6 +405,19 @@ def encoder_spec(encoder) -> dict:
 
 
 # -- registering from embeddings ----------------------------------------------------------------
+def check_encoder_reproduces(fingerprint: dict, *, weights=None) -> None:
+    """Raise ``EncoderMismatchError`` unless the encoder ``fingerprint`` names, re-created (with
+    ``weights``), has that very fingerprint: a registry built from the embeddings is used with that
+    encoder, so one whose fingerprint was forged or edited is refused before it is saved."""
+    from .encoders import describe_fingerprint, encoder_from_fingerprint
+
+    encoder = encoder_from_fingerprint(fingerprint, weights=weights)
+    if encoder.fingerprint != fingerprint:
+        raise EncoderMismatchError(f"the embeddings claim to come from {describe_fingerprint(fingerprint)}, but "
+                                   f"re-creating that encoder gave {describe_fingerprint(encoder.fingerprint)}; "
+                                   "embed the images again (with --weights FILE if they were embedded with one)")
+
+
 def register_embeddings(registry, path: str | os.PathLike) -> dict[str, int]:
     """Add the classes of an embeddings dataset to ``registry`` at bulk speed; returns counts.
 

@@ -174,3 +174,56 @@ def test_zip_input_reads_members_with_classes(omniglot_small, tmp_path):
 
     items, digests, errors = read_sources(sources[:3])
     assert errors == [None] * 3 and all(len(d) == 64 for d in digests)
+
+
+def _tampered(source: Path, dest: Path, *, table=None, fingerprint: bytes | None = None) -> Path:
+    """A copy of the Parquet file ``source`` with its table and/or fingerprint metadata replaced."""
+    import pyarrow as pa
+
+    original = pq.read_table(source)
+    table = original if table is None else table
+    metadata = dict(original.schema.metadata)
+    if fingerprint is not None:
+        metadata[b"fewshot.encoder"] = fingerprint
+    pq.write_table(table.replace_schema_metadata(metadata), dest)
+    assert isinstance(table, pa.Table)
+    return dest
+
+
+def test_tampered_embeddings_are_refused_in_one_line_and_save_nothing(images, encoder, tmp_path, capsys):
+    import pyarrow as pa
+
+    out = tmp_path / "emb.parquet"
+    assert main(["embed", str(images), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    table = pq.read_table(out)
+    at = table.schema.get_field_index
+    vectors = table.column("embedding").to_pylist()
+    variable = pa.array([v if v is None else v[: 100 + i] for i, v in enumerate(vectors)], pa.list_(pa.float32()))
+    narrow = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.zeros(len(vectors) * 8, np.float32)), 8)
+    classes, good = table.column("class").to_pylist(), table.column("error").to_pylist().index(None)
+    huge_label = pa.array(classes[:good] + ["x" * 10_000_000] + classes[good + 1:], pa.string())
+    fingerprint = json.loads(table.schema.metadata[b"fewshot.encoder"])
+    cases = {
+        "variable-length vectors": (dict(table=table.set_column(at("embedding"), "embedding", variable)),
+                                    "column 'embedding'"),
+        "wrong-dimension vectors": (dict(table=table.set_column(at("embedding"), "embedding", narrow)),
+                                    "column 'embedding'"),
+        "missing class column": (dict(table=table.drop_columns(["class"])), "no 'class' column"),
+        "malformed fingerprint": (dict(fingerprint=b"{not json"), "encoder fingerprint"),
+        "fingerprint of another shape": (dict(fingerprint=json.dumps(
+            {**fingerprint, "features": {**fingerprint["features"], "dim": 8}}).encode()), "column 'embedding'"),
+        "forged fingerprint": (dict(fingerprint=json.dumps({**fingerprint, "weights_sha256": "0" * 64}).encode()),
+                               "embed the images again"),
+        "a 10 MB label": (dict(table=table.set_column(at("class"), "class", huge_label)), "invalid class label"),
+    }
+    for name, (tamper, message) in cases.items():
+        bad, reg = _tampered(out, tmp_path / f"{name}.parquet", **tamper), tmp_path / f"reg {name}"
+        code = main(["register", str(reg), "--from-embeddings", str(bad)])
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        assert code == 1 and len(lines) == 1 and lines[0].startswith("fewshot: error: "), (name, captured.err[:300])
+        assert message in lines[0] and len(lines[0]) < 1000 and "Traceback" not in captured.err, (name, lines[0])
+        assert captured.out == "" and not reg.exists(), name  # nothing saved, nothing left behind
+    assert main(["register", str(tmp_path / "good"), "--from-embeddings", str(out)]) == 0

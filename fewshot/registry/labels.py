@@ -33,9 +33,16 @@ def check_label(label) -> str:
     and "café" from a folder name in decomposed form (macOS) are the same class."""
     if (not isinstance(label, str) or not label or "\0" in label or len(label) > MAX_LABEL_LEN
             or not _is_unicode(label)):
-        raise ValueError(f"invalid class label {label!r}: a label must be a non-empty string of at "
+        raise ValueError(f"invalid class label {_preview(label)}: a label must be a non-empty string of at "
                          f"most {MAX_LABEL_LEN} characters without NUL or lone surrogates")
     return unicodedata.normalize("NFC", label)
+
+
+def _preview(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to its first ``limit`` characters when long: errors never echo a huge value."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)[:limit * 4]
 
 
 def _check_sources(sources, n: int, what: str) -> list[ExampleSource] | None:
