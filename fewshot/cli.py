@@ -55,7 +55,9 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
     except (FewShotError, ValueError, OSError) as exc:
         if args.debug:
             raise
-        print(f"fewshot: error: {exc}", file=sys.stderr)
+        # Paths and labels in the message are untrusted; its own line breaks (a list of failures) stay.
+        message = "\n".join(escape_text(line) for line in str(exc).split("\n"))
+        print(f"fewshot: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -96,11 +98,11 @@ def cmd_register(args) -> int:
     for report in reports:
         print(f"{display_label(report.label)}: +{report.added} image(s), {report.total} in total")
         for error in report.errors:
-            print(f"fewshot: skipped {error}", file=sys.stderr)
+            print(f"fewshot: skipped {escape_text(error)}", file=sys.stderr)
         for warning in report.warnings:
-            print(f"fewshot: warning: {warning}", file=sys.stderr)
+            print(f"fewshot: warning: {escape_text(warning)}", file=sys.stderr)
         failures += len(report.errors)
-    print(f"saved {args.registry} ({len(classifier.classes)} classes)")
+    print(f"saved {escape_text(args.registry)} ({len(classifier.classes)} classes)")
     return 1 if failures else 0
 
 
@@ -136,7 +138,7 @@ def cmd_register_from_embeddings(args) -> int:
         calibrate(registry)
     print(f"{counts['classes']} classes from {counts['images']} embeddings ({counts['unlabelled']} without a class, "
           f"{counts['failed']} failed rows skipped)")
-    print(f"saved {args.registry} ({len(registry)} classes)")
+    print(f"saved {escape_text(args.registry)} ({len(registry)} classes)")
     return 0
 
 
@@ -275,7 +277,8 @@ _NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 def escape_text(text: str) -> str:
     """``text`` with every non-printable character (newline, tab, ANSI/OSC escape, bidi control)
-    written as a backslash escape, so printed text cannot fake rows or drive the terminal."""
+    written as a backslash escape, so printed text cannot fake rows or drive the terminal: the one
+    way untrusted text (paths, labels, messages holding them) reaches the terminal."""
     return text if text.isprintable() else "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
 
 

@@ -360,3 +360,13 @@ def test_a_failed_first_register_leaves_no_registry_folder_behind(tmp_path, caps
     assert code == 1 and "no registry at" in err and "create one with `fewshot register" in err
     code, out, _ = run(capsys, "register", reg, "--class", "cat", photos["chelsea"])
     assert code == 0 and f"saved {reg} (1 classes)" in out
+
+
+def test_paths_with_terminal_escapes_are_printed_escaped(tmp_path, capsys, photos):
+    hostile = tmp_path / "evil\x1b[31m\rname.jpg"  # ESC turns the terminal red, CR rewrites the line
+    hostile.write_text("not a photo")
+    reg = tmp_path / "reg"
+    for paths in ([photos["chelsea"], hostile], [hostile]):  # one bad file among good ones, then alone
+        code, out, err = run(capsys, "register", reg, "--class", "cat", *paths)
+        assert code == 1 and "evil\\x1b[31m" in err and "name.jpg" in err, err
+        assert "\x1b" not in out + err and "\r" not in out + err
