@@ -939,3 +939,16 @@ def test_registries_without_thumbnails_load_and_write_no_thumbnail_files(tmp_pat
     assert "thumbnails" not in manifest(tmp_path / "r")["files"]
     assert not [n for n in os.listdir(tmp_path / "r") if n.startswith("thumbnail")]
     assert Registry.load(tmp_path / "r").thumbnail("class-0") is None
+
+
+def test_examples_and_prototypes_of_a_subset_read_only_what_is_asked():
+    rng = np.random.default_rng(7)
+    reg = Registry(4, store_examples=True)
+    for chunk in (rng.normal(size=(3, 4)), rng.normal(size=(1, 4)), rng.normal(size=(5, 4))):
+        reg.add("a", chunk)  # three chunks, as three registers leave them
+    reg.add("b", rng.normal(size=(2, 4)))
+    rows = [0, 2, 3, 4, 8]  # across every chunk boundary
+    np.testing.assert_array_equal(reg.examples("a", rows), reg.examples("a")[rows])
+    labels, protos = reg.prototypes(["b", "a"])
+    _, every = reg.prototypes()
+    assert labels == ["b", "a"] and np.array_equal(protos, every[::-1])
