@@ -49,9 +49,9 @@ METADATA_KEY = "unknown"
 # 20 draws each: ``benchmarks/openset.py --tune``, which also tests it on the other 27 classes).
 CROSS_CLASS_QUANTILE = ((0.50, 0.9968), (0.80, 0.9872), (0.90, 0.9756), (0.95, 0.9601), (0.99, 0.9004))
 MAX_TEMPERATURE_ROWS = 1000  # held-out examples the temperature is fitted on
-# Bounded work and memory whatever the example counts (a class of 10,000 examples took 61 s and 2.2 GB
-# when every pair was scored): a class with more examples than its share is calibrated on a seeded
-# sample of them, and its 1-shot pair scores come from a sample of at most MAX_PAIR_EXAMPLES of them.
+# Bounded work and memory whatever the example counts (a class of 10,000 examples took 28 s and 2 GB
+# when every pair was scored; ``benchmarks/calibration_scale.py``): a class with more examples than its
+# share is calibrated on a seeded sample of them, its 1-shot pair scores on at most MAX_PAIR_EXAMPLES.
 MAX_CLASS_EXAMPLES = 1000  # per class: 1000 leave-one-out scores set a 5% quantile well
 MAX_CALIBRATION_EXAMPLES = 50_000  # all classes together (2000 classes: 25 each, enough for their own threshold)
 MAX_PAIR_EXAMPLES = 200  # 19,900 pairs per class
