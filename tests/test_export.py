@@ -242,3 +242,47 @@ def test_registry_export_carries_the_fitted_calibration(photos, views_of, tmp_pa
     assert counts.tolist() == [classifier.counts[label] for label in labels]
     thresholds = np.load(tmp_path / "out" / "thresholds.npy")
     assert thresholds.tolist() == [fitted.threshold_for(label, classifier.counts[label]) for label in labels]
+
+
+def test_every_json_command_prints_json_on_uncached_images_with_a_grid_pooled_head(photos, tmp_path, capfd,
+                                                                                   monkeypatch):
+    """Runs past the "auto" runtime's threshold go through onnxruntime, exported on first use; with a grid
+    pool that export once failed and printed torch's IR graph to stdout. Every `--json` command must print
+    exactly one JSON document to stdout."""
+    from PIL import Image
+
+    from fewshot.encoders import _AUTO_MIN_IMAGES
+
+    monkeypatch.setenv("FEWSHOT_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: export on first use
+    data, support = tmp_path / "data", tmp_path / "support"
+    per_class = _AUTO_MIN_IMAGES // len(photos) + 2
+    for name, path in photos.items():
+        with Image.open(path) as img:
+            small = img.convert("RGB").resize((48, 48))
+        for folder, count in ((data, per_class), (support, 2)):
+            (folder / name).mkdir(parents=True)
+            for i in range(count):  # distinct pixels: distinct images for the embedding cache
+                small.rotate(i * 7 % 360).save(folder / name / f"{folder.name}{i}.png")
+    head, reg = tmp_path / "head", tmp_path / "reg"
+    grid = ["--stages", "2,3", "--pool", "3", "--input-size", "64"]
+    commands = [
+        ["train-head", "--data", data, "--head", "protonet", "--out", head, "--episodes", "4", "--val-every", "2",
+         "--ways", "3", "--queries", "2", "--val-fraction", "0.5", "--force", *grid, "--json"],
+        ["register", reg, "--head", head, "--folder", support],
+        ["predict", reg, data, "--top-k", "2", "--no-cache", "--json"],
+        ["calibrate", reg, "--background", data, "--no-cache", "--json"],
+        ["evaluate", "--data", data, "--head", head, "--shots", "1", "--ways", "3", "--queries", "2", "--episodes",
+         "3", "--no-cache", "--out", tmp_path / "eval", "--json"],
+        ["doctor", reg, "--json"],
+        ["classes", reg, "--json"],
+        ["compare-encoders", "--data", data, "--encoder", "efficientnet_lite0@64", "--episodes", "3", "--ways", "3",
+         "--speed-images", "0", "--no-cache", "--out", tmp_path / "compare", "--json"],
+    ]
+    for command in commands:
+        status = main([str(arg) for arg in command])
+        out, err = capfd.readouterr()
+        assert status in (0, 1), (command, err)
+        if "--json" in command:
+            json.loads(out)  # one JSON document, nothing else
+        assert "runtime='onnxruntime' is unavailable" not in err  # the grid-pooled network ran under onnxruntime
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 2  # grid-pooled Lite0, and Lite0 at 64 px
