@@ -76,7 +76,7 @@ def export_module(module, path: str | os.PathLike, example, *, names: tuple[str,
     except Exception as exc:
         detail = " ".join(str(exc).split())[:300]
         raise ExportError(f"could not export {type(module).__name__} to ONNX ({type(exc).__name__}: {detail}); "
-                          f"use the torch runtime for this model") from exc
+                          f"this model runs with torch only") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -295,7 +295,7 @@ def _export_registry(out: Path, registry, temperature: float | None, unknown_thr
     fitted = current_calibration(registry)
     np.save(out / "prototypes.npy", prototypes, allow_pickle=False)
     np.save(out / "counts.npy", counts, allow_pickle=False)
-    np.save(out / "thresholds.npy", unknown_thresholds(fitted, labels, counts, unknown_threshold, unknown),
+    np.save(out / "thresholds.npy", _unknown_thresholds(fitted, labels, counts, unknown_threshold, unknown),
             allow_pickle=False)
     _write_json(out / "labels.json", list(labels))
     _write_json(out / "registry.json", {
@@ -309,8 +309,8 @@ def _export_registry(out: Path, registry, temperature: float | None, unknown_thr
                                                           ("registry", "json"))}
 
 
-def unknown_thresholds(calibration, labels: list[str], counts, override: float | None = None,
-                       unknown: bool = True) -> np.ndarray:
+def _unknown_thresholds(calibration, labels: list[str], counts, override: float | None = None,
+                        unknown: bool = True) -> np.ndarray:
     """Per class (row order), the top-1 similarity below which ``predict`` answers "unknown": ``override``
     for every class if given, else the fitted ``calibration.threshold_for``; NaN (no similarity is below it)
     where there is none, or for every class with ``unknown=False``."""
