@@ -170,12 +170,12 @@ def cmd_export(args) -> int:
         classifier = _load(args)
         files = export_bundle(args.out, encoder=classifier.encoder_, head=classifier.head_,
                               registry=classifier.registry_, temperature=classifier.temperature_,
-                              unknown_threshold=classifier.unknown_threshold, int8=args.int8,
-                              calibration=args.calibration)
+                              unknown_threshold=classifier.unknown_threshold, unknown=classifier.unknown,
+                              int8=args.int8, calibration=args.calibration, force=args.force)
     else:
         head = load_head(args.head) if args.head else None
         files = export_bundle(args.out, encoder=_head_or_plain_encoder(args, head), head=head, int8=args.int8,
-                              calibration=args.calibration)
+                              calibration=args.calibration, force=args.force)
     for role, path in files.items():
         print(f"{role}\t{path}")
     return 0
@@ -1002,7 +1002,9 @@ def _add_embed_parser(sub, parents: list) -> None:
 def _add_export_parser(sub, parents: list) -> None:
     p = sub.add_parser("export", parents=parents, help="export the encoder (and head, registry) to ONNX for "
                                                         "deployment with onnxruntime and numpy only")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write encoder.onnx, preprocess.json, ...")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder to write encoder.onnx, preprocess.json, "
+                                                                "... (built aside, then renamed into place)")
+    p.add_argument("--force", action="store_true", help="replace --out whole if it exists and is not empty")
     p.add_argument("--registry", metavar="REG", help="also export this registry's prototypes and labels (and the "
                                                      "encoder and head it was built with)")
     p.add_argument("--int8", action="store_true", help="also write encoder.int8.onnx (int8 weights and activations)")

@@ -144,6 +144,7 @@ class Encoder:
         self._compile_lock = threading.Lock()
         self._check_stages()
         probe = self._maps(torch.zeros(1, *self.data_config["input_size"]))
+        self._map_sizes = [tuple(m.shape[2:]) for m in probe]  # fixed by input_size: static grid pooling
         self.feature_shape = (sum(m.shape[1] for m in probe), self.pool, self.pool) if self.pool != "avg" else None
         self.dim = int(self._pooled(probe).shape[1])
         self.fingerprint = self._make_fingerprint()
@@ -190,7 +191,7 @@ class Encoder:
 
     def features_module(self) -> torch.nn.Module:
         """The feature function as one torch module: preprocessed batch -> embeddings (export, compile)."""
-        return _Features(self.model, self.stages, self.pool).eval()
+        return _Features(self.model, self.stages, self.pool, self._map_sizes).eval()
 
     def probe_batch(self, n: int) -> torch.Tensor:
         """A seeded random preprocessed batch of ``n`` images (channels-last), for checks and tracing."""
@@ -444,15 +445,35 @@ def _pool_maps(maps: list[torch.Tensor], pool: str | int) -> torch.Tensor:
     return torch.cat(grid, dim=1).flatten(1)
 
 
-class _Features(torch.nn.Module):
-    """The encoder's feature function as one module (what TorchScript traces and torch.compile compiles)."""
+def grid_pooling_matrix(size: int, grid: int) -> torch.Tensor:
+    """``(grid, size)`` weights of adaptive average pooling along one axis of length ``size``: cell i
+    averages positions floor(i * size / grid) .. ceil((i + 1) * size / grid) - 1, as torch does."""
+    weights = torch.zeros(grid, size)
+    for i in range(grid):
+        start, end = i * size // grid, -(-(i + 1) * size // grid)
+        weights[i, start:end] = 1.0 / (end - start)
+    return weights
 
-    def __init__(self, model: torch.nn.Module, stages: tuple[int, ...] | None, pool: str | int):
+
+class _Features(torch.nn.Module):
+    """The encoder's feature function as one module (what TorchScript traces, torch.compile compiles and
+    ONNX exports). A grid pool is applied as fixed averaging matrices for the maps' known sizes
+    (``map_sizes``): the same average as adaptive pooling, but static, so that ONNX can export it (its
+    exporter refuses adaptive pooling once the batch dimension is dynamic)."""
+
+    def __init__(self, model: torch.nn.Module, stages: tuple[int, ...] | None, pool: str | int,
+                 map_sizes: Sequence[tuple[int, int]] = ()):
         super().__init__()
         self.model, self.stages, self.pool = model, stages, pool
+        self.grid = [] if pool == "avg" else [(grid_pooling_matrix(h, pool), grid_pooling_matrix(w, pool).T)
+                                              for h, w in map_sizes]
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return _pool_maps(_feature_maps(self.model, self.stages, batch), self.pool)
+        maps = _feature_maps(self.model, self.stages, batch)
+        if not self.grid:
+            return _pool_maps(maps, self.pool)
+        pooled = [rows @ m @ columns for m, (rows, columns) in zip(maps, self.grid)]  # (N, C, g, g) each
+        return torch.cat(pooled, dim=1).flatten(1)
 
 
 def _compile_features(module: _Features, mode: str, probe: torch.Tensor) -> Callable:

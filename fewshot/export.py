@@ -9,7 +9,11 @@
   encoder fingerprint;
 * ``head.onnx`` + ``head.json`` for a trained head (embeddings -> head space, and the head's metric);
 * for a registry: ``prototypes.npy`` (float32, one row per class, unit rows for cosine), ``labels.json``
-  (class labels in row order) and ``registry.json`` (metric, temperature, unknown threshold).
+  (class labels in row order), ``counts.npy`` (examples per class), ``thresholds.npy`` (float64: the top-1
+  similarity below which a query nearest to that class is "unknown", as ``predict`` decides it; NaN where
+  it never is) and ``registry.json`` (metric, fitted temperature, the whole fitted calibration);
+* ``bundle.json``: every file above with its size and sha256; a reader uses only the files it lists.
+The folder is built beside ``out`` and renamed into place, so it never mixes files of two exports.
 ``examples/onnx_predict.py`` predicts from such a folder.
 
 ``OnnxFeatures`` runs an encoder's network under onnxruntime inside fewshot (``create_encoder(...,
@@ -18,20 +22,32 @@ runtime="onnxruntime")``): the model is exported once per fingerprint to the cac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import sys
 import tempfile
+import threading
 import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .errors import FewShotError
+from .files import honour_umask
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 OPSET = 17
 MIN_RUNTIME_COSINE = 0.9999  # an onnxruntime network must match eager this closely on a probe batch
+_stdout_lock = threading.Lock()  # file descriptor 1 is redirected by one export at a time
+
+
+class ExportError(FewShotError):
+    """A model could not be exported to ONNX, or the export folder cannot be written as asked."""
 
 
 def onnxruntime_available() -> bool:
@@ -50,17 +66,43 @@ def export_module(module, path: str | os.PathLike, example, *, names: tuple[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # concurrent exporters never share one
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _stdout_silenced():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's
             # The TorchScript-based exporter: ~1 s for Lite0, where the dynamo exporter takes ~15 s.
             torch.onnx.export(module.eval(), (example,), str(tmp), dynamo=False, opset_version=OPSET,
                               input_names=[names[0]], output_names=[names[1]],
                               dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}})
         os.replace(tmp, path)
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise ExportError(f"could not export {type(module).__name__} to ONNX ({type(exc).__name__}: {detail}); "
+                          f"this model runs with torch only") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+@contextlib.contextmanager
+def _stdout_silenced():
+    """Point file descriptor 1 at /dev/null while the block runs: torch's exporter prints its whole IR graph
+    there from C++ when it fails, and nothing a library prints may reach a `--json` stdout."""
+    with _stdout_lock:
+        try:
+            saved = os.dup(1)
+        except OSError:  # no stdout at all: nothing to protect
+            yield
+            return
+        sys.stdout.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()  # Python-level prints of the block go where the C++ ones went
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: np.ndarray,
@@ -165,18 +207,22 @@ def preprocess_config(encoder) -> dict:
 
 
 def export_bundle(out: str | os.PathLike, *, encoder, head=None, registry=None, temperature: float | None = None,
-                  unknown_threshold: float | None = None, int8: bool = False, calibration=None) -> dict[str, Path]:
+                  unknown_threshold: float | None = None, unknown: bool = True, int8: bool = False,
+                  calibration=None, force: bool = False) -> dict[str, Path]:
     """Write the deployment folder ``out`` (see the module docstring); returns the files by role.
 
     ``int8=True`` also writes ``encoder.int8.onnx``, calibrated on ``calibration`` (images: paths, a folder,
     ...; a few dozen photos like the ones the deployment will see).
     ``registry``'s vectors must come from ``encoder`` (and ``head``): another fingerprint raises
-    ``EncoderMismatchError``.
+    ``EncoderMismatchError``. Its unknown decisions are exported as ``predict`` makes them: the registry's
+    fitted thresholds, or ``unknown_threshold`` for every class, or none with ``unknown=False``;
+    ``temperature`` overrides the fitted one.
+    An existing ``out`` that is not empty is refused (``ExportError``) unless ``force``: then it is replaced
+    whole, so no file of an earlier export survives.
     """
     from .errors import EncoderMismatchError
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     expected = {**encoder.fingerprint, "head": head.fingerprint} if head is not None else encoder.fingerprint
     if int8 and calibration is None:
         raise ValueError("int8 export needs calibration images (CLI: --calibration DIR): a few dozen photos like "
@@ -184,48 +230,106 @@ def export_bundle(out: str | os.PathLike, *, encoder, head=None, registry=None, 
     if registry is not None and registry.fingerprint and registry.fingerprint != expected:
         raise EncoderMismatchError("the registry was built with another encoder (or head) than the one exported; "
                                    "export it with the encoder and head it was built with")
-    files = {"encoder": export_module(encoder.features_module(), out / "encoder.onnx", encoder.probe_batch(2))}
-    _write_json(out / "preprocess.json", preprocess_config(encoder))
-    files["preprocess"] = out / "preprocess.json"
-    if int8:
-        files["encoder_int8"] = quantize_int8(files["encoder"], out / "encoder.int8.onnx",
-                                              preprocess_images(encoder, calibration))
-    if head is not None:
-        import torch
+    _check_out_folder(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        files = {"encoder": export_module(encoder.features_module(), build / "encoder.onnx", encoder.probe_batch(2))}
+        _write_json(build / "preprocess.json", preprocess_config(encoder))
+        files["preprocess"] = build / "preprocess.json"
+        if int8:
+            files["encoder_int8"] = quantize_int8(files["encoder"], build / "encoder.int8.onnx",
+                                                  preprocess_images(encoder, calibration))
+        if head is not None:
+            files.update(_export_head(build, head))
+        if registry is not None:
+            files.update(_export_registry(build, registry, temperature, unknown_threshold, unknown))
+        _write_json(build / "bundle.json", {"files": {role: _file_entry(p) for role, p in files.items()}})
+        honour_umask(build, directory=True)  # mkdtemp made it 0700
+        _move_into_place(build, out)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return {role: out / path.name for role, path in files.items()}
 
-        files["head"] = export_module(head, out / "head.onnx", torch.zeros(2, head.in_dim),
-                                      names=(OUTPUT_NAME, "head_vectors"))
-        _write_json(out / "head.json", {"name": head.name, "metric": head.metric, "in_dim": head.in_dim,
-                                        "out_dim": head.out_dim, "fingerprint": head.fingerprint})
-        files["head_info"] = out / "head.json"
-    if registry is not None:
-        files.update(_export_registry(out, registry, temperature, unknown_threshold))
-    _write_json(out / "bundle.json", {"files": {role: _file_entry(p) for role, p in files.items()}})
-    return files
+
+def _check_out_folder(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder; give --out a folder path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} is not empty; export to a new folder, or pass --force (Python: force=True) to "
+                          f"replace it whole")
 
 
-def _export_registry(out: Path, registry, temperature: float | None, unknown_threshold: float | None) -> dict:
+def _move_into_place(build: Path, out: Path) -> None:
+    """Rename the finished folder ``build`` to ``out``, replacing what is there (a rename replaces an empty
+    folder in one step; a full one is first renamed aside, then deleted)."""
+    old = None
+    if out.is_dir() and any(out.iterdir()):
+        old = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old")
+        os.rename(out, old)
+    os.replace(build, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_head(out: Path, head) -> dict[str, Path]:
+    import torch
+
+    path = export_module(head, out / "head.onnx", torch.zeros(2, head.in_dim), names=(OUTPUT_NAME, "head_vectors"))
+    _write_json(out / "head.json", {"name": head.name, "metric": head.metric, "in_dim": head.in_dim,
+                                    "out_dim": head.out_dim, "fingerprint": head.fingerprint})
+    return {"head": path, "head_info": out / "head.json"}
+
+
+def _export_registry(out: Path, registry, temperature: float | None, unknown_threshold: float | None,
+                     unknown: bool) -> dict[str, Path]:
+    from .classifier import DEFAULT_TEMPERATURE, SOFTMAX_CANDIDATES
+    from .openset import current_calibration
+
     labels, prototypes = registry.prototypes()
     prototypes = np.ascontiguousarray(prototypes, dtype=np.float32)
     if registry.metric == "cosine":
         prototypes /= np.maximum(np.linalg.norm(prototypes, axis=1, keepdims=True), 1e-12)
+    all_counts = registry.counts
+    counts = np.array([all_counts[label] for label in labels], dtype=np.int64)
+    fitted = current_calibration(registry)
     np.save(out / "prototypes.npy", prototypes, allow_pickle=False)
+    np.save(out / "counts.npy", counts, allow_pickle=False)
+    np.save(out / "thresholds.npy", _unknown_thresholds(fitted, labels, counts, unknown_threshold, unknown),
+            allow_pickle=False)
     _write_json(out / "labels.json", list(labels))
-    from .classifier import DEFAULT_TEMPERATURE
+    _write_json(out / "registry.json", {
+        "metric": registry.metric, "classes": len(labels), "dim": registry.dim,
+        "temperature": temperature or fitted.temperature or DEFAULT_TEMPERATURE[registry.metric],
+        "softmax_candidates": SOFTMAX_CANDIDATES,  # probabilities are over this many nearest classes
+        "unknown": unknown, "unknown_threshold": unknown_threshold, "calibration": fitted.to_dict(),
+        "fingerprint": registry.fingerprint})
+    return {role: out / f"{role}.{ext}" for role, ext in (("prototypes", "npy"), ("labels", "json"),
+                                                          ("counts", "npy"), ("thresholds", "npy"),
+                                                          ("registry", "json"))}
 
-    _write_json(out / "registry.json", {"metric": registry.metric, "classes": len(labels), "dim": registry.dim,
-                                        "temperature": temperature or DEFAULT_TEMPERATURE[registry.metric],
-                                        "unknown_threshold": unknown_threshold, "fingerprint": registry.fingerprint})
-    return {"prototypes": out / "prototypes.npy", "labels": out / "labels.json", "registry": out / "registry.json"}
+
+def _unknown_thresholds(calibration, labels: list[str], counts, override: float | None = None,
+                        unknown: bool = True) -> np.ndarray:
+    """Per class (row order), the top-1 similarity below which ``predict`` answers "unknown": ``override``
+    for every class if given, else the fitted ``calibration.threshold_for``; NaN (no similarity is below it)
+    where there is none, or for every class with ``unknown=False``."""
+    if not unknown:
+        return np.full(len(labels), np.nan)
+    values = [override if override is not None else calibration.threshold_for(label, int(count))
+              for label, count in zip(labels, counts)]
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
 def _file_entry(path: Path) -> dict:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest}
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _write_json(path: Path, obj) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                     encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(f.name, path)
+    """Plain write: the whole folder is renamed into place once complete, so files need no atomicity of
+    their own, and they get the permissions the umask gives, as any file the user writes."""
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -75,29 +75,99 @@ def test_readme_classifier_snippets_run_as_written(marker, tmp_path, photos, vie
     assert done.returncode == 0, done.stderr
 
 
-def test_onnx_predict_matches_fewshot_predict(caltech_subset, tmp_path):
-    """An exported registry predicts, with onnxruntime + numpy + Pillow only, what fewshot predicts."""
-    import json
-
+@pytest.fixture(scope="module")
+def exported(caltech_subset, tmp_path_factory):
+    """A registry of 5 Caltech classes (3 photos each), its export, and queries: the other photos of those
+    classes (known) and photos of 3 classes never registered (unknown)."""
     from fewshot import FewShotClassifier
     from fewshot.cli import main
 
-    folders = sorted(caltech_subset.iterdir())[:5]
+    folders = sorted(caltech_subset.iterdir())
+    root = tmp_path_factory.mktemp("exported")
     classifier = FewShotClassifier(cache=False)
-    for folder in folders:
-        classifier.register(folder.name, sorted(folder.iterdir())[:2])
-    classifier.save(tmp_path / "shop.reg")
-    assert main(["export", "--registry", str(tmp_path / "shop.reg"), "--out", str(tmp_path / "bundle")]) == 0
-    queries = [p for folder in folders for p in sorted(folder.iterdir())[2:4]]
-    out = run_example("onnx_predict.py", tmp_path / "bundle", *queries, "--json")
-    exported = json.loads(out)
-    expected = classifier.predict(queries, top_k=3)
-    assert [r["label"] for r in exported] == [p.label for p in expected]
-    assert np.allclose([r["score"] for r in exported], [p.score for p in expected], atol=0.02)
-    # The script needs neither torch nor fewshot: run it in a fresh interpreter and look.
-    probe = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.argv = ['onnx_predict.py', "
-                            f"{str(tmp_path / 'bundle')!r}, {str(queries[0])!r}]; "
-                            f"runpy.run_path({str(EXAMPLES / 'onnx_predict.py')!r}, run_name='__main__'); "
-                            "print('TORCH', 'torch' in sys.modules, 'fewshot' in sys.modules)"],
-                           capture_output=True, text=True, timeout=300)
-    assert probe.stdout.strip().splitlines()[-1] == "TORCH False False", probe.stderr
+    for folder in folders[:5]:
+        classifier.register(folder.name, sorted(folder.iterdir())[:3])
+    classifier.save(root / "shop.reg")
+    assert main(["export", "--registry", str(root / "shop.reg"), "--out", str(root / "bundle")]) == 0
+    known = [p for folder in folders[:5] for p in sorted(folder.iterdir())[3:]]
+    unknown = [p for folder in folders[5:] for p in sorted(folder.iterdir())]
+    return root, known, unknown
+
+
+def run_onnx_predict(*args) -> tuple[int, str, str, int]:
+    """Run the example as a user would: exit status, stdout, stderr and its peak memory (RSS, bytes)."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, str(EXAMPLES / "onnx_predict.py"), *map(str, args)], stdout=out,
+                                stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss * 1024
+
+
+def test_onnx_predict_answers_as_fewshot_predict_on_known_and_unknown_images(exported):
+    """The same label or "unknown" as `fewshot predict`, from the registry's fitted thresholds, and the same
+    top-1 similarity."""
+    import json
+
+    from fewshot import FewShotClassifier
+
+    root, known, unknown = exported
+    queries = known + unknown
+    status, out, err, _ = run_onnx_predict(root / "bundle", *queries, "--json")
+    assert status == 0, err
+    exported_answers = json.loads(out)
+    expected = FewShotClassifier.load(root / "shop.reg").predict(queries, top_k=3)
+    assert sum(p.unknown for p in expected[len(known):]) >= len(unknown) // 2  # the test sees "unknown" answers
+    assert [(a["label"], a["unknown"]) for a in exported_answers] == [(p.label, p.unknown) for p in expected]
+    assert np.allclose([a["similarity"] for a in exported_answers], [p.similarity for p in expected], atol=1e-4)
+    assert np.allclose([a["score"] for a in exported_answers], [p.score for p in expected], atol=0.02)
+    # Neither torch nor fewshot's torch side: run it in a fresh interpreter and look.
+    code = (f"import sys, runpy\nsys.argv = ['onnx_predict.py', {str(root / 'bundle')!r}, {str(queries[0])!r}]\n"
+            f"try:\n    runpy.run_path({str(EXAMPLES / 'onnx_predict.py')!r}, run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('MODULES', 'torch' in sys.modules, sorted(m for m in sys.modules if m.startswith('fewshot')))")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert probe.stdout.strip().splitlines()[-1] == (
+        "MODULES False ['fewshot', 'fewshot.errors', 'fewshot.files', 'fewshot.images']"), probe.stderr
+
+
+def test_onnx_predict_reads_only_what_bundle_json_lists(exported, tmp_path):
+    """A stale head.onnx left in the folder is not applied; a file that is not the one listed is refused."""
+    import json
+    import shutil
+
+    root, known, _ = exported
+    bundle = tmp_path / "bundle"
+    shutil.copytree(root / "bundle", bundle)
+    shutil.copy(bundle / "encoder.onnx", bundle / "head.onnx")  # an earlier export's leftover
+    status, out, err, _ = run_onnx_predict(bundle, known[0], "--json")
+    assert status == 0, err
+    _, reference, _, _ = run_onnx_predict(root / "bundle", known[0], "--json")
+    assert json.loads(out) == json.loads(reference)
+    thresholds = bundle / "thresholds.npy"
+    thresholds.write_bytes(thresholds.read_bytes()[:-8] + np.float64(-1.0).tobytes())  # same size, other bytes
+    status, out, err, _ = run_onnx_predict(bundle, known[0])
+    assert status == 1 and out == ""
+    assert "thresholds.npy" in err and "sha256" in err and err.count("\n") == 1
+
+
+def test_onnx_predict_fails_per_image_with_bounded_memory(exported, tmp_path, corrupt_jpeg):
+    """A 1 x 30000 strip is decoded under fewshot's rules (bounded work); a corrupt file fails alone."""
+    import json
+
+    from PIL import Image
+
+    root, known, _ = exported
+    strip = tmp_path / "strip.png"
+    Image.new("L", (1, 30000), 128).save(strip, optimize=True)
+    status, out, err, peak = run_onnx_predict(root / "bundle", known[0], strip, corrupt_jpeg, known[1], "--json")
+    answers = json.loads(out)
+    assert status == 1, err  # as `fewshot predict` with a failed image
+    assert [a["input"] for a in answers] == [str(p) for p in (known[0], strip, corrupt_jpeg, known[1])]
+    assert [a["error"] is None for a in answers] == [True, True, False, True]
+    assert "truncated or corrupt" in answers[2]["error"] and answers[3]["similarity"] is not None  # answered
+    assert peak < 1.5e9, f"peak memory {peak / 1e9:.2f} GB"

@@ -146,3 +146,143 @@ def test_cli_export_refuses_head_and_registry_together(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--out", str(tmp_path), "--head", "h", "--registry", "r"])
     assert exit_info.value.code == 2
+
+
+def test_grid_pooled_encoder_exports_and_matches_eager(tmp_path, capfd):
+    """`--pool N` (the Omniglot recipe's features) exports: adaptive pooling becomes fixed averaging
+    matrices for the known map sizes (8x8 and 4x4 to a 3x3 grid: uneven windows too)."""
+    assert main(["export", "--stages", "2,3", "--pool", "3", "--input-size", "64", "--out", str(tmp_path / "out")]) == 0
+    out = capfd.readouterr().out
+    assert [line.split("\t")[0] for line in out.splitlines()] == ["encoder", "preprocess"]
+    grid = create_encoder(stages=(2, 3), pool=3, input_size=64, runtime="torch")
+    onnx = session(tmp_path / "out" / "encoder.onnx")
+    for n in (1, 3):
+        probe = grid.probe_batch(n)
+        got = onnx.run(None, {"images": np.ascontiguousarray(probe.numpy())})[0]
+        expected = grid._forward(probe).numpy()
+        assert got.shape == (n, grid.dim) and min_cosine(got, expected) >= 0.9999
+        np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_failed_export_prints_nothing_to_stdout_and_says_why_in_one_line(tmp_path, capfd):
+    """torch's exporter prints its IR graph to file descriptor 1 from C++ when it fails; none of it may
+    reach stdout (a `--json` command's output)."""
+    import torch
+
+    from fewshot.export import ExportError, export_module
+
+    class UnevenAdaptivePool(torch.nn.Module):  # adaptive pooling 8x8 -> 3x3: the ONNX exporter refuses it
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 3).flatten(1)
+
+    with pytest.raises(ExportError, match="could not export UnevenAdaptivePool to ONNX") as failure:
+        export_module(UnevenAdaptivePool(), tmp_path / "m.onnx", torch.zeros(2, 3, 10, 10))
+    assert "\n" not in str(failure.value)
+    assert capfd.readouterr().out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def _small_registry(path, photos, views_of):
+    classifier = FewShotClassifier(cache=False)
+    for name in ("coffee", "rocket", "chelsea"):
+        classifier.register(name, views_of(photos[name], 2, seed=1))
+    classifier.save(path)
+
+
+def test_export_refuses_a_non_empty_folder_and_force_replaces_it_whole(encoder, photos, views_of, tmp_path, capsys):
+    """A registry exported over a head export must not leave the old head.onnx behind to be applied."""
+    head = create_head("protonet", encoder.dim, seed=3)
+    head.metadata["encoder"] = encoder.fingerprint
+    save_head(head, tmp_path / "head")
+    _small_registry(tmp_path / "reg", photos, views_of)
+    out = tmp_path / "out"
+    assert main(["export", "--out", str(out), "--head", str(tmp_path / "head")]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert main(["export", "--out", str(out), "--registry", str(tmp_path / "reg")]) == 1
+    error = capsys.readouterr().err
+    assert "is not empty" in error and "--force" in error and error.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == before  # refused: nothing touched
+    assert main(["export", "--out", str(out), "--registry", str(tmp_path / "reg"), "--force"]) == 0
+    listed = {entry["name"] for entry in json.loads((out / "bundle.json").read_text())["files"].values()}
+    assert {p.name for p in out.iterdir()} == listed | {"bundle.json"}
+    assert not (out / "head.onnx").exists() and not (out / "head.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no build folder left over
+
+
+def test_export_files_get_the_permissions_the_umask_gives(encoder, photos, views_of, tmp_path):
+    import os
+    import stat
+
+    _small_registry(tmp_path / "reg", photos, views_of)
+    old = os.umask(0o022)
+    try:
+        assert main(["export", "--out", str(tmp_path / "out"), "--registry", str(tmp_path / "reg")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644) and "registry.json" in modes
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_registry_export_carries_the_fitted_calibration(photos, views_of, tmp_path):
+    _small_registry(tmp_path / "reg", photos, views_of)
+    assert main(["export", "--out", str(tmp_path / "out"), "--registry", str(tmp_path / "reg")]) == 0
+    classifier = FewShotClassifier.load(tmp_path / "reg")
+    info = json.loads((tmp_path / "out" / "registry.json").read_text())
+    labels = json.loads((tmp_path / "out" / "labels.json").read_text())
+    fitted = classifier.calibration_
+    assert info["calibration"] == json.loads(json.dumps(fitted.to_dict()))
+    assert info["temperature"] == pytest.approx(classifier.temperature_)
+    counts = np.load(tmp_path / "out" / "counts.npy")
+    assert counts.tolist() == [classifier.counts[label] for label in labels]
+    thresholds = np.load(tmp_path / "out" / "thresholds.npy")
+    assert thresholds.tolist() == [fitted.threshold_for(label, classifier.counts[label]) for label in labels]
+
+
+def test_every_json_command_prints_json_on_uncached_images_with_a_grid_pooled_head(photos, tmp_path, capfd,
+                                                                                   monkeypatch):
+    """Runs past the "auto" runtime's threshold go through onnxruntime, exported on first use; with a grid
+    pool that export once failed and printed torch's IR graph to stdout. Every `--json` command must print
+    exactly one JSON document to stdout."""
+    from PIL import Image
+
+    from fewshot.encoders import _AUTO_MIN_IMAGES
+
+    monkeypatch.setenv("FEWSHOT_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: export on first use
+    data, support = tmp_path / "data", tmp_path / "support"
+    per_class = _AUTO_MIN_IMAGES // len(photos) + 2
+    for name, path in photos.items():
+        with Image.open(path) as img:
+            small = img.convert("RGB").resize((48, 48))
+        for folder, count in ((data, per_class), (support, 2)):
+            (folder / name).mkdir(parents=True)
+            for i in range(count):  # distinct pixels: distinct images for the embedding cache
+                small.rotate(i * 7 % 360).save(folder / name / f"{folder.name}{i}.png")
+    head, reg = tmp_path / "head", tmp_path / "reg"
+    grid = ["--stages", "2,3", "--pool", "3", "--input-size", "64"]
+    commands = [
+        ["train-head", "--data", data, "--head", "protonet", "--out", head, "--episodes", "4", "--val-every", "2",
+         "--ways", "3", "--queries", "2", "--val-fraction", "0.5", "--force", *grid, "--json"],
+        ["register", reg, "--head", head, "--folder", support],
+        ["predict", reg, data, "--top-k", "2", "--no-cache", "--json"],
+        ["calibrate", reg, "--background", data, "--no-cache", "--json"],
+        ["evaluate", "--data", data, "--head", head, "--shots", "1", "--ways", "3", "--queries", "2", "--episodes",
+         "3", "--no-cache", "--out", tmp_path / "eval", "--json"],
+        ["doctor", reg, "--json"],
+        ["classes", reg, "--json"],
+        ["compare-encoders", "--data", data, "--encoder", "efficientnet_lite0@64", "--episodes", "3", "--ways", "3",
+         "--speed-images", "0", "--no-cache", "--out", tmp_path / "compare", "--json"],
+    ]
+    for command in commands:
+        status = main([str(arg) for arg in command])
+        out, err = capfd.readouterr()
+        assert status in (0, 1), (command, err)
+        if "--json" in command:
+            json.loads(out)  # one JSON document, nothing else
+        assert "runtime='onnxruntime' is unavailable" not in err  # the grid-pooled network ran under onnxruntime
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 2  # grid-pooled Lite0, and Lite0 at 64 px
