@@ -1,10 +1,10 @@
 """``fewshot serve`` against hostile or careless clients: what junk requests and huge images cost it.
 
-    .venv/bin/python benchmarks/serve_abuse.py [--junk 5000] [--repeats 3] [--images 1 8]
+    .venv/bin/python benchmarks/serve_abuse.py [--junk 5000] [--repeats 3] [--images 1 8] [--side 9400]
 
 1. ``--junk`` requests with made-up methods and random paths, no API key needed: the size of
    ``/metrics`` and the server's resident memory (VmRSS) before and after.
-2. One request with N 9400 x 9400 PNGs (about 0.4 MB each, under Pillow's decompression-bomb limit) to
+2. One request with N ``--side`` x ``--side`` PNGs (9400: 0.3 MB each, under Pillow's decompression-bomb limit) to
    ``/v1/predict``: wall time, status, and the server's peak resident memory above its resting size
    (VmHWM, reset through /proc/PID/clear_refs before each request). Medians over ``--repeats``.
 
@@ -46,9 +46,9 @@ def junk_requests(client: httpx.Client, n: int) -> None:
         client.request(method, path)
 
 
-def big_png() -> bytes:
+def big_png(side: int) -> bytes:
     out = io.BytesIO()
-    Image.linear_gradient("L").resize((9400, 9400)).convert("RGB").save(out, format="PNG")
+    Image.linear_gradient("L").resize((side, side)).convert("RGB").save(out, format="PNG")
     return out.getvalue()
 
 
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--junk", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--side", type=int, default=9400, help="width and height of the PNGs")
     args, serve_args = parser.parse_known_args()
     serve_args = [a for a in serve_args if a != "--"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,8 +76,8 @@ def main() -> None:
                 after = (len(client.get("/metrics").content), memory_kb(pid, "VmRSS"))
                 print(f"{args.junk} junk requests in {took:.1f} s: /metrics {before[0]:,} -> {after[0]:,} bytes, "
                       f"RSS {before[1] / 1024:.0f} -> {after[1] / 1024:.0f} MB")
-                png = big_png()
-                print(f"9400 x 9400 PNG: {len(png) / 1e6:.2f} MB")
+                png, side = big_png(args.side), f"{args.side} x {args.side}"
+                print(f"{side} PNG: {len(png) / 1e6:.2f} MB")
                 for n in args.images:
                     times, peaks, statuses = [], [], set()
                     for _ in range(args.repeats):
@@ -87,7 +88,7 @@ def main() -> None:
                         times.append(time.perf_counter() - start)
                         peaks.append(memory_kb(pid, "VmHWM") - resting)
                         statuses.add(r.status_code)
-                    print(f"{n} x 9400 x 9400 PNG in one request: status {sorted(statuses)}, median "
+                    print(f"{n} x {side} PNG in one request: status {sorted(statuses)}, median "
                           f"{statistics.median(times):.2f} s, peak RSS +{statistics.median(peaks) / 1024:.0f} MB "
                           f"(over {args.repeats}); answer: {r.text[:160]}")
         finally:

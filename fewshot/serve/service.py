@@ -8,9 +8,8 @@ requests from many clients go through a ``Batcher``, which groups them into one 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -95,7 +94,7 @@ class Service:
             raise ImageError(f"none of the {len(images)} images for class {label!r} could be used:\n  "
                              + "\n  ".join(errors))
         report = await self._in_worker(self._register, label, usable)
-        return dataclasses.replace(report, errors=errors + report.errors)
+        return replace(report, errors=errors + report.errors)
 
     def _register(self, label: str, images: list[NamedBytes]) -> RegisterReport:
         registry = self.classifier.registry_
