@@ -123,7 +123,7 @@ def test_add_recognise_rename_remove_in_the_browser(page, server, photo_files, t
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
 
-def test_an_unknown_answer_shows_no_class_probability(page, server):
+def test_an_unknown_answer_shows_no_class_probability(page, server, tmp_path):
     page.goto(server.url)
     page.wait_for_load_state("networkidle")
     page.evaluate("""() => document.getElementById("results").replaceChildren(resultCard(
@@ -134,6 +134,7 @@ def test_an_unknown_answer_shows_no_class_probability(page, server):
     assert card.locator(".answer").inner_text() == "Unknown: none of the classes"
     assert card.locator(".bar").count() == 0 and "%" not in card.inner_text()  # no 97% bar for "cat"
     assert card.locator(".nearest li").all_inner_texts() == ["cat: similarity 0.310", "camera: similarity 0.120"]
+    card.screenshot(path=str(tmp_path / "unknown.png"))
 
 
 def test_server_errors_are_shown_in_words(page, server, photo_files):

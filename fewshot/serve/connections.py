@@ -6,6 +6,7 @@ each connection must deliver a request's headers within ``header_timeout`` secon
 the previous response), and must not pause longer than ``body_timeout`` seconds while sending a
 body; otherwise it gets a 408 and is closed. Connections beyond ``max_connections`` are closed as soon
 as they are accepted, so descriptors stay bounded and the connections already open keep being served.
+``listen`` binds the port before anything else runs, so a busy port is one clear error.
 """
 
 from __future__ import annotations
