@@ -293,7 +293,11 @@ class FewShotClassifier:
         registry = self.registry_
         findings = near_duplicate_classes(registry, [label]) if is_new else []
         findings += likely_mislabelled(registry, label, vectors, sources)
-        return findings + duplicate_images(registry, [s.digest for s in sources if s.digest is not None])
+        # An image also in another class is named as given now: the other class's record may be a path
+        # on the server that an HTTP client must not learn.
+        given = {s.digest: s.source for s in sources if s.digest is not None}
+        return findings + [replace(f, source=given[f.digest])
+                           for f in duplicate_images(registry, list(given))]
 
     def doctor(self) -> list[Finding]:
         """Every hygiene problem of the registry (``fewshot.hygiene.diagnose``): near-duplicate

@@ -635,25 +635,32 @@ def cmd_demo(args) -> int:
 def cmd_serve(args) -> int:
     """Serve the registry over HTTP (and the web page) until interrupted; see the README's "Serve it"."""
     try:
-        from .serve import ServeSettings, is_loopback, read_api_key, run
+        from .serve import ServeSettings, is_loopback, listen, read_api_key, run
     except ImportError as e:
         raise FewShotError(f"fewshot serve needs the serve extra ({e}); pip install 'fewshot[serve]'") from None
     if not is_loopback(args.host) and not args.api_key_file:
         raise UsageError(f"--host {args.host} is not a loopback address: anyone who can reach it could change "
                          "the registry, so give --api-key-file FILE (clients send the key as 'Authorization: "
                          "Bearer KEY' or 'X-API-Key: KEY')")
-    for name in ("max_upload_mb", "max_total_upload_mb"):
+    for name in ("max_upload_mb", "max_total_upload_mb", "header_timeout", "body_timeout", "max_image_mp",
+                 "max_request_mp"):
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0")
     settings = ServeSettings(api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
                              max_upload_mb=args.max_upload_mb, max_total_upload_mb=args.max_total_upload_mb,
                              max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
-                             compile=args.compile, cors_origins=args.cors_origin)
+                             compile=args.compile, cors_origins=args.cors_origin,
+                             header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                             max_connections=args.max_connections, max_image_mp=args.max_image_mp,
+                             max_request_mp=args.max_request_mp)
     args.no_cache = True  # uploads are not kept, so neither are their embeddings
-    with _open_for_writing(args) as classifier:  # the lock error comes here, before the model loads
+    # Bound first: a busy port fails here, before the registry is created or its lock taken.
+    with listen(args.host, args.port) as sock, _open_for_writing(args) as classifier:  # then the lock error
         classifier.progress = False
-        print(f"fewshot serve: {args.registry} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-        run(classifier, settings, host=args.host, port=args.port)
+        host, port = sock.getsockname()[:2]
+        address = f"[{host}]" if ":" in host else host
+        print(f"fewshot serve: {args.registry} on http://{address}:{port}/ (Ctrl-C stops)", flush=True)
+        run(classifier, settings, host=args.host, port=args.port, sock=sock)
     return 0
 
 
@@ -974,6 +981,16 @@ def _add_serve_parser(sub, parents) -> None:
                         "built once at start-up)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN to call the API (repeatable; default none)")
+    p.add_argument("--max-image-mp", type=float, default=40.0, help="largest image in megapixels as decoded "
+                   "(JPEGs decode at reduced size; default 40)")
+    p.add_argument("--max-request-mp", type=float, default=160.0,
+                   help="megapixels decoded for all images of one request (default 160)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="longest pause in seconds while a client sends a request body (default 30)")
+    p.add_argument("--max-connections", type=_positive_int, default=512,
+                   help="connections open at once; more are closed on arrival (default 512)")
     p.add_argument("--metric", choices=["cosine", "l2"], help="for a new registry (default cosine)")
     p.add_argument("--index", help="FAISS factory string for a new registry (default auto)")
     p.add_argument("--store-examples", action=argparse.BooleanOptionalAction,

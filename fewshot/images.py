@@ -189,6 +189,22 @@ def load_image(item: ImageInput, *, min_size: int | None = None) -> Image.Image:
     raise ImageError(_unsupported_type(item, label))
 
 
+def decoded_size(item: str | os.PathLike | bytes, *, min_size: int | None = None) -> tuple[int, int]:
+    """(width, height) that ``load_image(item, min_size=min_size)`` decodes to, from the file's header
+    alone (no pixels are decoded): the stored size, or for a JPEG the reduced size its draft gives.
+    Raises ImageError where ``load_image`` would fail on the header (not an image, a bomb)."""
+    _check_min_size(min_size)
+    label = describe(item)
+    try:
+        with _open_file(item, label) if isinstance(item, _PATHS) else io.BytesIO(item) as fp:
+            with Image.open(fp, formats=_FORMATS) as img:
+                if min_size and img.format in ("JPEG", "MPO"):
+                    img.draft("RGB", (min_size, min_size))  # as _decode does: changes the size, decodes nothing
+                return img.size
+    except Exception as exc:
+        raise ImageError(f"{label}: {_explain(exc)}") from exc
+
+
 def limit_aspect(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
     """``image`` itself, or its centre cropped so that its long side is at most ``max_ratio`` times its
     short side: bounds the pixels a resize to a fixed short side can create (see the module notes)."""

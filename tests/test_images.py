@@ -16,6 +16,7 @@ from fewshot.images import (
     IMAGE_EXTENSIONS,
     LoadResult,
     content_digest,
+    decoded_size,
     describe,
     expand_inputs,
     load_image,
@@ -480,3 +481,18 @@ def test_limit_aspect_crops_only_extreme_strips_around_their_centre():
     start = (30000 - MAX_ASPECT_RATIO) // 2
     np.testing.assert_array_equal(np.asarray(cropped)[:, 0], np.asarray(tall)[start:start + MAX_ASPECT_RATIO, 0])
     assert limit_aspect(Image.new("L", (100000, 3))).size == (3 * MAX_ASPECT_RATIO, 3)
+
+
+def test_decoded_size_reads_the_header_and_the_jpeg_draft(tmp_path):
+    big = Image.linear_gradient("L").resize((2000, 1000))
+    png, jpg = io.BytesIO(), io.BytesIO()
+    big.save(png, format="PNG")
+    big.convert("RGB").save(jpg, format="JPEG")
+    assert decoded_size(png.getvalue(), min_size=224) == (2000, 1000)  # PNG decodes at full size
+    assert decoded_size(jpg.getvalue()) == (2000, 1000)
+    assert decoded_size(jpg.getvalue(), min_size=224) == (500, 250)  # as load_image(min_size=224) decodes
+    assert load_image(jpg.getvalue(), min_size=224).size == (500, 250)
+    (tmp_path / "a.jpg").write_bytes(jpg.getvalue())
+    assert decoded_size(tmp_path / "a.jpg", min_size=224) == (500, 250)
+    with pytest.raises(ImageError, match="not a recognised image"):
+        decoded_size(b"shopping list")

@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import signal
+import socket
+import string
 import struct
 import subprocess
 import sys
@@ -23,7 +26,7 @@ httpx = pytest.importorskip("httpx", reason="the serve extra is not installed: p
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 
 from fewshot import FewShotClassifier, Registry  # noqa: E402
-from serve_server import ROOT, start_server  # noqa: E402
+from serve_server import ROOT, free_port, start_server  # noqa: E402
 
 KEY = "k" * 8 + "-serve-test-key-0123456789"
 
@@ -273,7 +276,8 @@ def test_concurrent_predictions_are_batched_while_a_writer_adds(registered, imag
 def test_a_second_writer_gets_the_lock_error_at_once(registered, server, images, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
-    second = subprocess.run([sys.executable, "-m", "fewshot", "serve", str(server.registry), "--port", "1"],
+    second = subprocess.run([sys.executable, "-m", "fewshot", "serve", str(server.registry), "--port",
+                             str(free_port())],
                             capture_output=True, text=True, env=env, timeout=120)
     assert second.returncode == 1 and "open for writing by process" in second.stderr
     photo = tmp_path / "p.jpg"
@@ -337,3 +341,168 @@ def test_sigkill_while_clients_register_loses_no_acknowledged_change(tmp_path, i
     for label in counts:  # and each has the thumbnail that came in the same save
         assert registry.thumbnail(label)[:2] == b"\xff\xd8"
     json.loads((server.registry / "manifest.json").read_text())
+
+
+def png(size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.linear_gradient("L").resize(size).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, encoder, photos):
+    """A server with small limits, over a registry that the CLI's way (file paths) started."""
+    root = tmp_path_factory.mktemp("guarded")
+    private = root / "private-server-folder"
+    private.mkdir()
+    (private / "cat.jpg").write_bytes(jpeg(Image.open(photos["chelsea"])))
+    with FewShotClassifier.open(root / "reg", encoder=encoder, cache=False) as clf:
+        clf.register("from the cli", [private / "cat.jpg"])
+    srv = start_server(root / "reg", "--header-timeout", "1", "--body-timeout", "1", "--max-connections", "24",
+                       "--max-image-mp", "1", "--max-request-mp", "2")
+    yield srv
+    srv.stop()
+
+
+def test_junk_methods_and_paths_leave_metrics_bounded(server, registered):
+    def junk(n: int) -> None:
+        rng = random.Random(n)
+        with httpx.Client(base_url=server.url, timeout=30) as anonymous:
+            for i in range(n):
+                method = "".join(rng.choices(string.ascii_uppercase, k=6))
+                path = "/" + "".join(rng.choices(string.ascii_lowercase, k=10))
+                anonymous.request(method, rng.choice([path, "/v1/predict", "/v1/classes/x" + path]),
+                                  headers={"X-API-Key": KEY} if i % 2 else {})
+
+    junk(60)
+    first = registered.get("/metrics").text
+    junk(300)
+    second = registered.get("/metrics").text
+    assert len(second.splitlines()) == len(first.splitlines())  # the same series, only larger counts
+    assert 'method="other"' in second and 'endpoint="unmatched"' in second
+
+
+def test_pixel_limits_refuse_before_decoding(guarded):
+    with httpx.Client(base_url=guarded.url, timeout=60) as c:
+        huge_jpeg = jpeg(Image.linear_gradient("L").resize((3000, 3000)))  # 9 MP, decodes at 1/8 (0.14 MP)
+        r = c.post("/v1/predict", files=files(("big.png", png((1200, 1000))), ("big.jpg", huge_jpeg)))
+        assert r.status_code == 200
+        big_png, big_jpg = r.json()
+        assert big_png["label"] is None and big_png["error"].startswith("big.png: 1200 x 1000 pixels (1.2 MP)")
+        assert "1 MP per image (--max-image-mp)" in big_png["error"]
+        assert big_jpg["error"] is None and big_jpg["top_k"]
+        r = c.post("/v1/predict", files=files(*[(f"p{i}.png", png((900, 900))) for i in range(3)]))
+        assert r.status_code == 413 and "2 MP per request (--max-request-mp)" in r.json()["error"]
+        r = c.post("/v1/classes/big/images", files=files(("big.png", png((1200, 1000)))))
+        assert r.status_code == 400 and "1 MP per image" in r.json()["error"]
+        assert "big" not in [c["label"] for c in c.get("/v1/classes").json()]
+
+
+def open_connections(pid: int) -> int:
+    return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_slow_clients_are_cut_while_healthz_answers(guarded):
+    host, port = guarded.url.removeprefix("http://").split(":")
+    half_sent = [b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n",  # headers never finished
+                 b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\npartial", b""]
+    slow = []
+    try:
+        for i in range(12):
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.sendall(half_sent[i % 3])
+            slow.append(sock)
+        started = time.monotonic()
+        assert httpx.get(f"{guarded.url}/healthz", timeout=5).status_code == 200
+        assert time.monotonic() - started < 0.9  # answered while the slow ones wait
+        for sock in slow:  # each is answered 408 and closed after its 1 s timeout
+            got = b""
+            while chunk := sock.recv(4096):
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 408") and b"more than 1 s" in got
+        assert time.monotonic() - started < 4
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(guarded):
+    host, port = guarded.url.removeprefix("http://").split(":")
+    pid = guarded.process.pid
+    before = open_connections(pid)
+    flood = [socket.create_connection((host, int(port)), timeout=5) for _ in range(60)]
+    try:
+        time.sleep(0.3)
+        assert open_connections(pid) <= before + 24 + 1  # descriptors stay bounded by --max-connections
+        deadline = time.monotonic() + 5
+        while True:  # once the idle ones are cut (1 s), the service answers again
+            try:
+                if httpx.get(f"{guarded.url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "/healthz did not answer after the slow clients were cut"
+            time.sleep(0.2)
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+def test_any_label_can_be_added_renamed_and_removed(guarded, photos):
+    label = "two\nlines"
+    with httpx.Client(base_url=guarded.url, timeout=60) as c:
+        photo = jpeg(Image.open(photos["coffee"]))
+        r = c.post(f"/v1/classes/{quote(label, safe='')}/images", files=files(("a.jpg", photo)))
+        assert r.status_code == 200 and r.json()["label"] == label
+        assert c.get(f"/v1/classes/{quote(label, safe='')}/thumbnail").status_code == 200
+        r = c.post(f"/v1/classes/{quote(label, safe='')}/rename", json={"to": "still\ntwo"})
+        assert r.status_code == 200
+        assert c.delete(f"/v1/classes/{quote('still' + chr(10) + 'two', safe='')}").json() == {"removed": "still\ntwo"}
+        r = c.delete("/v1/classes/never")
+        assert r.status_code == 404 and "GET /v1/classes" in r.json()["error"]
+        assert "Registry" not in r.json()["error"]
+
+
+def test_deeply_nested_json_is_a_400(guarded):
+    with httpx.Client(base_url=guarded.url, timeout=60) as c:
+        r = c.post("/v1/classes/x/rename", content=b"[" * 100_000, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "to" in r.json()["error"]
+
+
+def test_duplicate_warning_names_the_upload_not_a_server_path(guarded, photos):
+    with httpx.Client(base_url=guarded.url, timeout=60) as c:
+        same = jpeg(Image.open(photos["chelsea"]))
+        r = c.post("/v1/classes/tabby/images", files=files(("upload.jpg", same)))
+        assert r.status_code == 200
+        warnings = "\n".join(r.json()["warnings"])
+        assert "'upload.jpg'" in warnings and "'from the cli'" in warnings
+        assert "private-server-folder" not in warnings and str(guarded.registry.parent) not in warnings
+        c.delete("/v1/classes/tabby")
+
+
+def test_info_shows_the_fitted_unknown_thresholds(registered):
+    threshold = registered.get("/v1/info").json()["threshold"]
+    assert threshold["source"] == "fitted" and threshold["method"] == "leave-one-out"
+    assert isinstance(threshold["pooled"], float) and 0 < threshold["target_tpr"] <= 1
+    assert {"one_shot", "per_class"} <= threshold.keys()
+
+
+def test_busy_port_is_one_clear_error(server, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    port = server.url.rsplit(":", 1)[1]
+    r = subprocess.run([sys.executable, "-m", "fewshot", "serve", str(tmp_path / "reg"), "--port", port],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""  # no "on http://..." line for a server that never ran
+    assert r.stderr.strip().splitlines() == [f"fewshot: error: cannot listen on 127.0.0.1:{port}: Address already in "
+                                             "use; another program (another fewshot serve?) is listening there; "
+                                             "pick another --port"]
+    assert not (tmp_path / "reg").exists()
+
+
+def test_listen_gives_a_tcp_socket_asyncio_sets_nodelay_on():
+    from fewshot.serve import listen
+
+    with listen("127.0.0.1", 0) as sock:  # proto 0 would leave Nagle on: ~40 ms more per response
+        assert sock.proto == socket.IPPROTO_TCP
+        with pytest.raises(OSError, match="Address already in use; another program"):
+            listen("127.0.0.1", sock.getsockname()[1])

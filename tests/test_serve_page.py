@@ -51,8 +51,13 @@ def photo_files(photos, views_of, tmp_path_factory) -> dict[str, list[Path]]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("page") / "reg")
+def server(tmp_path_factory, encoder, photos):
+    from fewshot import FewShotClassifier
+
+    registry = tmp_path_factory.mktemp("page") / "reg"
+    with FewShotClassifier.open(registry, encoder=encoder, cache=False) as clf:
+        clf.register("camera", [photos["camera"]])  # as the CLI registers: no thumbnail
+    srv = start_server(registry)
     yield srv
     srv.stop()
 
@@ -78,25 +83,33 @@ def add_class(page, label: str, paths: list[Path]) -> None:
     page.wait_for_selector(f'li.class[data-label="{label}"]')
 
 
+def bar_labels(page) -> list[str]:
+    return [b.inner_text() for b in page.locator(".result .bar .label").all()]
+
+
 def test_add_recognise_rename_remove_in_the_browser(page, server, photo_files, tmp_path):
     page.goto(server.url)
-    page.wait_for_selector("#no-classes", state="visible")
+    page.wait_for_selector('li.class[data-label="camera"]')
     add_class(page, "cat", photo_files["cat"][:3])
     add_class(page, "coffee", photo_files["coffee"][:3])
     assert page.inner_text('li.class[data-label="cat"] .count') == "3 images"
     page.wait_for_function("document.querySelectorAll('li.class img[src^=\"blob:\"]').length === 2")  # thumbnails
+    # The class registered without a thumbnail shows a placeholder, not a broken image.
+    assert page.locator('li.class[data-label="camera"] .noimg').inner_text().upper() == "C"
+    assert page.evaluate("[...document.images].filter(i => i.complete && i.naturalWidth === 0).length") == 0
+
+    page.set_input_files("#predict-files", str(photo_files["cat"][3]))
+    page.wait_for_selector(".result .answer")
+    assert page.inner_text(".result .answer") == "cat"
+    assert {"cat", "coffee"} <= set(bar_labels(page))
 
     row = page.locator('li.class[data-label="coffee"]')
     row.get_by_role("button", name="Rename").click()
     row.get_by_label("new name for coffee").fill("espresso")
     row.get_by_role("button", name="Save").click()
     page.wait_for_selector('li.class[data-label="espresso"]')
-
-    page.set_input_files("#predict-files", str(photo_files["cat"][3]))
-    page.wait_for_selector(".result .answer")
-    assert page.inner_text(".result .answer") == "cat"
-    bars = page.locator(".result .bar")
-    assert bars.count() == 2 and [b.inner_text() for b in bars.locator(".label").all()] == ["cat", "espresso"]
+    page.wait_for_selector('.result .bar .label:text-is("espresso")')  # the result on screen follows
+    assert "coffee" not in bar_labels(page) and page.inner_text(".result .answer") == "cat"
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     if os.environ.get("FEWSHOT_PAGE_SCREENSHOT"):
         page.screenshot(path=os.environ["FEWSHOT_PAGE_SCREENSHOT"], full_page=True)
@@ -105,8 +118,23 @@ def test_add_recognise_rename_remove_in_the_browser(page, server, photo_files, t
     remove.click()
     remove.click()  # the second press confirms
     page.wait_for_selector('li.class[data-label="espresso"]', state="detached")
-    assert page.locator("li.class").count() == 1
+    page.wait_for_selector('.result .bar .label:text-is("espresso")', state="detached")
+    assert page.locator("li.class").count() == 2
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_an_unknown_answer_shows_no_class_probability(page, server, tmp_path):
+    page.goto(server.url)
+    page.wait_for_load_state("networkidle")
+    page.evaluate("""() => document.getElementById("results").replaceChildren(resultCard(
+        {input: "odd.jpg", label: null, unknown: true, score: 0.97, similarity: 0.31, error: null,
+         top_k: [{label: "cat", score: 0.97, similarity: 0.31}, {label: "camera", score: 0.03, similarity: 0.12}]},
+        new Blob(["x"], {type: "image/jpeg"})))""")
+    card = page.locator(".result")
+    assert card.locator(".answer").inner_text() == "Unknown: none of the classes"
+    assert card.locator(".bar").count() == 0 and "%" not in card.inner_text()  # no 97% bar for "cat"
+    assert card.locator(".nearest li").all_inner_texts() == ["cat: similarity 0.310", "camera: similarity 0.120"]
+    card.screenshot(path=str(tmp_path / "unknown.png"))
 
 
 def test_server_errors_are_shown_in_words(page, server, photo_files):
@@ -132,4 +160,6 @@ def test_keyboard_and_phone_sized_screen(page, server, photo_files, tmp_path):
     chooser.value.set_files(str(photo_files["coffee"][0]))
     page.wait_for_selector("#add-pending img")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone
+    recognise, classes = page.locator("#predict-panel").bounding_box(), page.locator("#class-list").bounding_box()
+    assert recognise["y"] < classes["y"]  # Recognise comes before the class list, not below all of it
     page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)

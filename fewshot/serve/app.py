@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,9 +26,10 @@ from .. import __version__
 from ..errors import (DuplicateClassError, FewShotError, RegistryLockedError, RegistrySaveError,
                       UnknownClassError)
 from ..images import NamedBytes
+from ..openset import Calibration
 from .security import ApiKeyGuard, UploadLimits
-from .service import MAX_TOP_K, Service
-from .telemetry import Telemetry
+from .service import MAX_TOP_K, Service, TooManyPixels
+from .telemetry import CONTENT_TYPE, Telemetry
 
 STATIC = Path(__file__).parent / "static"
 MAX_FILES = 256  # images per request
@@ -45,6 +47,20 @@ class ServeSettings:
     batch_window_ms: float = 5.0
     compile: str | None = "torchscript"  # the encoder's network (see fewshot.encoders.COMPILE_MODES)
     cors_origins: list[str] = field(default_factory=list)
+    max_image_mp: float = 40.0  # megapixels one image may decode to (JPEGs decode at reduced size)
+    max_request_mp: float = 160.0  # megapixels all images of one request may decode to
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    body_timeout_s: float = 30.0  # longest pause while a request body arrives
+    max_connections: int = 512  # connections open at once; more are closed on arrival
+
+
+class LabelConvertor(PathConvertor):
+    """A class label in a URL path: any text, newlines included (``{label:path}`` stops at a newline)."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("fewshot_label", LabelConvertor())
 
 
 class ApiError(Exception):
@@ -110,18 +126,17 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics():
-        return Response(service.telemetry.render(classes=service.class_count()),
-                        media_type="text/plain; version=0.0.4")
+        return Response(service.telemetry.render(classes=service.class_count()), media_type=CONTENT_TYPE)
 
     @app.get("/v1/info", summary="Encoder, head, metric, threshold and versions")
     async def info():
-        return await asyncio.to_thread(_info, service)
+        return await asyncio.to_thread(_info, service, await service.calibration())
 
     @app.get("/v1/classes", summary="Every class with its number of examples")
     async def classes():
         return [{"label": label, "count": count} for label, count in (await service.counts()).items()]
 
-    @app.get("/v1/classes/{label:path}/thumbnail", summary="The class's thumbnail (JPEG)",
+    @app.get("/v1/classes/{label:fewshot_label}/thumbnail", summary="The class's thumbnail (JPEG)",
              response_class=Response)
     async def thumbnail(label: str):
         data = await service.thumbnail(label)
@@ -129,20 +144,20 @@ def _add_routes(app: FastAPI, service: Service) -> None:
             raise ApiError(404, f"class {label!r} has no thumbnail")
         return Response(data, media_type="image/jpeg", headers={"cache-control": "no-cache"})
 
-    @app.post("/v1/classes/{label:path}/images", summary="Add images to a class (created if new)",
+    @app.post("/v1/classes/{label:fewshot_label}/images", summary="Add images to a class (created if new)",
               openapi_extra=_MULTIPART)
     async def add_images(label: str, request: Request):
         report = await service.register(label, await _uploaded_images(request))
         return {"label": report.label, "added": report.added, "total": report.total, "errors": report.errors,
                 "warnings": report.warnings}
 
-    @app.post("/v1/classes/{label:path}/rename", summary="Rename a class: body {\"to\": \"new label\"}")
+    @app.post("/v1/classes/{label:fewshot_label}/rename", summary="Rename a class: body {\"to\": \"new label\"}")
     async def rename(label: str, request: Request):
         new = await _rename_target(request)
         await service.rename(label, new)
         return {"label": new, "renamed_from": label}
 
-    @app.delete("/v1/classes/{label:path}", summary="Remove a class")
+    @app.delete("/v1/classes/{label:fewshot_label}", summary="Remove a class")
     async def remove(label: str):
         await service.remove(label)
         return {"removed": label}
@@ -177,14 +192,25 @@ async def _uploaded_images(request: Request) -> list[NamedBytes]:
 async def _rename_target(request: Request) -> str:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("to"), str):
         raise ApiError(400, 'send a JSON body {"to": "new label"}')
     return body["to"]
 
 
-def _info(service: Service) -> dict:
+def _threshold(classifier, calibration: Calibration) -> dict:
+    """How "unknown" is decided: off, one fixed similarity, or the thresholds fitted to the registry."""
+    if not classifier.unknown:
+        return {"source": "off"}
+    if classifier.unknown_threshold is not None:
+        return {"source": "fixed", "value": classifier.unknown_threshold}
+    return {"source": "fitted", "pooled": calibration.threshold, "one_shot": calibration.one_shot_threshold,
+            "per_class": len(calibration.per_class), "method": calibration.method,
+            "target_tpr": calibration.target_tpr}
+
+
+def _info(service: Service, calibration: Calibration) -> dict:
     import faiss
     import timm
     import torch
@@ -195,7 +221,7 @@ def _info(service: Service) -> dict:
         "encoder": {k: v for k, v in fingerprint.items() if k != "head"},
         "head": fingerprint.get("head"),
         "metric": classifier.registry_.metric,
-        "threshold": classifier.unknown_threshold,
+        "threshold": _threshold(classifier, calibration),
         "temperature": classifier.temperature_,
         "classes": service.class_count(),
         "index": classifier.registry_.index_in_use,
@@ -214,6 +240,8 @@ def _status_of(exc: Exception) -> int:
         return 409
     if isinstance(exc, RegistrySaveError):
         return 507
+    if isinstance(exc, TooManyPixels):
+        return 413
     return 400
 
 
@@ -224,7 +252,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(FewShotError)
     async def fewshot_error(request, exc: FewShotError):
-        return JSONResponse({"error": str(exc)}, status_code=_status_of(exc))
+        message = str(exc)
+        if isinstance(exc, UnknownClassError):  # the library's hint names its Python API, not the endpoint
+            message = message.split("; known classes")[0] + "; GET /v1/classes lists the classes"
+        return JSONResponse({"error": message}, status_code=_status_of(exc))
 
     @app.exception_handler(ValueError)
     async def value_error(request, exc: ValueError):  # bad arguments, e.g. an invalid label
@@ -272,5 +303,5 @@ class _Timing:
         finally:
             endpoint = getattr(scope.get("endpoint"), "__name__", None)
             if endpoint is None:
-                endpoint = "static" if scope["path"].startswith("/static/") else "other"
+                endpoint = "static" if scope["path"].startswith("/static/") else "unmatched"
             self.telemetry.record_request(endpoint, scope["method"], status, time.perf_counter() - start)

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..classifier import FewShotClassifier, Prediction, RegisterReport
 from ..errors import ImageError
-from ..images import NamedBytes
+from ..images import NamedBytes, decoded_size
+from ..openset import Calibration
 from ..thumbnails import make_thumbnail
 from .batching import Batcher
 from .telemetry import Telemetry
 
 MAX_TOP_K = 1000
+
+
+class TooManyPixels(ValueError):
+    """The images of one request would decode to more pixels than the service allows per request."""
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,10 @@ class Service:
     """Owns an open ``FewShotClassifier`` (``FewShotClassifier.open``) and the thread that uses it."""
 
     def __init__(self, classifier: FewShotClassifier, *, max_batch: int = 16, batch_window_ms: float = 5.0,
-                 compile: str | None = "torchscript", telemetry: Telemetry | None = None):
+                 compile: str | None = "torchscript", telemetry: Telemetry | None = None,
+                 max_image_mp: float = 40.0, max_request_mp: float = 160.0):
         self.classifier = classifier
+        self.max_image_mp, self.max_request_mp = max_image_mp, max_request_mp  # decoded megapixels
         self.compile = compile  # how the encoder's network runs (``Encoder.compile``); None: as it is
         self.telemetry = telemetry or Telemetry()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewshot-model")
@@ -70,13 +77,24 @@ class Service:
     async def thumbnail(self, label: str) -> bytes | None:
         return await asyncio.to_thread(self.classifier.registry_.thumbnail, label)
 
+    async def calibration(self) -> Calibration:
+        """The registry's fitted unknown thresholds (refitted in the worker if a change made them stale)."""
+        return await self._in_worker(lambda: self.classifier.calibration_)
+
     def class_count(self) -> int:
         """Classes in the registry (no lock, O(1)); 0 until the model is loaded."""
         return len(self.classifier.registry_) if self.ready else 0
 
     # -- changes (the worker thread) --------------------------------------------------------------
     async def register(self, label: str, images: list[NamedBytes]) -> RegisterReport:
-        return await self._in_worker(self._register, label, images)
+        refused = await self._screen(images)
+        errors = [why for why in refused if why]
+        usable = [image for image, why in zip(images, refused) if not why]
+        if not usable:
+            raise ImageError(f"none of the {len(images)} images for class {label!r} could be used:\n  "
+                             + "\n  ".join(errors))
+        report = await self._in_worker(self._register, label, usable)
+        return replace(report, errors=errors + report.errors)
 
     def _register(self, label: str, images: list[NamedBytes]) -> RegisterReport:
         registry = self.classifier.registry_
@@ -93,7 +111,37 @@ class Service:
 
     # -- predicting (batched, the worker thread) ---------------------------------------------------
     async def predict(self, images: list[NamedBytes], top_k: int) -> list[Prediction]:
-        return await self.batcher.submit(PredictJob(images, top_k), size=len(images))
+        refused = await self._screen(images)
+        usable = [image for image, why in zip(images, refused) if not why]
+        answers = iter(await self.batcher.submit(PredictJob(usable, top_k), size=len(usable)) if usable else [])
+        return [Prediction(label=None, score=None, error=why, input=image.name) if why else next(answers)
+                for image, why in zip(images, refused)]
+
+    # -- decoding cost, from the images' headers ------------------------------------------------
+    async def _screen(self, images: list[NamedBytes]) -> list[str | None]:
+        """Per image, why it is refused before decoding (more pixels than ``max_image_mp``), or None;
+        TooManyPixels if the rest would decode to more than ``max_request_mp`` together."""
+        return await asyncio.to_thread(self._screen_now, images, self.classifier.encoder_.resize_size)
+
+    def _screen_now(self, images: list[NamedBytes], min_size: int) -> list[str | None]:
+        refused, total = [], 0.0
+        for image in images:
+            try:
+                width, height = decoded_size(image, min_size=min_size)
+            except ImageError:  # decoding fails it alone, with the same message
+                refused.append(None)
+                continue
+            megapixels = width * height / 1e6
+            too_big = megapixels > self.max_image_mp
+            refused.append(f"{image.name}: {width} x {height} pixels ({megapixels:.1f} MP) as decoded, more than "
+                           f"this server's {self.max_image_mp:g} MP per image (--max-image-mp); send it downscaled, "
+                           "or as a JPEG (which decodes at reduced size)" if too_big else None)
+            total += 0 if too_big else megapixels
+        if total > self.max_request_mp:
+            raise TooManyPixels(f"the images of this request decode to {total:.0f} MP in all, more than this "
+                                f"server's {self.max_request_mp:g} MP per request (--max-request-mp); send fewer "
+                                "images per request, or smaller ones")
+        return refused
 
     def _predict_batch(self, jobs: list[PredictJob]) -> list[list[Prediction] | Exception]:
         """One model call per distinct top_k in the batch (normally one), split back per request."""

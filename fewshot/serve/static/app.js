@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const pending = { add: [], predict: [] };  // Files/Blobs chosen but not sent yet (add panel)
+let shown = [];  // the files whose results are on screen: asked again after the classes change
 
 // -- talking to the service -------------------------------------------------------------------
 function headers() {
@@ -49,21 +50,27 @@ async function loadClasses() {
   list.replaceChildren(...classes.map(classItem));
   $("no-classes").hidden = classes.length > 0;
   $("class-count").textContent = classes.length ? `(${classes.length})` : "";
-  for (const img of list.querySelectorAll("img[data-label]")) loadThumbnail(img);
+  for (const li of list.children) loadThumbnail(li);
 }
 
-async function loadThumbnail(img) {
-  const response = await fetch(classUrl(img.dataset.label, "/thumbnail"), { headers: headers() });
-  if (response.ok) img.src = URL.createObjectURL(await response.blob());
+// A class registered without a thumbnail (e.g. from the command line) keeps its placeholder.
+async function loadThumbnail(li) {
+  const response = await fetch(classUrl(li.dataset.label, "/thumbnail"), { headers: headers() });
+  if (!response.ok) return;
+  const img = document.createElement("img");
+  img.alt = `thumbnail of ${li.dataset.label}`;
+  img.src = URL.createObjectURL(await response.blob());
+  li.querySelector(".noimg").replaceWith(img);
 }
 
 function classItem({ label, count }) {
   const li = document.createElement("li");
   li.className = "class";
   li.dataset.label = label;
-  const img = document.createElement("img");
-  img.alt = `thumbnail of ${label}`;
-  img.dataset.label = label;
+  const placeholder = document.createElement("div");
+  placeholder.className = "noimg";
+  placeholder.setAttribute("aria-hidden", "true");
+  placeholder.textContent = [...label.trim()][0] || "?";
   const text = document.createElement("div");
   const name = document.createElement("div");
   name.className = "name";
@@ -78,7 +85,7 @@ function classItem({ label, count }) {
     button("Add images", "secondary", () => { $("add-label").value = label; $("add-label").focus(); }),
     button("Rename", "secondary", () => showRename(li, label)),
     button("Remove", "danger", (b) => confirmRemove(b, label)));
-  li.append(img, text, actions);
+  li.append(placeholder, text, actions);
   return li;
 }
 
@@ -107,6 +114,7 @@ function showRename(li, label) {
       await api("POST", classUrl(label, "/rename"), JSON.stringify({ to: input.value }));
       show(`Renamed “${label}” to “${input.value}”.`, true);
       await loadClasses();
+      await refreshResults();
     });
   });
   form.addEventListener("keydown", (event) => { if (event.key === "Escape") form.remove(); });
@@ -125,6 +133,7 @@ function confirmRemove(b, label) {
     await api("DELETE", classUrl(label));
     show(`Removed “${label}”.`, true);
     await loadClasses();
+    await refreshResults();
   });
 }
 
@@ -145,6 +154,7 @@ async function addImages(event) {
     renderPending();
     $("add-label").value = "";
     await loadClasses();
+    await refreshResults();
   });
 }
 
@@ -162,15 +172,32 @@ function renderPending() {
 // -- predicting ---------------------------------------------------------------------------------
 async function predict(files) {
   if (!files.length) return;
-  const form = new FormData();
-  files.forEach((file, i) => form.append("images", file, file.name || `photo-${i + 1}.jpg`));
-  const topK = Math.max(1, Math.min(20, Number($("top-k").value) || 3));
   try {
-    const predictions = await api("POST", `/v1/predict?top_k=${topK}`, form);
-    $("results").replaceChildren(...predictions.map((p, i) => resultCard(p, files[i])));
+    await showResults(files);
     show("");
   } catch (e) {
     show(e.message);
+  }
+}
+
+async function showResults(files) {
+  const form = new FormData();
+  files.forEach((file, i) => form.append("images", file, file.name || `photo-${i + 1}.jpg`));
+  const topK = Math.max(1, Math.min(20, Number($("top-k").value) || 3));
+  const predictions = await api("POST", `/v1/predict?top_k=${topK}`, form);
+  $("results").replaceChildren(...predictions.map((p, i) => resultCard(p, files[i])));
+  shown = files;
+}
+
+// After a class is added, renamed or removed, the answers on screen may name classes that are gone
+// or miss a better one: ask again, or clear them when that fails (e.g. no classes left).
+async function refreshResults() {
+  if (!shown.length) return;
+  try {
+    await showResults(shown);
+  } catch (e) {
+    $("results").replaceChildren();
+    shown = [];
   }
 }
 
@@ -197,7 +224,7 @@ function resultCard(p, file) {
       sim.textContent = `similarity ${p.similarity.toFixed(3)}`;
       body.append(sim);
     }
-    body.append(bars(p.top_k));
+    body.append(unknown ? nearest(p.top_k) : bars(p.top_k));
   }
   card.append(img, body);
   return card;
@@ -231,6 +258,26 @@ function bars(topK) {
     list.append(li);
   }
   return list;
+}
+
+// An unknown answer has no class, so no class's probability is shown as if it were the answer:
+// only how similar the nearest classes are (and that none is similar enough).
+function nearest(topK) {
+  const list = document.createElement("ol");
+  list.className = "nearest";
+  list.setAttribute("aria-label", "nearest classes, none close enough");
+  for (const entry of topK) {
+    const li = document.createElement("li");
+    const sim = typeof entry.similarity === "number" ? entry.similarity.toFixed(3) : "?";
+    li.textContent = `${entry.label}: similarity ${sim}`;
+    list.append(li);
+  }
+  const box = document.createElement("div");
+  const caption = document.createElement("p");
+  caption.className = "muted nearest-caption";
+  caption.textContent = "Nearest classes, none close enough:";
+  box.append(caption, list);
+  return box;
 }
 
 // -- files: picker, drag and drop, webcam -------------------------------------------------------
