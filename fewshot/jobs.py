@@ -358,30 +358,35 @@ def _ray_kept_off_stderr() -> Iterator[None]:
     """Ray's own logs, progress bars and warnings off the user's stderr while a job runs; they stay in Ray's log
     files, and every setting is restored afterwards.
 
-    Python: Ray Data's "ray.data" logger at ERROR, its progress bars and start banner off, Ray's warnings ignored
-    (``ray.init``'s ``logging_level`` and ``log_to_driver`` quiet the "ray" logger and the actors). C++: Ray's core
-    in this process copies the errors it logs to file descriptor 2, among them a spurious one per Ray Data actor
-    (ray#57733), and no Ray setting turns that copy off, so fd 2 points at /dev/null meanwhile."""
+    Python: the console handlers of Ray Data's "ray.data" logger at ERROR (its file handler keeps everything),
+    its progress bars and start banner off, Ray's warnings ignored (``ray.init``'s ``logging_level`` and
+    ``log_to_driver`` quiet the "ray" logger and the actors). C++: Ray's core in this process copies the errors it
+    logs to its file onto file descriptor 2, among them a spurious one per Ray Data actor (ray#57733), and no Ray
+    setting turns that copy off, so fd 2 points at /dev/null meanwhile."""
     ray = _import_ray()
-    context, data_logger = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
-    saved = context.enable_progress_bars, context.print_on_execution_start, data_logger.level
+    context = ray.data.DataContext.get_current()
+    consoles = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    saved = context.enable_progress_bars, context.print_on_execution_start, [h.level for h in consoles]
     context.enable_progress_bars = context.print_on_execution_start = False
-    data_logger.setLevel(logging.ERROR)
+    for handler in consoles:
+        handler.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), _fd2_to_devnull():
             warnings.filterwarnings("ignore", module=r"ray(\.|$)")
             yield
     finally:
         context.enable_progress_bars, context.print_on_execution_start = saved[:2]
-        data_logger.setLevel(saved[2])
+        for handler, level in zip(consoles, saved[2]):
+            handler.setLevel(level)
 
 
 @contextlib.contextmanager
 def _fd2_to_devnull() -> Iterator[None]:
     """File descriptor 2 on /dev/null; ``sys.stderr`` (fewshot's progress bar and messages) stays on the real
     stderr, through a copy of the descriptor where it wrote to fd 2."""
-    sys.stderr.flush()
     try:
+        sys.stderr.flush()
         on_fd2 = sys.stderr.fileno() == 2
     except (AttributeError, OSError, ValueError):  # not a file (pytest's capsys, a notebook): fd 2 is not its path
         on_fd2 = False
