@@ -150,7 +150,7 @@ def cmd_embed(args) -> int:
             "pool": args.pool if args.pool is not None else "avg", "input_size": args.input_size}
     report = embed_to_parquet(args.data, args.out, encoder=spec, engine=args.engine, address=args.address,
                               actors=args.actors, batch_size=args.batch_size,
-                              progress=False if args.no_progress else None)
+                              progress=False if args.no_progress else None, verbose=args.verbose)
     print(f"{report.out}: {report.written} written ({report.failed} failed), {report.skipped} already there")
     if report.failed:
         print(f"fewshot: {report.failed} image(s) could not be embedded; see the 'error' column", file=sys.stderr)
@@ -1013,6 +1013,8 @@ def _add_embed_parser(sub, parents: list) -> None:
                                                          "(default: one per CPU)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per actor call (Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own logs, progress and warnings "
+                   "(default: they stay in Ray's log files, /tmp/ray/session_latest/logs)")
     p.set_defaults(run=cmd_embed)
 
 

@@ -12,7 +12,8 @@ skips every path already written. A bad image fails its row alone; the job never
 Engines: ``"local"`` embeds in this process (needs pyarrow only). ``"ray"`` streams the images through Ray
 Data's ``map_batches`` over a pool of actors that each load the encoder once; this process writes the parts
 as batches come back. ``address`` is passed to ``ray.init`` (``"auto"``: a running cluster; None: a local
-Ray on this machine).
+Ray on this machine). Ray's own logs, progress and warnings stay in its log files (``/tmp/ray/session_latest``)
+unless ``verbose``: the user's stderr shows fewshot's progress bar alone.
 
 ``register_embeddings(registry, out)`` builds (or extends) a registry from such a dataset at bulk speed,
 refusing embeddings of another encoder.
@@ -20,10 +21,14 @@ refusing embeddings of another encoder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import sys
 import uuid
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,13 +300,15 @@ def read_embeddings(path: str | os.PathLike) -> EmbeddingTable:
 # -- running a job --------------------------------------------------------------------------------
 def embed_to_parquet(data, out: str | os.PathLike, *, encoder=None, engine: str = "local",
                      address: str | None = None, actors: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                     part_rows: int = DEFAULT_PART_ROWS, progress: bool | None = None) -> JobReport:
+                     part_rows: int = DEFAULT_PART_ROWS, progress: bool | None = None,
+                     verbose: bool = False) -> JobReport:
     """Embed the images of ``data`` into the Parquet dataset ``out``, skipping those already there.
 
     ``encoder``: an ``Encoder``, or ``create_encoder`` keyword arguments as a dict (the form Ray actors
     rebuild it from; default: the default encoder). ``engine``: "local" or "ray" (``address``, ``actors``:
     the actors' pool size, default one per CPU Ray offers; ``batch_size``: images per actor call).
-    ``part_rows``: images per part file. Resuming with another encoder raises ``EncoderMismatchError``.
+    ``part_rows``: images per part file. ``verbose``: let Ray's own logs, progress bars and warnings through
+    (default: only fewshot's progress). Resuming with another encoder raises ``EncoderMismatchError``.
     """
     from tqdm.auto import tqdm
 
@@ -326,9 +333,11 @@ def embed_to_parquet(data, out: str | os.PathLike, *, encoder=None, engine: str 
     done = written_paths(out)
     todo = [s for s in sources if s.path not in done]
     written = failed = 0
-    with tqdm(total=len(todo), desc=f"embedding ({engine})", unit="img", disable=progress is False or None) as bar:
+    quiet = _ray_kept_off_stderr() if engine == "ray" and todo and not verbose else contextlib.nullcontext()
+    with quiet, tqdm(total=len(todo), desc=f"embedding ({engine})", unit="img",
+                     disable=progress is False or None) as bar:
         batches = (_local_batches(model, todo, part_rows) if engine == "local" else
-                   _ray_batches(spec, model, todo, address, actors, batch_size, part_rows))
+                   _ray_batches(spec, model, todo, address, actors, batch_size, part_rows, verbose))
         for columns in batches:
             write_part(out, rows_table(columns, model.fingerprint))
             n = len(columns["path"])
@@ -368,26 +377,94 @@ def _none(value) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def _ray_batches(spec: dict, encoder, todo: list[Source], address: str | None, actors: int | None,
-                 batch_size: int, part_rows: int) -> Iterator[dict]:
-    if not todo:
-        return
+def _import_ray():
     try:
         import ray
+        import ray.data
     except ImportError as exc:
         raise ImportError("engine='ray' needs Ray Data: pip install 'fewshot[jobs]'") from exc
+    return ray
+
+
+@contextlib.contextmanager
+def _ray_kept_off_stderr() -> Iterator[None]:
+    """Ray's own logs, progress bars and warnings off the user's stderr while a job runs; they stay in Ray's log
+    files, and every setting is restored afterwards.
+
+    Python: the console handlers of Ray Data's "ray.data" logger at ERROR (its file handler keeps everything),
+    its progress bars and start banner off, Ray's warnings ignored (``ray.init``'s ``logging_level`` and
+    ``log_to_driver`` quiet the "ray" logger and the actors). C++: Ray's core in this process copies the errors it
+    logs to its file onto file descriptor 2, among them a spurious one per Ray Data actor (ray#57733), and no Ray
+    setting turns that copy off, so fd 2 points at /dev/null meanwhile."""
+    ray = _import_ray()
+    context = ray.data.DataContext.get_current()
+    consoles = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    saved = context.enable_progress_bars, context.print_on_execution_start, [h.level for h in consoles]
+    context.enable_progress_bars = context.print_on_execution_start = False
+    for handler in consoles:
+        handler.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), _fd2_to_devnull():
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+            yield
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start = saved[:2]
+        for handler, level in zip(consoles, saved[2]):
+            handler.setLevel(level)
+
+
+@contextlib.contextmanager
+def _fd2_to_devnull() -> Iterator[None]:
+    """File descriptor 2 on /dev/null; ``sys.stderr`` (fewshot's progress bar and messages) stays on the real
+    stderr, through a copy of the descriptor where it wrote to fd 2."""
+    try:
+        sys.stderr.flush()
+        on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # not a file (pytest's capsys, a notebook): fd 2 is not its path
+        on_fd2 = False
+    real_fd, real_stream = os.dup(2), sys.stderr
+    if on_fd2:
+        sys.stderr = open(real_fd, "w", buffering=1, encoding=real_stream.encoding, errors="backslashreplace",
+                          closefd=False)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        if on_fd2:
+            sys.stderr.close()  # flushes; the descriptor stays open (closefd=False)
+            sys.stderr = real_stream
+        os.dup2(real_fd, 2)
+        os.close(real_fd)
+
+
+def _start_ray(address: str | None, verbose: bool) -> None:
+    import ray
+
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    pool = actors or max(1, int(ray.available_resources().get("CPU", 1)))
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.ERROR)
+
+
+def _ray_batches(spec: dict, encoder, todo: list[Source], address: str | None, actors: int | None,
+                 batch_size: int, part_rows: int, verbose: bool = False) -> Iterator[dict]:
+    if not todo:
+        return
+    ray = _import_ray()
+    _start_ray(address, verbose)
     rows = [{"path": s.path, "zip": s.zip or "", "member": s.member or "", "class": s.label or "",
              "group": s.group or ""} for s in todo]
     # An actor embeds many small batches: pick the fast network once (same features), unless told otherwise.
     # (The local engine's calls of DEFAULT_PART_ROWS images get the same from runtime="auto".)
     spec = {"runtime": "onnxruntime", "compile": "torchscript", **spec}
     blocks = -(-len(rows) // batch_size)  # one block per actor call, not Ray's default of one per row here
+    # no more actors than blocks: each loads the encoder, and one without a block would idle
+    pool = min(blocks, actors or max(1, int(ray.available_resources().get("CPU", 1))))
     ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         EmbedActor, fn_constructor_kwargs={"spec": spec, "fingerprint": encoder.fingerprint},
-        batch_size=batch_size, concurrency=pool, num_cpus=1, batch_format="numpy")
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1, batch_format="numpy")
     for batch in ds.iter_batches(batch_size=part_rows, batch_format="numpy"):
         yield {"path": [str(p) for p in batch["path"]], "sha256": [_none(v) for v in batch["sha256"]],
                "class": [_none(v) for v in batch["class"]], "group": [_none(v) for v in batch["group"]],

@@ -154,12 +154,19 @@ def _score_episode(x: np.ndarray, open_episode: OpenSetEpisode, metric: str, tar
             "known": known_top, "unknown": unknown_top, "confidence": confidence, "correct": correct}
 
 
+def roc_legend(known_scores, unknown_scores) -> str:
+    """The ROC curve's legend, saying what its AUROC is computed on: every episode's queries pooled, which
+    can differ from the mean of the per-episode AUROCs that ``summary`` reports."""
+    return (f"top-1 similarity: AUROC {auroc(known_scores, unknown_scores):.3f} of all episodes'\n"
+            "queries pooled, known vs unregistered")
+
+
 def plot_roc(known_scores, unknown_scores, path: str | Path, *, title: str = "") -> Path:
     """ROC curve PNG: known queries kept against unknowns accepted, with the 95%-kept line."""
     plt = _pyplot()
     fpr, tpr = roc_curve(known_scores, unknown_scores)
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(fpr, tpr, label=f"top-1 similarity, AUROC {auroc(known_scores, unknown_scores):.3f}")
+    ax.plot(fpr, tpr, label=roc_legend(known_scores, unknown_scores))
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5, linestyle=":")
     ax.axhline(0.95, color="grey", linewidth=0.5)
     ax.set_xlabel("unknown queries accepted (false positive rate)")

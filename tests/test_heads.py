@@ -238,8 +238,8 @@ def test_load_errors_are_typed_and_name_the_file(tmp_path):
     meta = json.loads(good)
     expect(json.dumps({**meta, "format_version": 99}), "version 99")
     expect(json.dumps({**meta, "config": {**meta["config"], "name": "nohead"}}), "unknown head 'nohead'")
-    # an edited config is caught by the checksum
-    expect(json.dumps({**meta, "config": {**meta["config"], "hidden": 9}}), "checksum mismatch")
+    # an edited config is caught (here its shapes no longer fit the weights; same shapes: the checksum)
+    expect(json.dumps({**meta, "config": {**meta["config"], "hidden": 9}}), "do not fit")
     # re-sealed, a config that does not describe these weights (hidden 8 -> 9): refused, never reshaped
     config.write_text(good)
     _edit_config(path, reseal=True, hidden=9)
@@ -347,3 +347,64 @@ def test_resealed_head_config_with_absurd_sizes_is_refused_before_building(tmp_p
     with pytest.raises(HeadFormatError, match=next(iter(changes)) if "in_shape" not in changes else "channels"):
         load_head(saved)
     assert time.monotonic() - start < 5
+
+
+def _sparse_weights_attack(path: Path, declared_bytes: int) -> None:
+    """Replace a saved head's weights by a sparse file of zeros whose safetensors header declares one
+    huge float32 tensor under a real name, and reseal both checksums as an attacker would: the directory
+    stays a few KB on disk."""
+    import hashlib
+
+    from fewshot.heads._base import canonical_json
+
+    weights = path / "weights.safetensors"
+    header = json.dumps({"body.0.weight": {"dtype": "F32", "shape": [declared_bytes // 4],
+                                           "data_offsets": [0, declared_bytes]}}).encode()
+    with open(weights, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + declared_bytes)  # a hole, not written zeros
+    weights_digest, config_digest = hashlib.sha256(), hashlib.sha256()
+    meta = json.loads((path / "config.json").read_text())
+    config_digest.update(canonical_json(meta["config"]).encode())
+    with open(weights, "rb") as f:
+        while chunk := f.read(1 << 24):
+            weights_digest.update(chunk)
+            config_digest.update(chunk)
+    meta["weights_sha256"], meta["fingerprint"]["sha256"] = weights_digest.hexdigest(), config_digest.hexdigest()
+    (path / "config.json").write_text(json.dumps(meta))
+
+
+def test_a_sparse_weights_file_declaring_a_huge_tensor_is_refused_without_reading_it(tmp_path):
+    """A head directory of a few KB whose weights file is a 256 MiB hole (checksums resealed): load_head
+    compares the safetensors header with the config and refuses it before reading or hashing the file."""
+    import time
+    import tracemalloc
+
+    saved = save_head(create_head("protonet", 8, hidden=8, out_dim=4), tmp_path / "head")
+    _sparse_weights_attack(saved, declared_bytes=1 << 28)
+    assert (saved / "weights.safetensors").stat().st_blocks * 512 < 1 << 20  # really sparse here
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(HeadFormatError) as refused:
+            load_head(saved)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"load_head allocated {peak >> 20} MiB for a refused head"
+    assert time.monotonic() - start < 2
+    assert refused.match(r"weights\.safetensors: weights do not fit.*save the head again")
+
+
+def test_weights_that_are_longer_than_their_tensors_or_a_config_asking_for_too_much_are_refused(tmp_path):
+    saved = save_head(create_head("protonet", 8, hidden=8, out_dim=4), tmp_path / "head")
+    weights = saved / "weights.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good + b"\0" * 64)  # trailing bytes no tensor declares
+    with pytest.raises(HeadFormatError, match="bytes where its tensors need"):
+        load_head(saved)
+    weights.write_bytes(good)
+    # resealed config asking for 4M x 4096 float32 weights (64 GiB): refused from the config alone
+    _edit_config(saved, reseal=True, in_dim=2**22, hidden=2**12)
+    with pytest.raises(HeadFormatError, match="config.json: the 'protonet' head in it needs .* more than"):
+        load_head(saved)

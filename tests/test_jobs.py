@@ -227,3 +227,27 @@ def test_tampered_embeddings_are_refused_in_one_line_and_save_nothing(images, en
         assert message in lines[0] and len(lines[0]) < 1000 and "Traceback" not in captured.err, (name, lines[0])
         assert captured.out == "" and not reg.exists(), name  # nothing saved, nothing left behind
     assert main(["register", str(tmp_path / "good"), "--from-embeddings", str(out)]) == 0
+
+
+def _terminal_lines(shown: str) -> list[str]:
+    """What a terminal showed, one entry per line or progress-bar redraw, blanks dropped."""
+    return [line.strip() for line in shown.replace("\r", "\n").split("\n") if line.strip()]
+
+
+def test_cli_embed_on_ray_shows_fewshot_progress_and_none_of_rays_logs(images, tmp_path, run_on_a_terminal):
+    """`fewshot embed --engine ray` as a user runs it (its own local Ray, stderr on a terminal): the terminal
+    shows fewshot's progress bar and fewshot's own messages, none of Ray's start-up, progress or tuning lines."""
+    status, out, shown = run_on_a_terminal("embed", images, "--out", tmp_path / "emb", "--engine", "ray")
+    assert status == 0 and "17 written (1 failed)" in out, shown
+    lines = _terminal_lines(shown)
+    assert any(line.startswith("embedding (ray): 100%") for line in lines), shown
+    assert all(line.startswith(("embedding (ray)", "fewshot: ")) for line in lines), shown
+
+
+def test_cli_embed_verbose_lets_rays_logs_through(ray_local, images, tmp_path, run_on_a_terminal):
+    # connects to the session's Ray rather than starting another one
+    address = ray_local.get_runtime_context().gcs_address
+    status, out, shown = run_on_a_terminal("embed", images, "--out", tmp_path / "emb", "--engine", "ray",
+                                           "--address", address, "--verbose")
+    assert status == 0 and "17 written (1 failed)" in out, shown
+    assert any("Execution plan of Dataset" in line for line in _terminal_lines(shown)), shown

@@ -41,6 +41,19 @@ def test_metrics_are_present_sane_and_replay_exactly(embedded, tmp_path):
             assert png.format == "PNG" and png.size[0] > 200
 
 
+def test_roc_legend_says_its_auroc_is_of_all_queries_pooled(embedded):
+    """roc.png's AUROC is not the summary's mean over episodes: its legend says what it is computed on."""
+    from fewshot.metrics import auroc
+    from fewshot.openset_evaluate import roc_legend
+
+    features, dataset = embedded
+    result = evaluate_open_set(features, sample_open_set(dataset.labels, ways=3, shots=2, queries=3, unknown_ways=3,
+                                                         episodes=10, seed=2))
+    legend = roc_legend(result.known_scores, result.unknown_scores)
+    assert f"AUROC {auroc(result.known_scores, result.unknown_scores):.3f}" in legend
+    assert "top-1 similarity" in legend and "pooled" in legend and "known vs unregistered" in legend
+
+
 def test_evaluation_decides_unknown_as_the_classifier_does(embedded, encoder):
     features, dataset = embedded
     (open_episode,) = sample_open_set(dataset.labels, ways=3, shots=3, queries=3, unknown_ways=3, episodes=1, seed=4)

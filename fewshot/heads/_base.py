@@ -7,8 +7,9 @@ differentiable nearest-prototype classifier used for training and episodic evalu
 
 On disk a head is a directory: ``config.json`` (the config that rebuilds it, a format version, the
 sha256 of the weights and the head's free-form JSON ``metadata``) and ``weights.safetensors``.
-Loading never unpickles anything, checks
-the sha256 before parsing the weights and loads the state dict strictly.
+Loading never unpickles anything: it reads the safetensors header first and refuses weights whose
+tensors, or file size, are not what the config implies (checked on a meta-device skeleton, whose size
+has a limit), then checks the sha256s before parsing the weights and loads the state dict strictly.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from ..checks import check_int
 from ..errors import HeadFormatError
-from ..files import honour_umask
+from ..files import honour_umask, open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..train import TrainResult
@@ -41,7 +42,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
-MAX_WEIGHTS_BYTES = 8 << 30
+MAX_WEIGHTS_BYTES = 2 << 30  # a fine-tuned EfficientNet-Lite2 head is ~25 MB; ViT-L/16 would be 1.2 GB
+MAX_HEADER_BYTES = 1 << 22  # the safetensors JSON header: ~100 bytes per tensor
 DEFAULT_COSINE_SCALE = 10.0  # logits = scale * cosine for heads without a learned temperature
 
 _REGISTRY: dict[str, type["Head"]] = {}
@@ -320,10 +322,73 @@ def _reject_constant(value):
     raise ValueError(f"non-finite number {value}")
 
 
+# safetensors' dtype names of the torch dtypes a head's state dict may hold
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _implied_tensors(skeleton: Head, config_path: Path) -> dict[str, dict]:
+    """The tensors (safetensors dtype, shape, bytes) a head's config implies, from its meta-device
+    skeleton; a config asking for more than MAX_WEIGHTS_BYTES in all is refused."""
+    tensors = {key: {"dtype": _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)), "shape": list(t.shape),
+                     "bytes": t.numel() * t.element_size()} for key, t in skeleton.state_dict().items()}
+    total = sum(t["bytes"] for t in tensors.values())
+    if total > MAX_WEIGHTS_BYTES:
+        raise HeadFormatError(f"{config_path}: the {skeleton.name!r} head in it needs {total} bytes of weights, "
+                              f"more than the {MAX_WEIGHTS_BYTES} allowed; the config is corrupt or was forged")
+    return tensors
+
+
+def _misfits(header: dict, tensors: dict[str, dict]) -> list[str]:
+    """Names of tensors that a safetensors header lacks, adds, or declares with another dtype, shape or size."""
+    header = {key: value for key, value in header.items() if key != "__metadata__"}
+    problems = sorted(set(header) ^ set(tensors))
+    return problems + [key for key in sorted(set(header) & set(tensors)) if not _declares(header[key], tensors[key])]
+
+
+def _declares(entry, want: dict) -> bool:
+    """Whether a safetensors header entry declares the tensor ``want`` (dtype, shape and byte span)."""
+    if not isinstance(entry, dict):
+        return False
+    offsets = entry.get("data_offsets")
+    return (entry.get("dtype") == want["dtype"] and entry.get("shape") == want["shape"]
+            and isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int for v in offsets)
+            and offsets[1] - offsets[0] == want["bytes"])
+
+
+def _read_weights(path: Path, tensors: dict[str, dict], head: str) -> bytes:
+    """The bytes of a weights file, read only once its safetensors header (8-byte length + JSON, capped)
+    declares exactly ``tensors`` and its size is what they need: a small or sparse file declaring a huge
+    tensor is refused before anything large is read or hashed."""
+    f = open_regular(path) if path.exists() else None
+    if f is None:
+        raise HeadFormatError(f"{path}: missing or not a file; a saved head is a directory with {CONFIG_FILE} and "
+                              f"{WEIGHTS_FILE} written by save_head")
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        header_len = int.from_bytes(f.read(8), "little")
+        if size < 8 or header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise HeadFormatError(f"{path}: not a valid safetensors file (no readable header); save the head again")
+        try:
+            header = json.loads(f.read(header_len).decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise HeadFormatError(f"{path}: not a valid safetensors file (header: {e}); save the head again") from None
+        problems = _misfits(header, tensors) if isinstance(header, dict) else ["(header is not a JSON object)"]
+        needed = 8 + header_len + sum(t["bytes"] for t in tensors.values())
+        if problems or size != needed:
+            detail = f"missing, unexpected or mis-shaped: {problems[:5]}" if problems else \
+                f"{size} bytes where its tensors need {needed}"
+            raise HeadFormatError(f"{path}: weights do not fit the {head!r} head in {CONFIG_FILE} ({detail}); the "
+                                  "files were changed or mixed up after saving: save the head again")
+        f.seek(0)
+        return f.read(size)
+
+
 def _check_config_sum(config_path: Path, meta: dict, weights: bytes) -> None:
     """The saved fingerprint covers the config and the weights: an edited config (a flipped bit, a
-    hand edit) is refused before anything is built from it. Sizes are checked against limits anyway,
-    since anyone can recompute a checksum."""
+    hand edit) is refused before a head is built from it (only its meta-device skeleton is). Sizes are
+    checked against limits anyway, since anyone can recompute a checksum."""
     fingerprint = meta.get("fingerprint")
     try:
         digest = hashlib.sha256(canonical_json(meta["config"]).encode())
@@ -361,16 +426,16 @@ def load_head(path) -> Head:
     if name not in _REGISTRY:
         raise HeadFormatError(f"{config_path}: unknown head {name!r}; available heads: "
                               f"{', '.join(available_heads())}")
-    weights = _read_limited(weights_path, MAX_WEIGHTS_BYTES)
-    if hashlib.sha256(weights).hexdigest() != expected:
-        raise HeadFormatError(f"{weights_path}: sha256 does not match {CONFIG_FILE}; the file is corrupt or "
-                              "was modified after saving")
-    _check_config_sum(config_path, meta, weights)
     try:
         with torch.device("meta"):  # shapes only: a hostile config cannot make us allocate memory
             skeleton = create_head(name, in_dim, **config)
     except Exception as e:  # noqa: BLE001 - whatever a crafted config provokes, it is a format error
         raise HeadFormatError(f"{config_path}: cannot rebuild the {name!r} head: {e}") from None
+    weights = _read_weights(weights_path, _implied_tensors(skeleton, config_path), name)
+    if hashlib.sha256(weights).hexdigest() != expected:
+        raise HeadFormatError(f"{weights_path}: sha256 does not match {CONFIG_FILE}; the file is corrupt or "
+                              "was modified after saving")
+    _check_config_sum(config_path, meta, weights)
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -378,13 +443,6 @@ def load_head(path) -> Head:
         state = load(weights)
     except (SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise HeadFormatError(f"{weights_path}: not a valid safetensors file ({e})") from None
-    expected_state = skeleton.state_dict()
-    problems = sorted(set(expected_state) ^ set(state))
-    problems += [k for k in expected_state if k in state and (state[k].shape != expected_state[k].shape
-                                                               or state[k].dtype != expected_state[k].dtype)]
-    if problems:
-        raise HeadFormatError(f"{weights_path}: weights do not fit the {name!r} head in {CONFIG_FILE} "
-                              f"(missing, unexpected or mis-shaped: {problems[:5]})")
     head = create_head(name, in_dim, **config)
     head.load_state_dict(state, strict=True)
     head.metadata = metadata
