@@ -96,11 +96,13 @@ class Recipe:
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
         if bad:
             raise ValueError(f"augment must be a list of {AUGMENTATIONS}, got {list(self.augment)}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.max_images_per_class is not None:
+            _check_int("max_images_per_class", self.max_images_per_class, 1)
+        _check_number("val_fraction", self.val_fraction, 0, upper=1)
         for name in ("lr", "encoder_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+            _check_number(name, getattr(self, name), 0)
+        for name in ("weight_decay", "adapt_weight"):
+            _check_number(name, getattr(self, name), 0, inclusive=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -629,3 +631,12 @@ def _package(model: _Model, encoder: Encoder, tasks: list[_Task], kept: str, rec
 def _check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_number(name: str, value, low: float, *, upper: float = math.inf, inclusive: bool = False) -> None:
+    """``value`` must be a finite number above ``low`` (or equal, if ``inclusive``) and below ``upper``:
+    a recipe's ``lr = inf`` or ``lr = nan`` fails here, naming the key, not as a traceback mid-training."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or not (low <= value if inclusive else low < value) or not value < upper:
+        bounds = f"{'>=' if inclusive else '>'} {low:g}" + (f" and < {upper:g}" if upper < math.inf else "")
+        raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
