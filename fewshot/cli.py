@@ -89,20 +89,17 @@ def _suggestion(parser: _Parser, command: str, extra: list[str]) -> str:
 
 def _interrupted(args) -> str:
     """What Ctrl-C left behind, and how to go on: the rest of the one line on stderr."""
-    if args.command == "register":
-        if not _registry_exists(args.registry):
-            return f"nothing was saved ({args.registry} was not created): run the same command again"
-        from .registry import Registry
-
-        counts = Registry.saved_counts(args.registry)
-        return (f"{args.registry} is as this command found it ({len(counts)} classes, {sum(counts.values())} "
-                "images): a register is saved at its end; the images embedded so far are cached, so running "
-                "the same command again goes faster")
+    cached = "" if getattr(args, "no_cache", True) else "; the images embedded so far are cached"
     if args.command == "embed":
         return f"the embeddings written so far stay in {args.out}: run the same command again to resume"
     if args.command in ("remove", "rename", "calibrate", "serve"):
         return f"{args.registry} holds every change that completed (each is saved whole or not at all)"
-    cached = "" if getattr(args, "no_cache", True) else "; the images embedded so far are cached"
+    if args.command == "register" and _registry_exists(args.registry):
+        from .registry import Registry
+
+        counts = Registry.saved_counts(args.registry)
+        return (f"{args.registry} is as this command found it ({len(counts)} class(es), {sum(counts.values())} "
+                f"image(s)): a register is saved at its end{cached}: run the same command again")
     return f"nothing was saved{cached}: run the same command again"
 
 
@@ -813,8 +810,11 @@ def _positive_float(text: str) -> float:
 
 def _target_tpr(text: str) -> float:
     """A share of known queries to keep, in fewshot.openset.check_target's range [0.5, 1)."""
-    value = _finite_float(text)
-    if not 0.5 <= value < 1:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.5 <= value < 1:  # NaN too
         raise argparse.ArgumentTypeError(f"must be a share of known queries to keep, in [0.5, 1) (e.g. 0.95); "
                                          f"got {text}")
     return value

@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+import sys
 import time
 import tomllib
 import warnings
@@ -421,6 +422,8 @@ def finetune(datasets: list[ImageDataset] | ImageDataset, recipe: Recipe | None 
     """Fine-tune on ``datasets`` (one or more, sampled by ``weights``); see the module docstring.
 
     ``adapt_to``: unlabeled images of the target domain (their labels are ignored) for DANN.
+    ``progress``: None = a bar on a terminal, else one line per validation on stderr; True/False = always a
+    bar / nothing.
     ``threads``: torch threads while training (restored afterwards; None keeps torch's setting). One thread is
     the default: on 2 busy cores, two OpenMP threads made the frozen prefix and small episodes ~10x slower.
     """
@@ -498,6 +501,9 @@ def _finetune(datasets, recipe: Recipe, weights, adapt_to, progress, start) -> t
                 history.append({"episode": step, "train_loss": loss_sum / recipe.val_every, "val_accuracy": score})
                 loss_sum = 0.0
                 bar.set_postfix(val_acc=f"{score:.3f}")
+                if progress is None and bar.disable:  # no bar (stderr is not a terminal): a line per validation
+                    print(f"fine-tuning: episode {step}/{recipe.episodes}, validation accuracy {score:.3f} "
+                          f"(best {max(score, _mean(best[0], tasks)):.3f})", file=sys.stderr, flush=True)
                 if score > _mean(best[0], tasks):
                     best, stale = (accuracies, copy.deepcopy(model.state_dict())), 0
                 else:
