@@ -311,7 +311,7 @@ def test_evaluate_own_folder_sweeps_shots_without_a_protocol(tmp_path, capsys, c
     assert {"accuracy", "ci95", "auroc", "known_kept", "unknown_accepted"} <= set(result["rows"][0])
     assert json.loads((out / "shots.json").read_text()) == result
     assert (out / "shots.png").stat().st_size > 0
-    code, table, _ = run(capsys, *argv)
+    code, table, _ = run(capsys, *argv, "--force")  # the same --out again: its results are replaced
     assert code == 0 and "3-way, 2 queries per class, 12 episodes per row, seed 3" in table
     assert "10-shot left out: only 0 classes have 12+ images" in table and f"wrote {out / 'shots.json'}" in table
 
