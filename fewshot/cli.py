@@ -867,8 +867,8 @@ def build_parser() -> _Parser:
     with_head = _Parser(add_help=False)
     with_head.add_argument("--head", metavar="HEAD", help="trained head (from fewshot train-head)")
 
-    parser = _Parser(prog="fewshot", description="Few-shot image classification: register "
-                                                                 "classes from a few images, then predict.")
+    parser = _Parser(prog="fewshot", description="Few-shot image classification: register classes from a few "
+                                                 "images, then predict.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"fewshot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

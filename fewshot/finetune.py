@@ -643,6 +643,6 @@ def _check_number(name: str, value, low: float, *, upper: float = math.inf, incl
     """``value`` must be a finite number above ``low`` (or equal, if ``inclusive``) and below ``upper``:
     a recipe's ``lr = inf`` or ``lr = nan`` fails here, naming the key, not as a traceback mid-training."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not number or not (low <= value if inclusive else low < value) or not value < upper:
+    if not number or not ((value >= low if inclusive else value > low) and value < upper):
         bounds = f"{'>=' if inclusive else '>'} {low:g}" + (f" and < {upper:g}" if upper < math.inf else "")
         raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
