@@ -21,6 +21,7 @@ import numpy as np
 from .cache import EmbeddingCache
 from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder, check_fingerprint,
                        check_weights_file, create_encoder, describe_fingerprint, encoder_from_fingerprint)
+from .encoders import describe_encoder_name, names_other_encoder
 from .errors import EncoderMismatchError, ImageError, RegistryFormatError, WeightsError
 from .data import class_folders
 from .heads import Head, load_head, save_head
@@ -420,10 +421,14 @@ class FewShotClassifier:
         """Whether a query whose nearest class is ``label`` at ``similarity`` is answered "unknown"."""
         if not self.unknown:
             return False
-        threshold = self.unknown_threshold
-        if threshold is None:
-            threshold = self.calibration_.threshold_for(label, self.registry_.count(label))
+        threshold = self.threshold_for(label)
         return threshold is not None and similarity < threshold
+
+    def threshold_for(self, label: str) -> float | None:
+        """The top-1 similarity below which a query nearest to ``label`` is "unknown" (None: never)."""
+        if self.unknown_threshold is not None:
+            return self.unknown_threshold
+        return self.calibration_.threshold_for(label, self.registry_.count(label))
 
     @property
     def temperature_(self) -> float:
@@ -519,14 +524,19 @@ class FewShotClassifier:
                          metric=registry.metric, index=registry.index_factory,
                          store_examples=registry.store_examples, **options)
         if classifier.head_ is None and not isinstance(encoder, Encoder):
+            if encoder is not None and names_other_encoder(fingerprint, encoder):  # refused before any download
+                raise _encoder_mismatch(path, fingerprint, describe_encoder_name(encoder))
             classifier._encoder = _encoder_for(fingerprint, name=encoder, weights=weights)
         if classifier.fingerprint_ != fingerprint:
-            raise EncoderMismatchError(
-                f"registry {path} was built with {describe_fingerprint(fingerprint)}, not "
-                f"{describe_fingerprint(classifier.fingerprint_)}; load it with the encoder (and head) it was "
-                f"built with, or register its classes again with this one")
+            raise _encoder_mismatch(path, fingerprint, describe_fingerprint(classifier.fingerprint_))
         classifier._registry = registry
         return classifier
+
+
+def _encoder_mismatch(path, fingerprint: dict, other: str) -> EncoderMismatchError:
+    return EncoderMismatchError(f"registry {path} was built with {describe_fingerprint(fingerprint)}, not {other}; "
+                                "load it with the encoder (and head) it was built with, or register its classes "
+                                "again with this one")
 
 
 def _saved_settings(path, registry: Registry) -> dict:

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "register" and extra and not any(e.startswith("-") for e in extra):
         args.paths += extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{_suggestion(parser, args.command, extra)}")
     with warnings.catch_warnings():  # restores the usual display when main returns (tests, embedding)
         warnings.showwarning = _one_line_warning
         return _run(parser, args)
@@ -60,6 +60,7 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
         print(f"fewshot: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print(f"fewshot: interrupted: {_interrupted(args)}", file=sys.stderr)
         return 130
     return 0
 
@@ -74,6 +75,34 @@ def _silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def _suggestion(parser: _Parser, command: str, extra: list[str]) -> str:
+    """' (did you mean --threshold?)' where an unknown option is close to one of ``command``'s."""
+    import difflib
+
+    options = parser.commands[command].option_strings()
+    for word in extra:
+        close = difflib.get_close_matches(word.partition("=")[0], options, n=1) if word.startswith("-") else []
+        if close:
+            return f" (did you mean {close[0]}?)"
+    return ""
+
+
+def _interrupted(args) -> str:
+    """What Ctrl-C left behind, and how to go on: the rest of the one line on stderr."""
+    cached = "" if getattr(args, "no_cache", True) else "; the images embedded so far are cached"
+    if args.command == "embed":
+        return f"the embeddings written so far stay in {args.out}: run the same command again to resume"
+    if args.command in ("remove", "rename", "calibrate", "serve"):
+        return f"{args.registry} holds every change that completed (each is saved whole or not at all)"
+    if args.command == "register" and _registry_exists(args.registry):
+        from .registry import Registry
+
+        counts = Registry.saved_counts(args.registry)
+        return (f"{args.registry} is as this command found it ({len(counts)} class(es), {sum(counts.values())} "
+                f"image(s)): a register is saved at its end{cached}: run the same command again")
+    return f"nothing was saved{cached}: run the same command again"
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -201,7 +230,7 @@ def cmd_predict(args) -> int:
         print(json.dumps([p.to_dict() for p in predictions], indent=2, ensure_ascii=False))
     else:
         for p in predictions:
-            print(_format_prediction(p))
+            print(_format_prediction(p, classifier.threshold_for(p.top_k[0][0]) if p.unknown else None))
             for n in p.neighbours or ():
                 print(_format_neighbour(n))
     return 1 if any(p.error for p in predictions) or len(paths) < len(args.paths) else 0
@@ -262,13 +291,18 @@ def cmd_doctor(args) -> int:
     return 1 if findings else 0
 
 
-def _format_prediction(p) -> str:
+def _format_prediction(p, threshold: float | None = None) -> str:
+    """One line: input, answer, its probability and similarity, then the top-k classes. An unknown answer
+    shows the similarity that fell below ``threshold`` and names the nearest class as the nearest, not
+    beside a probability that would read as the answer's own."""
     if p.error:
         return f"{escape_text(p.input)}\terror: {escape_text(p.error)}"
-    label = display_label(p.label) if p.label is not None else UNKNOWN_ANSWER
     others = ", ".join(f"{display_label(lab)} {score:.3f}" for lab, score in p.top_k)
+    if p.unknown:
+        return (f"{escape_text(p.input)}\t{UNKNOWN_ANSWER}\t(nearest: {display_label(p.top_k[0][0])}, similarity "
+                f"{p.similarity:.3f} < {threshold:.3f})\t[{others}]")
     similarity = f"\tsimilarity {p.similarity:.3f}" if p.similarity is not None else ""
-    return f"{escape_text(p.input)}\t{label}\t{p.score:.3f}{similarity}\t[{others}]"
+    return f"{escape_text(p.input)}\t{display_label(p.label)}\t{p.score:.3f}{similarity}\t[{others}]"
 
 
 UNKNOWN_ANSWER = "unknown"  # text output's answer below the threshold; a class of that name is quoted
@@ -362,6 +396,7 @@ def cmd_calibrate(args) -> int:
         print(json.dumps(calibration.to_dict(), indent=2, ensure_ascii=False))
     else:
         print(_format_calibration(calibration))
+        print(f"saved the thresholds and temperature in {args.registry} (predict uses them from now on)")
     return 0
 
 
@@ -474,7 +509,7 @@ def _add_finetune_parser(sub, common) -> None:
     p = sub.add_parser("finetune", parents=[common],
                        help="fine-tune the encoder's last stages with a head; the result works as --head MODEL")
     p.add_argument("--data", required=True, action="append", help="dataset (folder or zip); repeat for multi-task")
-    p.add_argument("--weight", type=float, action="append", default=[],
+    p.add_argument("--weight", type=_positive_float, action="append", default=[],
                    help="sampling weight of each --data, in the same order (default: equal)")
     p.add_argument("--protocol", action="append", default=[],
                    help="protocol file per --data (in order): train on the classes its test split leaves out")
@@ -495,6 +530,9 @@ def cmd_evaluate(args) -> int:
     from .heads import load_head
     from .workflows import evaluate_protocol, evaluate_runs, resolve_dataset
 
+    if args.out and not args.force and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+        raise UsageError(f"--out {args.out} holds earlier results; pass --force to replace them, or choose another "
+                         "--out (without --out, each evaluation gets a folder of its own)")
     if args.data and not (args.runs or args.protocol or args.replay):
         return _evaluate_own_folder(args)
     _check_no_sweep_options(args)
@@ -583,7 +621,7 @@ def _evaluate_open_set(args, protocol, data, encoder, head) -> int:
 
     result = evaluate_open_set_protocol(resolve_dataset(data, protocol), protocol, encoder, head=head,
                                         episodes=args.episodes, seed=args.seed, target_tpr=args.target_tpr,
-                                        cache=_cache(args))
+                                        cache=_cache(args), progress=_progress())
     return _save_and_report(args, result, Path("evaluation") / protocol.name / _result_folder(args.head),
                             result.summary())
 
@@ -607,14 +645,17 @@ def _evaluate_own_folder(args) -> int:
 
 
 def _save_and_report(args, result, default_out: Path, text: str) -> int:
-    """Save an evaluation's files (to --out, else ``default_out``), then print it as JSON or as ``text``
-    followed by the files written."""
-    paths = list(result.save(Path(args.out) if args.out else default_out).values())
+    """Save an evaluation's files (to --out, else to ``default_out`` or, where that holds earlier results,
+    a new ``default_out-N``), then print it as JSON or as ``text``, and the files written (on stderr
+    with --json)."""
+    from .evaluate import new_result_folder
+
+    paths = list(result.save(Path(args.out) if args.out else new_result_folder(default_out)).values())
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:
         print(text)
-        print(f"wrote {', '.join(map(str, paths[:-1]))} and {paths[-1]}")
+    print(f"wrote {', '.join(map(str, paths[:-1]))} and {paths[-1]}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -762,9 +803,31 @@ def _stages(text: str) -> tuple[int, ...]:
 
 
 def _finite_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _target_tpr(text: str) -> float:
+    """A share of known queries to keep, in fewshot.openset.check_target's range [0.5, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.5 <= value < 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a share of known queries to keep, in [0.5, 1) (e.g. 0.95); "
+                                         f"got {text}")
     return value
 
 
@@ -786,25 +849,41 @@ def _param(text: str) -> tuple[str, object]:
         return key, value  # a bare word such as arch=conv
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """No abbreviations (``--thr`` is an error with a suggestion, not silently ``--threshold``), and
+    usage errors in one line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+        self.commands: dict[str, _Parser] = {}  # the top-level parser's subcommand parsers
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def option_strings(self) -> list[str]:
+        return [option for action in self._actions for option in action.option_strings]
+
+
+def build_parser() -> _Parser:
     # --debug works before or after the command; SUPPRESS keeps a subcommand from resetting it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    encoder = argparse.ArgumentParser(add_help=False)
+    encoder = _Parser(add_help=False)
     encoder.add_argument("--encoder", help="encoder name (default efficientnet_lite0, or any timm model)")
     encoder.add_argument("--weights", help="local weights file for the encoder (.safetensors or torch)")
     encoder.add_argument("--stages", type=_stages, help="intermediate feature stages, e.g. 2,3 (default: final)")
     encoder.add_argument("--pool", type=_pool, help="'avg' (global, the default) or a grid size, e.g. 4")
     encoder.add_argument("--input-size", type=_positive_int, help="input resolution (default: the model's)")
     encoder.add_argument("--no-cache", action="store_true", help="do not use the embedding cache")
-    with_head = argparse.ArgumentParser(add_help=False)
+    with_head = _Parser(add_help=False)
     with_head.add_argument("--head", metavar="HEAD", help="trained head (from fewshot train-head)")
 
-    parser = argparse.ArgumentParser(prog="fewshot", description="Few-shot image classification: register "
-                                                                 "classes from a few images, then predict.")
+    parser = _Parser(prog="fewshot", description="Few-shot image classification: register classes from a few "
+                                                 "images, then predict.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"fewshot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices
 
     p = sub.add_parser("register", parents=[common, encoder, with_head],
                        help="add classes to a registry (created if absent)")
@@ -866,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", parents=[common],
                        help="refit a registry's unknown thresholds; measure them on background images")
     p.add_argument("registry")
-    p.add_argument("--target-tpr", type=float, help="share of known queries to keep (default: the last one "
+    p.add_argument("--target-tpr", type=_target_tpr, help="share of known queries to keep (default: the last one "
                    "used, else 0.95)")
     p.add_argument("--background", metavar="DIR", help="folder of images of none of the classes: reports the "
                    "share the threshold accepts")
@@ -889,7 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=_positive_int, default=2000)
     p.add_argument("--within-group", action="store_true", help="episodes inside one group (e.g. alphabet)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="classes (or groups) held out for validation")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--val-every", type=_positive_int, default=200, help="episodes between validations")
     p.add_argument("--patience", type=_positive_int, default=5,
                    help="validations without improvement before stopping early")
@@ -915,11 +994,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-episodes", metavar="FILE", help="write the sampled episodes to a manifest")
     p.add_argument("--replay", metavar="FILE", help="evaluate the episodes of a manifest instead of sampling "
                    "(its protocol and dataset are recorded: --data and --protocol are then optional)")
-    p.add_argument("--target-tpr", type=float, help="open-set protocols (and --unknown-ways): share of known "
+    p.add_argument("--target-tpr", type=_target_tpr, help="open-set protocols (and --unknown-ways): share of known "
                    "queries the fitted threshold should keep (default 0.95)")
     p.add_argument("--out", help="folder for result.json, episodes.csv, confusion.png "
                                  "(default evaluation/<protocol>/<head folder name, or raw>); without "
-                                 "--protocol: shots.json and shots.png (default evaluation/<DIR>/shots/...)")
+                                 "--protocol: shots.json and shots.png (default evaluation/<DIR>/shots/...); "
+                                 "a default folder holding results already gets a new one beside it (NAME-2, ...)")
+    p.add_argument("--force", action="store_true", help="replace the results already in --out")
     _add_sweep_options(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--support-views", choices=SUPPORT_VIEWS_CHOICES, default="none", help="flip: each support image "

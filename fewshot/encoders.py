@@ -590,6 +590,28 @@ def describe_fingerprint(fingerprint: dict | None) -> str:
     return f"{fingerprint.get('name')} (weights {str(fingerprint.get('weights_sha256'))[:12]}{where})"
 
 
+def describe_encoder_name(name: str) -> str:
+    """One-line description of the encoder ``name`` stands for, from timm's configuration alone (nothing
+    is created or downloaded): its input size is the model's own, or the one ``name@SIZE`` sets."""
+    from .ensemble import split_encoder_name
+
+    described = []
+    for member, size in split_encoder_name(name):
+        config = timm.models.get_pretrained_cfg(PACKAGED_WEIGHTS[member][0] if member in PACKAGED_WEIGHTS else member)
+        size = size or (config.input_size[-1] if config is not None else None)
+        described.append(f"{member} ({size} px)" if size else member)
+    return ("the ensemble " if len(described) > 1 else "") + " + ".join(described)
+
+
+def names_other_encoder(fingerprint: dict, name: str) -> bool:
+    """Whether the encoder ``name`` is another model than the one ``fingerprint`` stands for: known from
+    the names alone, before anything is created or downloaded."""
+    from .ensemble import split_encoder_name
+
+    members = fingerprint.get("members") if isinstance(fingerprint.get("members"), list) else [fingerprint]
+    return [m.get("name") for m in members] != [member for member, _ in split_encoder_name(name)]
+
+
 # -- construction ---------------------------------------------------------------------------
 def create_encoder(
     name: str = DEFAULT_ENCODER,

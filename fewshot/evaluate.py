@@ -10,6 +10,7 @@ registry does, so an evaluation predicts what ``FewShotClassifier`` would.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,8 @@ def evaluate_episodes(features: np.ndarray, labels: np.ndarray, episodes: list, 
     if score is None:
         embedded = head.transform(features) if head is not None else np.asarray(features, dtype=np.float32)
         score = _prototype_scorer(torch.from_numpy(embedded), head.metric if head is not None else metric)
-    with tqdm(total=len(episodes), desc="evaluating", unit="episode", disable=_hide(progress, len(episodes))) as bar:
+    with tqdm(total=len(episodes), desc="evaluating", unit="episode",
+              disable=hide_progress(progress, len(episodes))) as bar:
         for start, chunk in _same_shape_chunks(episodes, features.shape[1]):
             truth = np.stack([e.query_labels for e in chunk])
             classes = np.stack([e.classes for e in chunk])
@@ -280,10 +282,25 @@ def _common(values) -> int | str:
     return distinct.pop() if len(distinct) == 1 else "variable"
 
 
-def _hide(progress: bool | None, n: int) -> bool | None:
+def hide_progress(progress: bool | None, n: int) -> bool | None:
+    """tqdm's ``disable`` for ``n`` steps: ``progress`` None shows a bar for 100+ steps on a terminal only."""
     if progress is None:
         return None if n >= 100 else True  # None: tqdm hides itself when not on a terminal
     return not progress
+
+
+def new_result_folder(base: str | Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``...: the first that does not exist yet, created here (so that two
+    evaluations running at once never share one), for results that must not replace earlier ones."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
 
 
 def confusion_view(confusion, max_classes: int = 30) -> tuple[np.ndarray, np.ndarray]:

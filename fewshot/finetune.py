@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+import sys
 import time
 import tomllib
 import warnings
@@ -96,11 +97,13 @@ class Recipe:
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
         if bad:
             raise ValueError(f"augment must be a list of {AUGMENTATIONS}, got {list(self.augment)}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.max_images_per_class is not None:
+            _check_int("max_images_per_class", self.max_images_per_class, 1)
+        _check_number("val_fraction", self.val_fraction, 0, upper=1)
         for name in ("lr", "encoder_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+            _check_number(name, getattr(self, name), 0)
+        for name in ("weight_decay", "adapt_weight"):
+            _check_number(name, getattr(self, name), 0, inclusive=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -419,6 +422,8 @@ def finetune(datasets: list[ImageDataset] | ImageDataset, recipe: Recipe | None 
     """Fine-tune on ``datasets`` (one or more, sampled by ``weights``); see the module docstring.
 
     ``adapt_to``: unlabeled images of the target domain (their labels are ignored) for DANN.
+    ``progress``: None = a bar on a terminal, else one line per validation on stderr; True/False = always a
+    bar / nothing.
     ``threads``: torch threads while training (restored afterwards; None keeps torch's setting). One thread is
     the default: on 2 busy cores, two OpenMP threads made the frozen prefix and small episodes ~10x slower.
     """
@@ -496,6 +501,9 @@ def _finetune(datasets, recipe: Recipe, weights, adapt_to, progress, start) -> t
                 history.append({"episode": step, "train_loss": loss_sum / recipe.val_every, "val_accuracy": score})
                 loss_sum = 0.0
                 bar.set_postfix(val_acc=f"{score:.3f}")
+                if progress is None and bar.disable:  # no bar (stderr is not a terminal): a line per validation
+                    print(f"fine-tuning: episode {step}/{recipe.episodes}, validation accuracy {score:.3f} "
+                          f"(best {max(score, _mean(best[0], tasks)):.3f})", file=sys.stderr, flush=True)
                 if score > _mean(best[0], tasks):
                     best, stale = (accuracies, copy.deepcopy(model.state_dict())), 0
                 else:
@@ -629,3 +637,12 @@ def _package(model: _Model, encoder: Encoder, tasks: list[_Task], kept: str, rec
 def _check_int(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_number(name: str, value, low: float, *, upper: float = math.inf, inclusive: bool = False) -> None:
+    """``value`` must be a finite number above ``low`` (or equal, if ``inclusive``) and below ``upper``:
+    a recipe's ``lr = inf`` or ``lr = nan`` fails here, naming the key, not as a traceback mid-training."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or not ((value >= low if inclusive else value > low) and value < upper):
+        bounds = f"{'>=' if inclusive else '>'} {low:g}" + (f" and < {upper:g}" if upper < math.inf else "")
+        raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")

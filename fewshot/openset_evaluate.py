@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .evaluate import confidence_interval
+from .evaluate import confidence_interval, hide_progress
 from .episodes import OpenSetEpisode
 from .metrics import (auroc, expected_calibration_error, fpr_at_tpr, precision_at_recall, reliability_bins,
                       roc_curve)
@@ -102,7 +102,7 @@ def evaluate_open_set(features: np.ndarray, episodes: list[OpenSetEpisode], *, h
     per_episode = {name: np.zeros(len(episodes)) for name in _PER_EPISODE}
     pooled = {"known": [], "unknown": [], "confidence": [], "correct": []}
     for i, open_episode in enumerate(tqdm(episodes, desc="evaluating", unit="episode", leave=False,
-                                          disable=(len(episodes) < 100) if progress is None else not progress)):
+                                          disable=hide_progress(progress, len(episodes)))):
         scores = _score_episode(x, open_episode, metric, target_tpr)
         for name in _PER_EPISODE:
             per_episode[name][i] = scores[name]

@@ -142,8 +142,9 @@ def _plan(counts: np.ndarray, *, ways: int, shots: list[int], queries: int, unkn
     n_classes = len(counts)
     known_limit = n_classes - unknown_ways  # every episode leaves unknown_ways classes unregistered
     if known_limit < 2:
-        raise ValueError(f"the folder has {n_classes} classes; an episode needs 2 known classes and "
-                         f"{unknown_ways} unknown ones: lower --unknown-ways (unknown_ways) or add classes")
+        advice = "add class folders" if not unknown_ways or n_classes < 2 else "lower --unknown-ways or add classes"
+        raise ValueError(f"the folder has {n_classes} class(es); an episode needs 2 known classes"
+                         + (f" and {unknown_ways} unknown ones" if unknown_ways else "") + f": {advice}")
 
     def enough(k: int) -> int:
         return _classes_with(counts, k + queries)

@@ -311,7 +311,7 @@ def test_evaluate_own_folder_sweeps_shots_without_a_protocol(tmp_path, capsys, c
     assert {"accuracy", "ci95", "auroc", "known_kept", "unknown_accepted"} <= set(result["rows"][0])
     assert json.loads((out / "shots.json").read_text()) == result
     assert (out / "shots.png").stat().st_size > 0
-    code, table, _ = run(capsys, *argv)
+    code, table, _ = run(capsys, *argv, "--force")  # the same --out again: its results are replaced
     assert code == 0 and "3-way, 2 queries per class, 12 episodes per row, seed 3" in table
     assert "10-shot left out: only 0 classes have 12+ images" in table and f"wrote {out / 'shots.json'}" in table
 
@@ -370,3 +370,112 @@ def test_paths_with_terminal_escapes_are_printed_escaped(tmp_path, capsys, photo
         code, out, err = run(capsys, "register", reg, "--class", "cat", *paths)
         assert code == 1 and "evil\\x1b[31m" in err and "name.jpg" in err, err
         assert "\x1b" not in out + err and "\r" not in out + err
+
+
+def test_bad_target_tpr_is_a_usage_error_in_one_line(tmp_path, capsys):
+    for argv in (["calibrate", tmp_path / "r", "--target-tpr", "1.5"],
+                 ["evaluate", "--data", tmp_path, "--target-tpr", "nan"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "--target-tpr" in err and "[0.5, 1)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_option_typos_get_a_suggestion_and_abbreviations_are_refused(tmp_path, capsys):
+    from fewshot.cli import build_parser
+
+    code, _, err = run(capsys, "predict", tmp_path / "r", "x.jpg", "--thresh", "0.5")
+    assert code == 2 and err.strip().endswith("(did you mean --threshold?)") and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "predict", tmp_path / "r", "x.jpg", "--top", "2")  # once taken for --top-k
+    assert code == 2 and "did you mean --top-k?" in err
+    parser = build_parser()
+    assert parser.allow_abbrev is False and all(p.allow_abbrev is False for p in parser.commands.values())
+
+
+def test_another_encoder_name_is_refused_before_it_is_created_naming_its_input_size(reg, capsys, photos):
+    code, _, err = run(capsys, "predict", reg, photos["coffee"], "--encoder", "efficientnet_lite1")
+    assert code == 1 and "not efficientnet_lite1 (240 px)" in err and "efficientnet_lite0 (weights" in err
+    code, _, err = run(capsys, "predict", reg, photos["coffee"], "--encoder", "resnet18")  # not offline: no download
+    assert code == 1 and "not resnet18 (224 px)" in err and "download" not in err
+
+
+def test_an_unknown_answer_shows_its_similarity_against_the_threshold_not_a_probability(reg, capsys, photos):
+    code, out, _ = run(capsys, "predict", reg, photos["astronaut"], "--threshold", "0.9", "--json")
+    (answer,) = json.loads(out)
+    assert answer["unknown"] is True and answer["label"] is None  # --json keeps its shape
+    code, out, _ = run(capsys, "predict", reg, photos["astronaut"], "--threshold", "0.9")
+    fields = out.rstrip("\n").split("\t")
+    nearest = answer["top_k"][0]["label"]
+    assert code == 0 and fields[1] == "unknown"
+    assert fields[2] == f"(nearest: {nearest}, similarity {answer['similarity']:.3f} < 0.900)"
+    assert f"{answer['score']:.3f}" not in fields[2]
+
+
+def test_calibrate_says_what_it_saved_where(reg, capsys):
+    code, out, _ = run(capsys, "calibrate", reg, "--target-tpr", "0.9")
+    assert code == 0 and out.splitlines()[-1] == f"saved the thresholds and temperature in {reg} (predict uses " \
+                                                 "them from now on)"
+
+
+def test_evaluate_keeps_earlier_results_and_says_where_new_ones_went(tmp_path, capsys, caltech_subset, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["evaluate", "--data", caltech_subset, "--ways", 3, "--shots", 1, "--queries", 2, "--episodes", 3]
+    first = Path("evaluation") / caltech_subset.name / "shots" / "raw"  # the default, in the working folder
+    assert run(capsys, *argv)[0] == 0
+    before = (first / "shots.json").read_text()
+    code, out, _ = run(capsys, *argv, "--seed", 1)
+    assert code == 0 and f"wrote {first.parent / 'raw-2' / 'shots.json'}" in out
+    assert (first / "shots.json").read_text() == before  # the first run's results are still there
+    code, _, err = run(capsys, *argv, "--out", first)
+    assert code == 2 and "--force" in err and (first / "shots.json").read_text() == before
+    code, _, err = run(capsys, *argv, "--seed", 2, "--out", first, "--force", "--json")
+    assert code == 0 and f"wrote {first / 'shots.json'}" in err and json.loads((first / "shots.json").read_text())[
+        "seed"] == 2
+
+
+def test_one_class_folder_error_gives_advice_that_applies(tmp_path, capsys, photos, views_of):
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    for i, view in enumerate(views_of(photos["chelsea"], 6, seed=1)):
+        view.save(tmp_path / "one" / "cat" / f"{i}.png")
+    code, _, err = run(capsys, "evaluate", "--data", tmp_path / "one", "--episodes", 2)
+    assert code == 1 and "add class folders" in err
+    assert "--unknown-ways" not in err and "unknown_ways" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, photos, views_of):
+    import fcntl
+    import pty
+    import re
+    import signal
+    import struct
+    import termios
+
+    reg = tmp_path / "r"
+    assert run(capsys, "register", reg, "--class", "rocket", photos["rocket"])[0] == 0
+    (tmp_path / "many").mkdir()
+    for i, view in enumerate(views_of(photos["chelsea"], 90, seed=2)):  # a bar, and seconds of work to interrupt
+        view.save(tmp_path / "many" / f"{i}.jpg")
+    primary, secondary = pty.openpty()  # Ctrl-C is a terminal's: stderr on one, so the bar shows when work starts
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a sized one: tqdm draws
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot", "register", str(reg), "--class", "cat",
+                             str(tmp_path / "many"), "--no-cache"], stdout=subprocess.PIPE, stderr=secondary)
+    os.close(secondary)
+    shown = b""
+    while not re.search(rb"\| [1-9]\d*/90 ", shown):  # images embedded, others still to go
+        chunk = os.read(primary, 65536)
+        assert chunk, shown
+        shown += chunk
+    proc.send_signal(signal.SIGINT)
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the command has closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    assert proc.wait(timeout=60) == 130 and proc.stdout.read() == b""
+    assert b"Traceback" not in shown
+    assert shown.decode(errors="replace").rstrip().endswith(
+        f"fewshot: interrupted: {reg} is as this command found it (1 class(es), 1 image(s)): a register is saved at "
+        "its end: run the same command again")
+    assert run(capsys, "classes", reg)[1].split() == ["rocket", "1"]

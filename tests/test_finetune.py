@@ -169,3 +169,29 @@ def test_recipes_load_and_bad_recipes_say_what_is_wrong(tmp_path):
         SplitNetwork(create_encoder(input_size=64, compile="none").model, None, "avg", 99)
     with pytest.raises(ValueError, match="at least one dataset"):
         finetune([], Recipe())
+
+
+def test_recipe_numbers_must_be_finite_and_the_error_names_the_key(caltech_subset, tmp_path, capsys):
+    bad = tmp_path / "inf.toml"
+    bad.write_text("lr = inf\n")
+    code = main(["finetune", "--data", str(caltech_subset), "--recipe", str(bad), "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"fewshot: error: {bad}: lr must be a finite number > 0, got inf")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+    for key, value in [("encoder_lr", float("nan")), ("weight_decay", -1.0), ("adapt_weight", float("inf")),
+                       ("val_fraction", 1.0), ("lr", "fast"), ("max_images_per_class", 0)]:
+        with pytest.raises(ValueError, match=f"^{key} must be"):
+            Recipe(**{key: value})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-head", "--data", str(caltech_subset), "--head", "protonet", "--lr", "inf", "--out",
+              str(tmp_path / "h")])
+    assert exit_info.value.code == 2 and "--lr" in capsys.readouterr().err
+
+
+def test_finetune_logs_a_line_per_validation_when_no_bar_is_shown(photos_dataset, capsys):
+    finetune(photos_dataset, Recipe(**TINY), progress=None)  # stderr is not a terminal here: no bar
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["fine-tuning: episode 2/4", "fine-tuning: episode 4/4"]
+    assert all("validation accuracy" in line and "\r" not in line for line in lines)
+    finetune(photos_dataset, Recipe(**TINY), progress=False)
+    assert capsys.readouterr().err == ""

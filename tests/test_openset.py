@@ -156,8 +156,9 @@ def test_cli_calibrate_with_target_and_background(tmp_path, capsys, caltech_subs
     registry = Registry.load(path)
     loose = fit_calibration(registry.classes, [registry.examples(lab) for lab in registry.classes], target_tpr=0.95)
     assert stored.threshold > loose.threshold  # keeping fewer knowns means a stricter threshold
-    assert main(["calibrate", str(path), "--target-tpr", "2"]) == 1
-    assert "target_tpr" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a usage error
+        main(["calibrate", str(path), "--target-tpr", "2"])
+    assert exit_info.value.code == 2 and "--target-tpr" in capsys.readouterr().err
 
 
 def test_calibration_round_trips_through_a_dict():

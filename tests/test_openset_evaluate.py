@@ -67,3 +67,12 @@ def test_evaluation_decides_unknown_as_the_classifier_does(embedded, encoder):
     assert result.per_episode["known_kept"][0] == pytest.approx(np.mean([not p.unknown for p in known]))
     assert result.per_episode["unknown_accepted"][0] == pytest.approx(np.mean([not p.unknown for p in unknown]))
     np.testing.assert_allclose(result.known_scores, [p.similarity for p in known], atol=1e-5)
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(capsys):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 6)
+    features = rng.normal(size=(len(labels), 16)).astype(np.float32) + np.eye(8, 16)[labels] * 4
+    episodes = sample_open_set(labels, ways=3, shots=1, queries=2, unknown_ways=2, episodes=120, seed=0)
+    evaluate_open_set(features, episodes)  # 100+ episodes: a bar, but only for a person at a terminal
+    assert capsys.readouterr().err == ""
