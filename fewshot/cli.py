@@ -52,7 +52,7 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
         return 0
     except UsageError as exc:
         parser.error(str(exc))  # exits 2
-    except (FewShotError, ValueError, OSError) as exc:
+    except (FewShotError, ValueError, OSError, FloatingPointError) as exc:  # FloatingPointError: training diverged
         if args.debug:
             raise
         # Paths and labels in the message are untrusted; its own line breaks (a list of failures) stay.

@@ -479,3 +479,10 @@ def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, photos, vi
         f"fewshot: interrupted: {reg} is as this command found it (1 class(es), 1 image(s)): a register is saved at "
         "its end: run the same command again")
     assert run(capsys, "classes", reg)[1].split() == ["rocket", "1"]
+
+
+def test_training_that_diverges_ends_in_one_line_not_a_traceback(caltech_subset, tmp_path, capsys):
+    code, _, err = run(capsys, "train-head", "--data", caltech_subset, "--head", "protonet", "--lr", "1e30",
+                       "--ways", "3", "--episodes", "40", "--val-every", "20", "--out", tmp_path / "h")
+    assert code == 1 and err.startswith("fewshot: error: training diverged") and "lower lr" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "h").exists()
