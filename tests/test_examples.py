@@ -94,18 +94,33 @@ def exported(caltech_subset, tmp_path_factory):
     return root, known, unknown
 
 
+# Runs a script and writes its own peak RSS (VmHWM) to $FEWSHOT_PEAK_FILE at exit. The rusage of a child is no
+# use here: its ru_maxrss starts from the forking test process's RSS, gigabytes late in a full run.
+PEAK_LAUNCHER = """
+import atexit, os, runpy, sys
+
+def write_peak():
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["FEWSHOT_PEAK_FILE"], "w") as out:
+        out.write(str(kib * 1024))
+
+atexit.register(write_peak)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def run_onnx_predict(*args) -> tuple[int, str, str, int]:
     """Run the example as a user would: exit status, stdout, stderr and its peak memory (RSS, bytes)."""
     import tempfile
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, str(EXAMPLES / "onnx_predict.py"), *map(str, args)], stdout=out,
-                                stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss * 1024
+    with tempfile.TemporaryDirectory() as folder:
+        peak_file = Path(folder) / "peak"
+        done = subprocess.run([sys.executable, "-c", PEAK_LAUNCHER, str(EXAMPLES / "onnx_predict.py"),
+                               *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, "FEWSHOT_PEAK_FILE": str(peak_file)})
+        return done.returncode, done.stdout, done.stderr, int(peak_file.read_text())
 
 
 def test_onnx_predict_answers_as_fewshot_predict_on_known_and_unknown_images(exported):
