@@ -22,14 +22,11 @@ runtime="onnxruntime")``): the model is exported once per fingerprint to the cac
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
-import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -38,12 +35,12 @@ import numpy as np
 
 from .errors import FewShotError
 from .files import honour_umask
+from .streams import descriptor_silenced
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 OPSET = 17
 MIN_RUNTIME_COSINE = 0.9999  # an onnxruntime network must match eager this closely on a probe batch
-_stdout_lock = threading.Lock()  # file descriptor 1 is redirected by one export at a time
 
 
 class ExportError(FewShotError):
@@ -66,7 +63,7 @@ def export_module(module, path: str | os.PathLike, example, *, names: tuple[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # concurrent exporters never share one
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _stdout_silenced():
+        with warnings.catch_warnings(), torch.no_grad(), descriptor_silenced(1):
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's
             # The TorchScript-based exporter: ~1 s for Lite0, where the dynamo exporter takes ~15 s.
             torch.onnx.export(module.eval(), (example,), str(tmp), dynamo=False, opset_version=OPSET,
@@ -81,28 +78,6 @@ def export_module(module, path: str | os.PathLike, example, *, names: tuple[str,
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-@contextlib.contextmanager
-def _stdout_silenced():
-    """Point file descriptor 1 at /dev/null while the block runs: torch's exporter prints its whole IR graph
-    there from C++ when it fails, and nothing a library prints may reach a `--json` stdout."""
-    with _stdout_lock:
-        try:
-            saved = os.dup(1)
-        except OSError:  # no stdout at all: nothing to protect
-            yield
-            return
-        sys.stdout.flush()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()  # Python-level prints of the block go where the C++ ones went
-            os.dup2(saved, 1)
-            os.close(saved)
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: np.ndarray,

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import uuid
 import warnings
 import zipfile
@@ -37,6 +36,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .errors import EncoderMismatchError
+from .streams import descriptor_silenced
 
 ENGINES = ("local", "ray")
 FINGERPRINT_KEY = b"fewshot.encoder"  # Parquet file metadata: the encoder fingerprint, as JSON
@@ -405,39 +405,13 @@ def _ray_kept_off_stderr() -> Iterator[None]:
     for handler in consoles:
         handler.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), _fd2_to_devnull():
+        with warnings.catch_warnings(), descriptor_silenced(2, keep_python_stream=True):
             warnings.filterwarnings("ignore", module=r"ray(\.|$)")
             yield
     finally:
         context.enable_progress_bars, context.print_on_execution_start = saved[:2]
         for handler, level in zip(consoles, saved[2]):
             handler.setLevel(level)
-
-
-@contextlib.contextmanager
-def _fd2_to_devnull() -> Iterator[None]:
-    """File descriptor 2 on /dev/null; ``sys.stderr`` (fewshot's progress bar and messages) stays on the real
-    stderr, through a copy of the descriptor where it wrote to fd 2."""
-    try:
-        sys.stderr.flush()
-        on_fd2 = sys.stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):  # not a file (pytest's capsys, a notebook): fd 2 is not its path
-        on_fd2 = False
-    real_fd, real_stream = os.dup(2), sys.stderr
-    if on_fd2:
-        sys.stderr = open(real_fd, "w", buffering=1, encoding=real_stream.encoding, errors="backslashreplace",
-                          closefd=False)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    try:
-        yield
-    finally:
-        if on_fd2:
-            sys.stderr.close()  # flushes; the descriptor stays open (closefd=False)
-            sys.stderr = real_stream
-        os.dup2(real_fd, 2)
-        os.close(real_fd)
 
 
 def _start_ray(address: str | None, verbose: bool) -> None:
