@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,demo,serve,jobs]"
+	$(BIN)/python -m pip install --quiet -e ".[test,demo,serve,jobs,docs]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,10 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP) $(L2L_STAMP)
 	$(BIN)/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output .pytest_cache site
 
 # Durability under stress (issue #5): the crash tests with 2000 random SIGKILLs instead of 200, and
 # ten times the bit flips and truncations of the fuzz test (about 24,000 mutated registries).

@@ -45,21 +45,29 @@ def test_train_and_evaluate_head(omniglot_small):
     assert trained > raw
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
-def readme_snippets(containing: str) -> list[str]:
-    """The README's ```python blocks (dedented, as inside list items) that contain ``containing``."""
+def readme_snippets(containing: str, page: Path = README) -> list[str]:
+    """The ```python blocks of the README or a docs page (dedented, as inside list items) that contain
+    ``containing``."""
     import re
     import textwrap
 
-    blocks = re.findall(r"^( *)```python\n(.*?)^\1```", README.read_text(), flags=re.S | re.M)
+    blocks = re.findall(r"^( *)```python\n(.*?)^\1```", page.read_text(), flags=re.S | re.M)
     return [textwrap.dedent(code) for _, code in blocks if containing in code]
 
 
-@pytest.mark.parametrize("marker", ["clf = FewShotClassifier()", "with FewShotClassifier.open("])
-def test_readme_classifier_snippets_run_as_written(marker, tmp_path, photos, views_of):
-    """The README's Python API and durability snippets, run in a folder holding the files they name."""
+@pytest.mark.parametrize(("page", "marker"), [
+    ("README.md", "clf = FewShotClassifier()"),
+    ("docs/quickstart.md", "clf = FewShotClassifier()"),
+    ("docs/register-predict.md", "clf = FewShotClassifier()"),
+    ("docs/durability.md", "with FewShotClassifier.open("),
+])
+def test_readme_classifier_snippets_run_as_written(page, marker, tmp_path, photos, views_of):
+    """The README's example and the docs' Python API and durability snippets, run in a folder holding the
+    files they name."""
     (tmp_path / "photos" / "plate").mkdir(parents=True)
     for i, view in enumerate(views_of(photos["coffee"], 3, seed=0), start=1):
         view.save(tmp_path / f"mug{i}.jpg")
@@ -68,8 +76,8 @@ def test_readme_classifier_snippets_run_as_written(marker, tmp_path, photos, vie
         view.save(tmp_path / f"plate{i}.jpg")
     views_of(photos["coffee"], 1, seed=2)[0].save(tmp_path / "query.jpg")
     views_of(photos["coins"], 1, seed=3)[0].save(tmp_path / "other.png")
-    (snippet,) = readme_snippets(marker)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(README.parent), os.environ.get("PYTHONPATH", "")])}
+    (snippet,) = readme_snippets(marker, ROOT / page)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=env)
     assert done.returncode == 0, done.stderr
