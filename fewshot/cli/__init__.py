@@ -17,8 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
-from .errors import FewShotError
+from .. import __version__
+from ..errors import FewShotError
 
 # fewshot.views.SUPPORT_VIEWS, spelled out: importing that module would load numpy at every start-up.
 SUPPORT_VIEWS_CHOICES = ("none", "flip")
@@ -97,7 +97,7 @@ def _interrupted(args) -> str:
     if args.command in ("remove", "rename", "calibrate", "serve"):
         return f"{args.registry} holds every change that completed (each is saved whole or not at all)"
     if args.command == "register" and _registry_exists(args.registry):
-        from .registry import Registry
+        from ..registry import Registry
 
         counts = Registry.saved_counts(args.registry)
         return (f"{args.registry} is as this command found it ({len(counts)} class(es), {sum(counts.values())} "
@@ -137,9 +137,9 @@ def cmd_register(args) -> int:
 
 def cmd_register_from_embeddings(args) -> int:
     """`register REG --from-embeddings EMB.parquet`: classes from `fewshot embed` output, no network run."""
-    from .jobs import check_encoder_reproduces, dataset_fingerprint, register_embeddings
-    from .openset import calibrate
-    from .registry import Registry
+    from ..jobs import check_encoder_reproduces, dataset_fingerprint, register_embeddings
+    from ..openset import calibrate
+    from ..registry import Registry
 
     if args.class_name or args.folder or args.paths or args.head:
         raise UsageError("--from-embeddings takes no --class, --folder, --head or image paths: the classes come "
@@ -173,7 +173,7 @@ def cmd_register_from_embeddings(args) -> int:
 
 def cmd_embed(args) -> int:
     """`embed DATA --out EMB.parquet`: embed a dataset to Parquet, locally or on Ray; resumes."""
-    from .jobs import embed_to_parquet
+    from ..jobs import embed_to_parquet
 
     spec = {"name": args.encoder or "efficientnet_lite0", "weights": args.weights, "stages": args.stages,
             "pool": args.pool if args.pool is not None else "avg", "input_size": args.input_size}
@@ -188,8 +188,8 @@ def cmd_embed(args) -> int:
 
 def cmd_export(args) -> int:
     """`export --out DIR [--head H | --registry REG] [--int8]`: an onnxruntime + numpy deployment folder."""
-    from .export import export_bundle
-    from .heads import load_head
+    from ..export import export_bundle
+    from ..heads import load_head
 
     if args.int8 and not args.calibration:
         raise UsageError("--int8 needs --calibration DIR: a few dozen photos like the ones to classify")
@@ -238,7 +238,7 @@ def cmd_predict(args) -> int:
 
 def _without_empty_folders(paths: list[str]) -> list[str]:
     """``paths`` less the folders holding no image, each reported on stderr (the others still run)."""
-    from .images import IMAGE_EXTENSIONS, expand_inputs
+    from ..images import IMAGE_EXTENSIONS, expand_inputs
 
     kept = []
     for path in paths:
@@ -344,7 +344,7 @@ def cmd_classes(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    from .openset import calibrate
+    from ..openset import calibrate
 
     with _open_registry(args) as registry, registry.batch():  # saved, refitted, before remove returns
         _require_class(args, registry, args.class_name)
@@ -355,7 +355,7 @@ def cmd_remove(args) -> int:
 
 
 def cmd_rename(args) -> int:
-    from .openset import calibrate
+    from ..openset import calibrate
 
     with _open_registry(args) as registry, registry.batch():
         _require_class(args, registry, args.old)
@@ -374,14 +374,14 @@ def _require_class(args, registry, label: str) -> None:
 def cmd_calibrate(args) -> int:
     """Refit the registry's unknown thresholds (optionally for another target), and measure them on a
     folder of background images (photos of things that are none of the classes) if given."""
-    from .openset import METADATA_KEY, accepted_share, calibrate
+    from ..openset import METADATA_KEY, accepted_share, calibrate
 
     with _open_registry(args) as registry:
         if not len(registry):
             raise FewShotError(f"registry {args.registry} has no classes to calibrate; register some first")
         calibration = calibrate(registry, args.target_tpr)
         if args.background:
-            from .classifier import FewShotClassifier
+            from ..classifier import FewShotClassifier
 
             classifier = FewShotClassifier.load(args.registry, cache=not args.no_cache)
             found = [p for p in classifier.predict(args.background, top_k=1) if p.error is None]
@@ -420,7 +420,7 @@ def cmd_info(args) -> int:
     import timm
     import torch
 
-    from .encoders import DEFAULT_ENCODER, available_encoders
+    from ..encoders import DEFAULT_ENCODER, available_encoders
 
     print(f"fewshot {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
@@ -428,7 +428,7 @@ def cmd_info(args) -> int:
     print(f"torch threads: {torch.get_num_threads()}, interop threads: {torch.get_num_interop_threads()}")
     print(f"default encoder: {DEFAULT_ENCODER}; offline encoders: {', '.join(available_encoders()) or 'none'}")
     if args.encoder:
-        from .encoders import create_encoder
+        from ..encoders import create_encoder
 
         encoder = create_encoder(args.encoder, weights=args.weights)
         print(json.dumps(encoder.fingerprint, indent=2))
@@ -436,9 +436,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_train_head(args) -> int:
-    from .episodes import load_protocol
-    from .heads import save_head
-    from .workflows import resolve_dataset, train_head_on_dataset
+    from ..episodes import load_protocol
+    from ..heads import save_head
+    from ..workflows import resolve_dataset, train_head_on_dataset
 
     if not args.force and Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise UsageError(f"--out {args.out} exists already; registries keep their own copy of a head, but pass "
@@ -472,10 +472,10 @@ def cmd_train_head(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .episodes import load_protocol
-    from .finetune import Recipe, finetune
-    from .heads import save_head
-    from .workflows import resolve_dataset
+    from ..episodes import load_protocol
+    from ..finetune import Recipe, finetune
+    from ..heads import save_head
+    from ..workflows import resolve_dataset
 
     if len(args.weight) not in (0, len(args.data)):
         raise UsageError(f"give one --weight per --data ({len(args.data)}), or none")
@@ -527,8 +527,8 @@ def _add_finetune_parser(sub, common) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from .heads import load_head
-    from .workflows import evaluate_protocol, evaluate_runs, resolve_dataset
+    from ..heads import load_head
+    from ..workflows import evaluate_protocol, evaluate_runs, resolve_dataset
 
     if args.out and not args.force and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
         raise UsageError(f"--out {args.out} holds earlier results; pass --force to replace them, or choose another "
@@ -568,8 +568,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare_encoders(args) -> int:
-    from .compare import compare_encoders, format_table, plot_comparison, rows_as_dicts
-    from .data import load_dataset
+    from ..compare import compare_encoders, format_table, plot_comparison, rows_as_dicts
+    from ..data import load_dataset
 
     rows = compare_encoders(load_dataset(args.data), args.encoder or None, shots=args.shots,
                             ways=None if args.ways == "all" else args.ways, queries=args.queries,
@@ -588,7 +588,7 @@ def cmd_compare_encoders(args) -> int:
 
 def _protocol_and_data(args):
     """The protocol and dataset of an evaluation: as given, else as the --replay manifest records them."""
-    from .episodes import load_protocol, manifest_origin
+    from ..episodes import load_protocol, manifest_origin
 
     given = load_protocol(args.protocol) if args.protocol else None
     if given is not None and given.unknown_ways and (args.save_episodes or args.replay):
@@ -617,7 +617,7 @@ def _result_folder(head: str | None) -> str:
 
 
 def _evaluate_open_set(args, protocol, data, encoder, head) -> int:
-    from .workflows import evaluate_open_set_protocol, resolve_dataset
+    from ..workflows import evaluate_open_set_protocol, resolve_dataset
 
     result = evaluate_open_set_protocol(resolve_dataset(data, protocol), protocol, encoder, head=head,
                                         episodes=args.episodes, seed=args.seed, target_tpr=args.target_tpr,
@@ -628,9 +628,9 @@ def _evaluate_open_set(args, protocol, data, encoder, head) -> int:
 
 def _evaluate_own_folder(args) -> int:
     """``fewshot evaluate --data DIR`` without a protocol: accuracy (and AUROC) against shot count."""
-    from .data import load_dataset
-    from .heads import load_head
-    from .sweep import shots_sweep
+    from ..data import load_dataset
+    from ..heads import load_head
+    from ..sweep import shots_sweep
 
     if args.save_episodes:
         raise UsageError("--save-episodes needs --protocol; a folder sweep replays exactly from --seed")
@@ -648,7 +648,7 @@ def _save_and_report(args, result, default_out: Path, text: str) -> int:
     """Save an evaluation's files (to --out, else to ``default_out`` or, where that holds earlier results,
     a new ``default_out-N``), then print it as JSON or as ``text``, and the files written (on stderr
     with --json)."""
-    from .evaluate import new_result_folder
+    from ..evaluate import new_result_folder
 
     paths = list(result.save(Path(args.out) if args.out else new_result_folder(default_out)).values())
     if args.json:
@@ -667,7 +667,7 @@ def _check_no_sweep_options(args) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     return run_demo(data=args.data, out=Path(args.out), shots=args.shots, seed=args.seed,
                     encoder=args.encoder, weights=args.weights, progress=_progress())
@@ -676,7 +676,7 @@ def cmd_demo(args) -> int:
 def cmd_serve(args) -> int:
     """Serve the registry over HTTP (and the web page) until interrupted; see the README's "Serve it"."""
     try:
-        from .serve import ServeSettings, is_loopback, listen, read_api_key, run
+        from ..serve import ServeSettings, is_loopback, listen, read_api_key, run
     except ImportError as e:
         raise FewShotError(f"fewshot serve needs the serve extra ({e}); pip install 'fewshot[serve]'") from None
     if not is_loopback(args.host) and not args.api_key_file:
@@ -712,7 +712,7 @@ def _registry_exists(path: str) -> bool:
 
 def _open_for_writing(args):
     """The classifier at args.registry (created if absent), holding its writer lock."""
-    from .classifier import FewShotClassifier
+    from ..classifier import FewShotClassifier
 
     if _registry_exists(args.registry):
         views = {"support_views": args.support_views} if args.support_views else {}  # else the saved one
@@ -727,7 +727,7 @@ def _open_for_writing(args):
 
 def _open_registry(args):
     """The registry at args.registry, for writing without an encoder (remove, rename)."""
-    from .registry import Registry
+    from ..registry import Registry
 
     _require_registry(args.registry, args.command)
     return Registry.open(args.registry)
@@ -743,14 +743,14 @@ def _require_registry(path: str, command: str) -> None:
 
 
 def _encoder(args):
-    from .encoders import create_encoder
+    from ..encoders import create_encoder
 
     return create_encoder(args.encoder or "efficientnet_lite0", weights=args.weights, stages=args.stages,
                           pool=args.pool if args.pool is not None else "avg", input_size=args.input_size)
 
 
 def _head_or_plain_encoder(args, head):
-    from .classifier import head_encoder
+    from ..classifier import head_encoder
 
     return head_encoder(head, weights=args.weights) if head is not None else _encoder(args)
 
@@ -761,14 +761,14 @@ def _progress() -> bool | None:
 
 
 def _cache(args):
-    from .cache import EmbeddingCache
+    from ..cache import EmbeddingCache
 
     return None if args.no_cache else EmbeddingCache()
 
 
 def _load(args, need_encoder: bool = True):
-    from .classifier import FewShotClassifier
-    from .registry import Registry
+    from ..classifier import FewShotClassifier
+    from ..registry import Registry
 
     _require_registry(args.registry, args.command)
     if not need_encoder:  # listing, removing and renaming never run the network
@@ -782,7 +782,7 @@ def _load(args, need_encoder: bool = True):
 
 def _saved_counts(args) -> dict[str, int]:
     """A registry's classes and counts from its manifest alone: listing reads no prototypes."""
-    from .registry import Registry
+    from ..registry import Registry
 
     _require_registry(args.registry, args.command)
     return Registry.saved_counts(args.registry)
