@@ -82,11 +82,19 @@ def import_edges(modules: dict[str, tuple[Path, ast.Module]]):
 
 
 def graph(modules) -> dict[str, set[str]]:
-    """Module -> the package modules it imports (self-imports and a package's own ``__init__`` dropped)."""
+    """Module -> the package modules it imports, self-imports dropped.
+
+    Importing ``a.b.c`` first runs the ``__init__`` of ``a.b`` (and ``a``), so those count as imported too,
+    except packages that enclose the importer (they are being imported already when it runs).
+    """
     edges: dict[str, set[str]] = {m: set() for m in modules}
     for src, dst, _, _ in import_edges(modules):
-        if dst != src and dst in modules:
-            edges[src].add(dst)
+        parts = dst.split(".")
+        for n in range(1, len(parts) + 1):
+            target = ".".join(parts[:n])
+            encloses = src.startswith(target + ".") or (target == src)
+            if target in modules and not encloses and target != dst.split(".")[0]:
+                edges[src].add(target)
     return edges
 
 
@@ -150,15 +158,19 @@ def floors(edges: dict[str, set[str]]) -> dict[str, int]:
 
 
 def private_imports(modules) -> list[str]:
-    """``from X import _name`` where X is another package module (``module:line: X._name``)."""
+    """Private names used across modules (``module:line: what``): ``from X import _name`` where X is another
+    package module, and any import of a private module (``pkg._mod``) from outside ``pkg``."""
     found = []
     for src, dst, name, line in import_edges(modules):
         if name and name.startswith("_") and not name.startswith("__") and dst != src:
             found.append(f"{src}:{line}: {dst}.{name}")
-        elif name is None and dst.rsplit(".", 1)[-1].startswith("_") and dst.rsplit(".", 1)[0] != src.rsplit(
-                ".", 1)[0] and dst.rsplit(".", 1)[0] != src:
-            found.append(f"{src}:{line}: {dst}")
-    return found
+        parts = dst.split(".")
+        for i, part in enumerate(parts[1:], start=1):
+            owner = ".".join(parts[:i])
+            if part.startswith("_") and not part.startswith("__") and not src.startswith(owner + "."):
+                found.append(f"{src}:{line}: {dst}")
+                break
+    return sorted(set(found))
 
 
 def main(argv: list[str] | None = None) -> int:

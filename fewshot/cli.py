@@ -20,7 +20,7 @@ from pathlib import Path
 from . import __version__
 from .errors import FewShotError
 
-# fewshot.views.SUPPORT_VIEWS, spelled out: importing that module would load numpy at every start-up.
+# fewshot.embedding.views.SUPPORT_VIEWS, spelled out: importing that module would load numpy at every start-up.
 SUPPORT_VIEWS_CHOICES = ("none", "flip")
 
 
@@ -138,7 +138,7 @@ def cmd_register(args) -> int:
 def cmd_register_from_embeddings(args) -> int:
     """`register REG --from-embeddings EMB.parquet`: classes from `fewshot embed` output, no network run."""
     from .jobs import check_encoder_reproduces, dataset_fingerprint, register_embeddings
-    from .openset import calibrate
+    from .registry.calibration import calibrate
     from .registry import Registry
 
     if args.class_name or args.folder or args.paths or args.head:
@@ -189,7 +189,7 @@ def cmd_embed(args) -> int:
 def cmd_export(args) -> int:
     """`export --out DIR [--head H | --registry REG] [--int8]`: an onnxruntime + numpy deployment folder."""
     from .export import export_bundle
-    from .heads import load_head
+    from .learning.heads import load_head
 
     if args.int8 and not args.calibration:
         raise UsageError("--int8 needs --calibration DIR: a few dozen photos like the ones to classify")
@@ -238,7 +238,7 @@ def cmd_predict(args) -> int:
 
 def _without_empty_folders(paths: list[str]) -> list[str]:
     """``paths`` less the folders holding no image, each reported on stderr (the others still run)."""
-    from .images import IMAGE_EXTENSIONS, expand_inputs
+    from .embedding.images import IMAGE_EXTENSIONS, expand_inputs
 
     kept = []
     for path in paths:
@@ -344,7 +344,7 @@ def cmd_classes(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    from .openset import calibrate
+    from .registry.calibration import calibrate
 
     with _open_registry(args) as registry, registry.batch():  # saved, refitted, before remove returns
         _require_class(args, registry, args.class_name)
@@ -355,7 +355,7 @@ def cmd_remove(args) -> int:
 
 
 def cmd_rename(args) -> int:
-    from .openset import calibrate
+    from .registry.calibration import calibrate
 
     with _open_registry(args) as registry, registry.batch():
         _require_class(args, registry, args.old)
@@ -374,7 +374,7 @@ def _require_class(args, registry, label: str) -> None:
 def cmd_calibrate(args) -> int:
     """Refit the registry's unknown thresholds (optionally for another target), and measure them on a
     folder of background images (photos of things that are none of the classes) if given."""
-    from .openset import METADATA_KEY, accepted_share, calibrate
+    from .registry.calibration import METADATA_KEY, accepted_share, calibrate
 
     with _open_registry(args) as registry:
         if not len(registry):
@@ -420,7 +420,7 @@ def cmd_info(args) -> int:
     import timm
     import torch
 
-    from .encoders import DEFAULT_ENCODER, available_encoders
+    from .embedding.encoders import DEFAULT_ENCODER, available_encoders
 
     print(f"fewshot {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
@@ -428,7 +428,7 @@ def cmd_info(args) -> int:
     print(f"torch threads: {torch.get_num_threads()}, interop threads: {torch.get_num_interop_threads()}")
     print(f"default encoder: {DEFAULT_ENCODER}; offline encoders: {', '.join(available_encoders()) or 'none'}")
     if args.encoder:
-        from .encoders import create_encoder
+        from .embedding.encoders import create_encoder
 
         encoder = create_encoder(args.encoder, weights=args.weights)
         print(json.dumps(encoder.fingerprint, indent=2))
@@ -436,8 +436,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_train_head(args) -> int:
-    from .episodes import load_protocol
-    from .heads import save_head
+    from .data.protocols import load_protocol
+    from .learning.heads import save_head
     from .workflows import resolve_dataset, train_head_on_dataset
 
     if not args.force and Path(args.out).exists() and any(Path(args.out).iterdir()):
@@ -472,9 +472,9 @@ def cmd_train_head(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .episodes import load_protocol
-    from .finetune import Recipe, finetune
-    from .heads import save_head
+    from .data.protocols import load_protocol
+    from .learning.finetune import Recipe, finetune
+    from .learning.heads import save_head
     from .workflows import resolve_dataset
 
     if len(args.weight) not in (0, len(args.data)):
@@ -527,7 +527,7 @@ def _add_finetune_parser(sub, common) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from .heads import load_head
+    from .learning.heads import load_head
     from .workflows import evaluate_protocol, evaluate_runs, resolve_dataset
 
     if args.out and not args.force and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
@@ -568,8 +568,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare_encoders(args) -> int:
-    from .compare import compare_encoders, format_table, plot_comparison, rows_as_dicts
-    from .data import load_dataset
+    from .evaluation.compare import compare_encoders, format_table, plot_comparison, rows_as_dicts
+    from .data.datasets import load_dataset
 
     rows = compare_encoders(load_dataset(args.data), args.encoder or None, shots=args.shots,
                             ways=None if args.ways == "all" else args.ways, queries=args.queries,
@@ -588,7 +588,7 @@ def cmd_compare_encoders(args) -> int:
 
 def _protocol_and_data(args):
     """The protocol and dataset of an evaluation: as given, else as the --replay manifest records them."""
-    from .episodes import load_protocol, manifest_origin
+    from .data.protocols import load_protocol, manifest_origin
 
     given = load_protocol(args.protocol) if args.protocol else None
     if given is not None and given.unknown_ways and (args.save_episodes or args.replay):
@@ -628,9 +628,9 @@ def _evaluate_open_set(args, protocol, data, encoder, head) -> int:
 
 def _evaluate_own_folder(args) -> int:
     """``fewshot evaluate --data DIR`` without a protocol: accuracy (and AUROC) against shot count."""
-    from .data import load_dataset
-    from .heads import load_head
-    from .sweep import shots_sweep
+    from .data.datasets import load_dataset
+    from .learning.heads import load_head
+    from .evaluation.sweep import shots_sweep
 
     if args.save_episodes:
         raise UsageError("--save-episodes needs --protocol; a folder sweep replays exactly from --seed")
@@ -648,7 +648,7 @@ def _save_and_report(args, result, default_out: Path, text: str) -> int:
     """Save an evaluation's files (to --out, else to ``default_out`` or, where that holds earlier results,
     a new ``default_out-N``), then print it as JSON or as ``text``, and the files written (on stderr
     with --json)."""
-    from .evaluate import new_result_folder
+    from .evaluation.evaluate import new_result_folder
 
     paths = list(result.save(Path(args.out) if args.out else new_result_folder(default_out)).values())
     if args.json:
@@ -743,7 +743,7 @@ def _require_registry(path: str, command: str) -> None:
 
 
 def _encoder(args):
-    from .encoders import create_encoder
+    from .embedding.encoders import create_encoder
 
     return create_encoder(args.encoder or "efficientnet_lite0", weights=args.weights, stages=args.stages,
                           pool=args.pool if args.pool is not None else "avg", input_size=args.input_size)
@@ -761,7 +761,7 @@ def _progress() -> bool | None:
 
 
 def _cache(args):
-    from .cache import EmbeddingCache
+    from .embedding.cache import EmbeddingCache
 
     return None if args.no_cache else EmbeddingCache()
 
@@ -820,7 +820,7 @@ def _positive_float(text: str) -> float:
 
 
 def _target_tpr(text: str) -> float:
-    """A share of known queries to keep, in fewshot.openset.check_target's range [0.5, 1)."""
+    """A share of known queries to keep, in fewshot.registry.calibration.check_target's range [0.5, 1)."""
     try:
         value = float(text)
     except ValueError:
