@@ -167,7 +167,7 @@ def private_imports(modules) -> list[str]:
         parts = dst.split(".")
         for i, part in enumerate(parts[1:], start=1):
             owner = ".".join(parts[:i])
-            if part.startswith("_") and not part.startswith("__") and not src.startswith(owner + "."):
+            if part.startswith("_") and not part.startswith("__") and not (src == owner or src.startswith(owner + ".")):
                 found.append(f"{src}:{line}: {dst}")
                 break
     return sorted(set(found))

@@ -211,6 +211,7 @@ def _index_ids(index) -> np.ndarray:
 
 
 def load_index(path: Path, m: dict, reg: Registry, opened: dict):
+    """The saved FAISS index a manifest lists, verified, deserialised and checked against ``reg``."""
     fpath = path / m["files"]["index"]["name"]
     (data,) = read_verified_into(path, m["files"]["index"], lambda size: [np.empty(size, np.uint8)], opened)
     try:

@@ -69,6 +69,7 @@ def check_sources(sources, n: int, what: str) -> list[ExampleSource] | None:
 
 
 def is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogates)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

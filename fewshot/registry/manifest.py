@@ -46,6 +46,7 @@ def _check_seal(mpath: Path, raw: bytes, m: dict) -> None:
 
 
 def manifest_digest(mpath: Path) -> str | None:
+    """sha256 of a manifest file, or None if it cannot be read (readers compare generations by it)."""
     try:
         return hashlib.sha256(read_bounded(mpath, MAX_MANIFEST_BYTES)).hexdigest()
     except (OSError, RegistryFormatError):
@@ -175,6 +176,7 @@ def _classes_slow(entries: list, next_id: int, mpath: Path) -> None:
 
 
 def check_manifest_fingerprint(path: Path, stored: dict, expected: dict) -> None:
+    """Raise EncoderMismatchError unless the stored encoder fingerprint is the expected one."""
     if stored == expected:
         return
 
@@ -189,6 +191,7 @@ def check_manifest_fingerprint(path: Path, stored: dict, expected: dict) -> None
 
 
 def read_manifest(path: Path) -> dict:
+    """The registry's manifest, read within its size limit and checked (seal, fields, files)."""
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise RegistryFormatError(f"no registry at {path} ({mpath} not found); create one with fewshot register")

@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -43,7 +44,8 @@ class _HashingWriter:
         return self._f.write(data)
 
 
-def npy_writer(arr: np.ndarray):
+def npy_writer(arr: np.ndarray) -> Callable[[BinaryIO], None]:
+    """A ``write`` callback for ``write_atomic`` that saves ``arr`` as ``.npy`` (never pickled)."""
     return lambda f: np.save(f, arr, allow_pickle=False)
 
 
@@ -66,6 +68,7 @@ def write_atomic(directory: Path, name: str, write, written: list) -> dict:
 
 
 def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (renames, new files) to disk."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -74,6 +77,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 def unlink_quietly(p: Path) -> None:
+    """Remove a file if it is there; a failure is harmless (the manifest decides what is current)."""
     try:
         os.unlink(p)
     except OSError:
@@ -147,6 +151,7 @@ def saved_generation(path: Path) -> int | None:
 
 
 def same_dir(a: Path, b: Path) -> bool:
+    """Whether two paths are the same directory (False if either cannot be reached)."""
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -188,6 +193,7 @@ def _open_regular(fpath: Path):
 
 
 def read_bounded(fpath: Path, limit: int) -> bytes:
+    """The bytes of a regular file, refusing (RegistryFormatError) one larger than ``limit``."""
     with _open_regular(fpath) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
@@ -260,6 +266,7 @@ def read_verified_into(path: Path, entry: dict, split, opened: dict) -> list[np.
 
 
 def checked_attachments(attachments) -> dict[str, bytes]:
+    """``attachments`` (name -> bytes) if every name and size is allowed, else ValueError."""
     if not isinstance(attachments, dict):
         raise ValueError("attachments must be a dict of name -> bytes")
     for name, data in attachments.items():
@@ -271,6 +278,7 @@ def checked_attachments(attachments) -> dict[str, bytes]:
 
 
 def load_attachments(path: Path, m: dict, opened: dict) -> dict[str, bytes]:
+    """The attachments a manifest lists, each verified against its size and sha256."""
     out = {}
     for key, entry in m["files"].items():
         if not key.startswith(ATTACHMENT_KEY):

@@ -11,6 +11,7 @@ CHUNK_FLOATS = 2**22  # rows are normalised / copied in chunks of about 16 MiB o
 
 
 def chunk_rows(dim: int) -> int:
+    """Rows per chunk of ``dim``-dimensional float32 work, so temporaries stay bounded."""
     return max(1, CHUNK_FLOATS // max(1, dim))
 
 
@@ -48,6 +49,7 @@ def row_norms(x: np.ndarray) -> np.ndarray:
 
 
 def normalise_rows(x: np.ndarray, what: str) -> np.ndarray:
+    """Unit-length rows (cosine); a zero row raises ValueError naming ``what``."""
     norms = row_norms(x)
     if (norms == 0).any():
         raise ValueError(f"{what}: a zero vector has no direction, so cosine similarity is undefined")

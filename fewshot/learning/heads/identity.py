@@ -36,12 +36,10 @@ class IdentityHead(Head):
             x = x - self.mean
         return F.normalize(x, dim=1)
 
-    def fit(self, features, labels=None, *, groups=None, **train_options):
+    def fit(self, features, labels=None, *, groups=None, **train_options) -> TrainResult:
         """Set the centring mean from base-class ``features`` (N, in_dim); no episodes, no training.
 
         ``labels``, ``groups`` and training options are accepted for a uniform API and ignored."""
-
-
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.in_dim or len(x) == 0:
             raise ValueError(f"identity head: features must have shape (N >= 1, {self.in_dim}), got {x.shape}")
