@@ -1,7 +1,7 @@
 """Calibration of a registry with one big class: time and peak memory against its example count.
 
 Each count runs in a fresh process: a registry (in memory, examples stored) with one class of ``n``
-random ``--dim`` examples, then ``fewshot.openset.calibrate``; prints the median wall time of
+random ``--dim`` examples, then ``fewshot.registry.calibration.calibrate``; prints the median wall time of
 ``--repeats`` calibrations and the peak memory growth over the registry itself (Linux: VmHWM reset
 once the registry is built). ``--limit-gb`` caps each process's address space (a run that needs more
 reports a MemoryError instead of taking the machine's memory).
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, statistics, sys, time
 import numpy as np
-from fewshot.openset import calibrate
+from fewshot.registry.calibration import calibrate
 from fewshot.registry import Registry
 n, dim, repeats, limit = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if limit:

@@ -46,7 +46,7 @@ def naive_images_per_second(paths: list[Path]) -> float:
     import torch
     from PIL import Image
 
-    from fewshot.encoders import create_encoder
+    from fewshot.embedding.encoders import create_encoder
 
     model = create_encoder().model
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
@@ -59,7 +59,7 @@ def naive_images_per_second(paths: list[Path]) -> float:
 
 def one_shot_accuracy(folder: Path, seed: int) -> float:
     from fewshot import FewShotClassifier
-    from fewshot.data import class_folders, support_query_split
+    from fewshot.data.datasets import class_folders, support_query_split
 
     support, query = support_query_split(class_folders(folder), shots=1, seed=seed)
     clf = FewShotClassifier(progress=False)

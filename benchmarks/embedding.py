@@ -56,7 +56,7 @@ def extract_jpegs(zip_path: Path, n: int, target: Path, seed: int = 0) -> list[P
 def naive_model():
     import timm
 
-    from fewshot.encoders import _load_into, _packaged_weights_path, read_state_dict
+    from fewshot.embedding.encoders import _load_into, _packaged_weights_path, read_state_dict
 
     model = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
     path = _packaged_weights_path("efficientnet_lite0")

@@ -69,16 +69,16 @@ def run_row(row: str, features: np.ndarray, labels: np.ndarray, episodes: int, r
 
 
 def fewshot_evaluate_episodes(features, labels, episodes, seed):
-    from fewshot.episodes import EpisodeSampler
-    from fewshot.evaluate import evaluate_episodes
+    from fewshot.data.episodes import EpisodeSampler
+    from fewshot.evaluation.evaluate import evaluate_episodes
 
     batch = EpisodeSampler(labels, ways=WAYS, shots=SHOTS, queries=QUERIES, seed=seed).sample_batch(episodes)
     return evaluate_episodes(features, labels, batch.to_episodes(), metric="l2", progress=False).accuracy
 
 
 def fewshot_evaluate_batch(features, labels, episodes, seed):
-    from fewshot.episodes import EpisodeSampler
-    from fewshot.evaluate import evaluate_batch
+    from fewshot.data.episodes import EpisodeSampler
+    from fewshot.evaluation.evaluate import evaluate_batch
 
     batch = EpisodeSampler(labels, ways=WAYS, shots=SHOTS, queries=QUERIES, seed=seed).sample_batch(episodes)
     return evaluate_batch(features, labels, batch, metric="l2").accuracy
@@ -110,7 +110,7 @@ def learn2learn_loop(features, labels, episodes, seed):
 
     import torch
 
-    from fewshot.interop_learn2learn import import_learn2learn, to_meta_dataset
+    from fewshot.evaluation.learn2learn import import_learn2learn, to_meta_dataset
 
     l2l = import_learn2learn("the learn2learn baseline")
     random.seed(seed)  # l2l's task transforms draw from Python's global random
@@ -134,8 +134,8 @@ def learn2learn_loop(features, labels, episodes, seed):
 
 def check_batched_path(features, labels, episodes, seed):
     """evaluate_batch must predict what evaluate_episodes predicts (the 'same task' column)."""
-    from fewshot.episodes import EpisodeSampler
-    from fewshot.evaluate import evaluate_batch, evaluate_episodes
+    from fewshot.data.episodes import EpisodeSampler
+    from fewshot.evaluation.evaluate import evaluate_batch, evaluate_episodes
 
     worst = 0.0
     for shots, metric in [(SHOTS, "l2"), (SHOTS, "cosine"), (5, "l2"), (5, "cosine")]:
@@ -152,7 +152,7 @@ def check_batched_path(features, labels, episodes, seed):
 
 
 def batch_head(batch, n: int):
-    from fewshot.episodes import EpisodeBatch
+    from fewshot.data.episodes import EpisodeBatch
 
     return EpisodeBatch(batch.classes[:n], batch.support[:n], batch.query[:n])
 

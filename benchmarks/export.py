@@ -57,8 +57,9 @@ def runtimes(encoder, batch: int, threads: int, folder: Path, calibration: list[
     """name -> (build function returning a batch -> numpy callable)."""
     import torch
 
-    from fewshot.encoders import _compile_features
-    from fewshot.export import export_module, preprocess_images, quantize_int8, session
+    from fewshot.embedding.model import _compile_features
+    from fewshot.embedding.runtime import export_module, session
+    from fewshot.export import preprocess_images, quantize_int8
 
     probe = encoder.probe_batch(batch)
 
@@ -108,8 +109,8 @@ def main() -> None:
     import torch
 
     from fewshot import create_encoder
-    from fewshot.export import min_cosine
-    from fewshot.images import load_image
+    from fewshot.embedding.runtime import min_cosine
+    from fewshot.embedding.images import load_image
 
     torch.set_num_threads(args.threads)
     encoder = create_encoder(runtime="torch", compile="none")

@@ -136,7 +136,7 @@ def plot(pairs: dict, clean: np.ndarray, wrong: np.ndarray, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fewshot.hygiene import MISLABEL_MARGIN, NEAR_DUPLICATE_SIMILARITY
+    from fewshot.registry.hygiene import MISLABEL_MARGIN, NEAR_DUPLICATE_SIMILARITY
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     bins = np.linspace(0, 1, 51)

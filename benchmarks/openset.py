@@ -11,7 +11,7 @@ the score fewshot uses, the share of known queries kept by the threshold fitted 
 own photos (target 95%) and the share of unknowns it accepts. Baselines in the same run: today's
 softmax probability and plain top-1 cosine similarity. Then the known queries the fitted threshold
 keeps for 5/10/25 registered classes at 1/2/5/10 shots, the same operating point on classes never
-used to fit the 1-shot fallback (``fewshot.openset.CROSS_CLASS_QUANTILE``; ``--tune`` re-derives that
+used to fit the 1-shot fallback (``fewshot.registry.calibration.CROSS_CLASS_QUANTILE``; ``--tune`` re-derives that
 table on the other classes), the calibration error of the probabilities at the default and the fitted
 temperature, and an ROC plot (benchmarks/results/openset_roc.png).
 """
@@ -27,8 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fewshot.metrics import auroc, expected_calibration_error, fpr_at_tpr, roc_curve  # noqa: E402
-from fewshot.openset import fit_calibration  # noqa: E402
+from fewshot.evaluation.metrics import auroc, expected_calibration_error, fpr_at_tpr, roc_curve  # noqa: E402
+from fewshot.registry.calibration import fit_calibration  # noqa: E402
 
 DEFAULT_ZIP = ROOT.parent / "shared" / "datasets" / "caltech101" / "caltech101_base.zip"
 TOGETHER = ("Faces", "Faces_easy")
@@ -38,9 +38,9 @@ TUNING_SEED = 123  # draws the classes that fit the 1-shot fallback (the others 
 
 def embed_caltech(zip_path: Path, per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Unit embeddings of the first ``per_class`` photos of each class (cached across runs)."""
-    from fewshot.cache import EmbeddingCache
-    from fewshot.data import load_dataset
-    from fewshot.encoders import create_encoder
+    from fewshot.embedding.cache import EmbeddingCache
+    from fewshot.data.datasets import load_dataset
+    from fewshot.embedding.encoders import create_encoder
 
     dataset = load_dataset(zip_path)
     keep = np.zeros(len(dataset), bool)
@@ -226,7 +226,7 @@ def tuning_split(classes: list[str]) -> tuple[list[int], list[int]]:
 def tune_fallback(x, y, tuning: list[int], queries: int) -> None:
     """Re-derive CROSS_CLASS_QUANTILE: for each target, the quantile of the similarities between
     different 1-shot prototypes that equals the target's quantile of known-query scores."""
-    print("\n## 1-shot fallback, fitted on the tuning classes (fewshot.openset.CROSS_CLASS_QUANTILE)")
+    print("\n## 1-shot fallback, fitted on the tuning classes (fewshot.registry.calibration.CROSS_CLASS_QUANTILE)")
     for target in (0.5, 0.8, 0.9, 0.95, 0.99):
         levels = []
         for ways in (10, 24):

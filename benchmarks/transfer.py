@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 from fewshot import EmbeddingCache, create_encoder, create_head, load_protocol
-from fewshot.compare import compare_encoders, first_per_class, format_table, plot_comparison
-from fewshot.data import load_dataset
+from fewshot.evaluation.compare import compare_encoders, first_per_class, format_table, plot_comparison
+from fewshot.data.datasets import load_dataset
 from fewshot.workflows import embed_dataset, evaluate_protocol, resolve_dataset, train_head_on_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

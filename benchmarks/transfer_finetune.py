@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from fewshot import create_encoder, load_dataset, load_protocol
-from fewshot.finetune import Recipe, finetune
-from fewshot.images import load_image
+from fewshot.learning.finetune import Recipe, finetune
+from fewshot.embedding.images import load_image
 from fewshot.workflows import evaluate_protocol, resolve_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@
 
 Prints, per image, the nearest class or "unknown", its probability, similarity and the top-k, deciding as
 `fewshot predict` does: the top-1 similarity against the threshold the registry fitted for that class.
-Images are decoded by `fewshot.images`, the same rules as fewshot itself (allowed formats, decompression-bomb
+Images are decoded by `fewshot.embedding.images`, the same rules as fewshot itself (allowed formats, decompression-bomb
 and aspect limits, orientation, transparency over white); it imports neither torch nor the rest of
 fewshot, so a deployment machine needs only `pip install --no-deps fewshot onnxruntime numpy pillow`.
 Only the files bundle.json lists are read, each checked against its size and sha256.
@@ -24,7 +24,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from fewshot.errors import ImageError
-from fewshot.images import limit_aspect, load_image
+from fewshot.embedding.images import limit_aspect, load_image
 
 RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 REGISTRY_ROLES = ("encoder", "preprocess", "prototypes", "labels", "counts", "thresholds", "registry")

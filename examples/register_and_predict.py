@@ -6,7 +6,7 @@
 import argparse
 
 from fewshot import FewShotClassifier
-from fewshot.data import class_folders, support_query_split
+from fewshot.data.datasets import class_folders, support_query_split
 
 parser = argparse.ArgumentParser()
 parser.add_argument("folder", help="one subfolder of images per class")

@@ -9,35 +9,35 @@ __version__ = "0.1.0"
 import importlib
 from typing import TYPE_CHECKING
 
-# Public name -> the submodule that defines it. Submodules are imported on first use (PEP 562), so
-# `import fewshot` and the commands that never run a model (`fewshot classes`, `remove`, `rename`,
-# `--help`) start without importing torch, timm or faiss.
+# Public name -> the submodule that defines it (by stage: embedding, registry, data, evaluation, learning).
+# Submodules are imported on first use (PEP 562), so `import fewshot` and the commands that never run a model
+# (`fewshot classes`, `remove`, `rename`, `--help`) start without importing torch, timm or faiss.
 _EXPORTS = {
-    # cache
-    "EmbeddingCache": "cache",
+    # embedding (cache)
+    "EmbeddingCache": "embedding.cache",
     # classifier
     "FewShotClassifier": "classifier",
     "Prediction": "classifier",
     "RegisterReport": "classifier",
-    # data
-    "ImageDataset": "data",
-    "load_dataset": "data",
-    "split_by_class": "data",
-    "split_by_group": "data",
-    # encoders
-    "DEFAULT_ENCODER": "encoders",
-    "Embeddings": "encoders",
-    "Encoder": "encoders",
-    "create_encoder": "encoders",
-    # episodes
-    "Episode": "episodes",
-    "EpisodeSampler": "episodes",
-    "Protocol": "episodes",
-    "load_episodes": "episodes",
-    "load_fixed_runs": "episodes",
-    "load_protocol": "episodes",
-    "save_episodes": "episodes",
-    "write_fixed_runs": "episodes",
+    # data (datasets)
+    "ImageDataset": "data.datasets",
+    "load_dataset": "data.datasets",
+    "split_by_class": "data.datasets",
+    "split_by_group": "data.datasets",
+    # embedding (encoders)
+    "DEFAULT_ENCODER": "embedding.encoders",
+    "Embeddings": "embedding.encoders",
+    "Encoder": "embedding.encoders",
+    "create_encoder": "embedding.encoders",
+    # data (episodes, protocols)
+    "Episode": "data.episodes",
+    "EpisodeSampler": "data.episodes",
+    "Protocol": "data.protocols",
+    "load_episodes": "data.episodes",
+    "load_fixed_runs": "data.protocols",
+    "load_protocol": "data.protocols",
+    "save_episodes": "data.episodes",
+    "write_fixed_runs": "data.protocols",
     # errors
     "DuplicateClassError": "errors",
     "EncoderMismatchError": "errors",
@@ -50,40 +50,40 @@ _EXPORTS = {
     "RegistrySaveError": "errors",
     "UnknownClassError": "errors",
     "WeightsError": "errors",
-    # evaluate
-    "EvaluationResult": "evaluate",
-    "evaluate_batch": "evaluate",
-    "evaluate_episodes": "evaluate",
-    # heads
-    "Head": "heads",
-    "available_heads": "heads",
-    "create_head": "heads",
-    "load_head": "heads",
-    "save_head": "heads",
-    # images
-    "expand_inputs": "images",
-    "load_image": "images",
-    "load_images": "images",
+    # evaluation
+    "EvaluationResult": "evaluation.evaluate",
+    "evaluate_batch": "evaluation.evaluate",
+    "evaluate_episodes": "evaluation.evaluate",
+    # learning (heads)
+    "Head": "learning.heads",
+    "available_heads": "learning.heads",
+    "create_head": "learning.heads",
+    "load_head": "learning.heads",
+    "save_head": "learning.heads",
+    # embedding (images)
+    "expand_inputs": "embedding.images",
+    "load_image": "embedding.images",
+    "load_images": "embedding.images",
     # registry
     "Registry": "registry",
     "SearchResult": "registry",
     # open set, hygiene and provenance
     "Neighbour": "classifier",
-    "OpenSetEpisode": "episodes",
-    "sample_open_set": "episodes",
-    "Finding": "hygiene",
-    "Calibration": "openset",
-    "calibrate": "openset",
-    "fit_calibration": "openset",
-    "OpenSetResult": "openset_evaluate",
-    "evaluate_open_set": "openset_evaluate",
+    "OpenSetEpisode": "data.episodes",
+    "sample_open_set": "data.episodes",
+    "Finding": "registry.hygiene",
+    "Calibration": "registry.calibration",
+    "calibrate": "registry.calibration",
+    "fit_calibration": "registry.calibration",
+    "OpenSetResult": "evaluation.openset",
+    "evaluate_open_set": "evaluation.openset",
     "ExampleSource": "registry",
     # shots sweep on a folder
-    "SweepResult": "sweep",
-    "shots_sweep": "sweep",
-    # train
-    "TrainResult": "train",
-    "train_head": "train",
+    "SweepResult": "evaluation.sweep",
+    "shots_sweep": "evaluation.sweep",
+    # learning (train)
+    "TrainResult": "learning.train",
+    "train_head": "learning.train",
 }
 
 
@@ -101,20 +101,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
-    from .cache import EmbeddingCache
+    from .embedding.cache import EmbeddingCache
     from .classifier import FewShotClassifier, Prediction, RegisterReport
-    from .data import ImageDataset, load_dataset, split_by_class, split_by_group
-    from .encoders import DEFAULT_ENCODER, Embeddings, Encoder, create_encoder
-    from .episodes import (
-        Episode,
-        EpisodeSampler,
-        Protocol,
-        load_episodes,
-        load_fixed_runs,
-        load_protocol,
-        save_episodes,
-        write_fixed_runs,
-    )
+    from .data.datasets import ImageDataset, load_dataset, split_by_class, split_by_group
+    from .embedding.encoders import DEFAULT_ENCODER, Embeddings, Encoder, create_encoder
+    from .data.episodes import Episode, EpisodeSampler, load_episodes, save_episodes
+    from .data.protocols import Protocol, load_fixed_runs, load_protocol, write_fixed_runs
     from .errors import (
         DuplicateClassError,
         EncoderMismatchError,
@@ -128,17 +120,17 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         UnknownClassError,
         WeightsError,
     )
-    from .evaluate import EvaluationResult, evaluate_batch, evaluate_episodes
-    from .heads import Head, available_heads, create_head, load_head, save_head
-    from .images import expand_inputs, load_image, load_images
+    from .evaluation.evaluate import EvaluationResult, evaluate_batch, evaluate_episodes
+    from .learning.heads import Head, available_heads, create_head, load_head, save_head
+    from .embedding.images import expand_inputs, load_image, load_images
     from .classifier import Neighbour
-    from .episodes import OpenSetEpisode, sample_open_set
-    from .hygiene import Finding
-    from .openset import Calibration, calibrate, fit_calibration
-    from .openset_evaluate import OpenSetResult, evaluate_open_set
+    from .data.episodes import OpenSetEpisode, sample_open_set
+    from .registry.hygiene import Finding
+    from .registry.calibration import Calibration, calibrate, fit_calibration
+    from .evaluation.openset import OpenSetResult, evaluate_open_set
     from .registry import ExampleSource, Registry, SearchResult
-    from .sweep import SweepResult, shots_sweep
-    from .train import TrainResult, train_head
+    from .evaluation.sweep import SweepResult, shots_sweep
+    from .learning.train import TrainResult, train_head
 
 __all__ = [
     "DEFAULT_ENCODER",

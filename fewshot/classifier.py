@@ -4,7 +4,7 @@ Two phases, as in few-shot learning: register classes from a few support images 
 then predict queries by their nearest class prototypes. Scores are probabilities: a softmax over
 the negative distances (cosine: similarities) to the nearest prototypes, divided by a temperature.
 Each prediction also reports the similarity itself, and is "unknown" when that similarity is below
-the threshold the registry fitted for its nearest class (``fewshot.openset``).
+the threshold the registry fitted for its nearest class (``fewshot.registry.calibration``).
 """
 
 from __future__ import annotations
@@ -13,88 +13,30 @@ import contextlib
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .cache import EmbeddingCache
-from .encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder, check_fingerprint,
-                       check_weights_file, create_encoder, describe_fingerprint, encoder_from_fingerprint)
-from .encoders import describe_encoder_name, names_other_encoder
+from .embedding.cache import EmbeddingCache
+from .embedding.encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder, check_fingerprint,
+                                 check_weights_file, create_encoder, describe_fingerprint, encoder_from_fingerprint)
+from .embedding.encoders import describe_encoder_name, names_other_encoder
 from .errors import EncoderMismatchError, ImageError, RegistryFormatError, WeightsError
-from .data import class_folders
-from .heads import Head, load_head, save_head
-from .images import expand_inputs
-from .hygiene import Finding, diagnose, duplicate_images, likely_mislabelled, near_duplicate_classes
-from .openset import Calibration, calibrate, current_calibration
+from .data.datasets import class_folders
+from .learning.heads import Head, load_head, save_head
+from .embedding.images import expand_inputs
+from .registry.hygiene import Finding, diagnose, duplicate_images, likely_mislabelled, near_duplicate_classes
+from .registry.calibration import Calibration, calibrate, current_calibration
 from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, check_label, check_thumbnail, lock_registry_dir
-from .views import SUPPORT_VIEWS, average_views, check_support_views, embed_flipped
+from .embedding.views import SUPPORT_VIEWS, average_views, check_support_views, embed_flipped
+from .predictions import DEFAULT_TEMPERATURE as DEFAULT_TEMPERATURE
+from .predictions import SOFTMAX_CANDIDATES as SOFTMAX_CANDIDATES
+from .predictions import Neighbour as Neighbour
+from .predictions import Prediction as Prediction
+from .predictions import RegisterReport as RegisterReport
+from .predictions import softmax as softmax
 
-# Default softmax temperatures: cosine similarities live in [-1, 1], so they need sharpening;
-# squared L2 distances are already on a large scale.
-DEFAULT_TEMPERATURE = {"cosine": 0.05, "l2": 1.0}
-
-# Probabilities are normalised over this many nearest classes at most: beyond them a class's share
-# is negligible, and it keeps a query against 100k classes from touching all of them.
-SOFTMAX_CANDIDATES = 100
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    """A registered example near a query: its class, where it came from (``source`` name and sha256
-    ``digest`` of its content, None where not recorded) and its ``similarity`` to the query (cosine,
-    or negative squared L2 for metric="l2": higher is closer)."""
-
-    label: str
-    source: str | None
-    digest: str | None
-    similarity: float
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The answer for one input. ``label`` is None for an error or an "unknown" below the threshold.
-
-    ``score``: top-1 probability. ``similarity``: top-1 similarity (cosine, or negative squared L2),
-    which the unknown decision rests on. ``top_k``: (label, probability) pairs, best first, with
-    ``similarities`` their similarities in the same order. ``unknown``: the nearest class was not
-    close enough (``label`` is then None; ``top_k`` still names the nearest classes)."""
-
-    label: str | None
-    score: float | None
-    top_k: list[tuple[str, float]] = field(default_factory=list)
-    error: str | None = None
-    input: str = ""
-    similarity: float | None = None
-    unknown: bool = False
-    similarities: list[float] = field(default_factory=list)
-    # predict(..., explain=n): the n registered examples nearest to the input among its top-k classes
-    # ([] where the registry stores no examples); None when not asked for.
-    neighbours: list[Neighbour] | None = None
-
-    def to_dict(self) -> dict:
-        """The JSON shape of a prediction (CLI and HTTP service print this)."""
-        top_k = [{"label": lab, "score": s, "similarity": sim}
-                 for (lab, s), sim in zip(self.top_k, self.similarities or [None] * len(self.top_k))]
-        return {"input": self.input, "label": self.label, "score": self.score, "similarity": self.similarity,
-                "unknown": self.unknown, "top_k": top_k, "error": self.error} | self._neighbours_dict()
-
-    def _neighbours_dict(self) -> dict:
-        return {} if self.neighbours is None else {"neighbours": [asdict(n) for n in self.neighbours]}
-
-
-@dataclass(frozen=True)
-class RegisterReport:
-    """What ``register`` did: how many images were added to ``label`` and which ones failed."""
-
-    label: str
-    added: int
-    total: int  # examples the class holds now
-    errors: list[str] = field(default_factory=list)
-    # One line each: images skipped as already registered to this class, the same image in another
-    # class, a near-duplicate class, likely mislabelled examples (see fewshot.hygiene).
-    warnings: list[str] = field(default_factory=list)
 
 
 class FewShotClassifier:
@@ -110,7 +52,7 @@ class FewShotClassifier:
     re-scoring once it is large; see ``Registry``) or a FAISS factory string ("Flat" is always exact).
     temperature: softmax temperature (default: fitted by the registry's self-calibration, else per metric).
     unknown: answer "unknown" (label None) when the top-1 similarity is below the threshold the registry
-    fitted for that class (on by default; see ``fewshot.openset``). unknown_threshold: a similarity
+    fitted for that class (on by default; see ``fewshot.registry.calibration``). unknown_threshold: a similarity
     threshold for every class instead of the fitted ones. store_examples: keep every example embedding,
     not only prototypes (on by default: the unknown threshold is fitted from them).
     cache: True (default location), a path, or False for no embedding cache.
@@ -220,7 +162,7 @@ class FewShotClassifier:
         (same digest) is skipped rather than counted twice; that, an image also in another class, a
         near-duplicate new class and likely mislabelled examples are in ``RegisterReport.warnings``.
 
-        ``thumbnail``: a small encoded image (``fewshot.thumbnails.make_thumbnail``) kept as the class's
+        ``thumbnail``: a small encoded image (``fewshot.registry.thumbnails.make_thumbnail``) kept as the class's
         thumbnail, saved in the same atomic save as the examples.
         """
         label = check_label(label)  # before the (slow) embedding; labels are stored in Unicode NFC
@@ -251,7 +193,7 @@ class FewShotClassifier:
 
     def _embed_support(self, images) -> Embeddings:
         """Embeddings of support images: with ``support_views="flip"``, each image's vector is the average
-        of it and its mirror image (``fewshot.views``), so the class gains one example per image."""
+        of it and its mirror image (``fewshot.embedding.views``), so the class gains one example per image."""
         if self.support_views == "none":
             return self._embed(images)
         items = expand_inputs(images)
@@ -301,7 +243,7 @@ class FewShotClassifier:
                            for f in duplicate_images(registry, list(given))]
 
     def doctor(self) -> list[Finding]:
-        """Every hygiene problem of the registry (``fewshot.hygiene.diagnose``): near-duplicate
+        """Every hygiene problem of the registry (``fewshot.registry.hygiene.diagnose``): near-duplicate
         classes, likely mislabelled examples (where examples are stored), images in several classes."""
         return diagnose(self.registry_)
 
@@ -641,10 +583,3 @@ def _encoder_for(fingerprint: dict, *, name: str | None, weights) -> Encoder:
         raise WeightsError(f"this registry was built with weights from {weights}, which is gone; "
                            f"give the same weights file again (--weights FILE; in Python, the weights argument)")
     return encoder_from_fingerprint(fingerprint, name=name, weights=weights)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, stable for large logits."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)

@@ -18,8 +18,8 @@ from PIL import Image, ImageEnhance, ImageOps
 from tqdm.auto import tqdm
 
 from .classifier import FewShotClassifier
-from .data import class_folders, support_query_split
-from .images import load_image
+from .data.datasets import class_folders, support_query_split
+from .embedding.images import load_image
 
 # scikit-image sample photos of distinct things, one-shot "instances".
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "coins.png", "camera.png",

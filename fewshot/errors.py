@@ -50,3 +50,7 @@ class UnknownClassError(FewShotError, ValueError):
 
 class DuplicateClassError(FewShotError, ValueError):
     """A class name that the registry already holds, where a new one was expected."""
+
+
+class ExportError(FewShotError):
+    """A model could not be exported to ONNX, or the export folder cannot be written as asked."""

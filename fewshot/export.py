@@ -16,8 +16,8 @@
 The folder is built beside ``out`` and renamed into place, so it never mixes files of two exports.
 ``examples/onnx_predict.py`` predicts from such a folder.
 
-``OnnxFeatures`` runs an encoder's network under onnxruntime inside fewshot (``create_encoder(...,
-runtime="onnxruntime")``): the model is exported once per fingerprint to the cache folder and reused.
+``OnnxFeatures``, which runs an encoder's network under onnxruntime inside fewshot (``create_encoder(...,
+runtime="onnxruntime")``), lives in ``fewshot.embedding.runtime`` with ``export_module`` and ``session``.
 """
 
 from __future__ import annotations
@@ -28,56 +28,13 @@ import os
 import shutil
 import tempfile
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import FewShotError
+from .embedding.runtime import INPUT_NAME, OUTPUT_NAME, export_module
+from .errors import ExportError as ExportError
 from .files import honour_umask
-from .streams import descriptor_silenced
-
-INPUT_NAME = "images"
-OUTPUT_NAME = "embeddings"
-OPSET = 17
-MIN_RUNTIME_COSINE = 0.9999  # an onnxruntime network must match eager this closely on a probe batch
-
-
-class ExportError(FewShotError):
-    """A model could not be exported to ONNX, or the export folder cannot be written as asked."""
-
-
-def onnxruntime_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
-
-
-def export_module(module, path: str | os.PathLike, example, *, names: tuple[str, str] = (INPUT_NAME, OUTPUT_NAME)
-                  ) -> Path:
-    """Export a torch module taking one ``(N, ...)`` float32 tensor to ONNX with a dynamic batch, atomically;
-    ``names``: its input and output names."""
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # concurrent exporters never share one
-    try:
-        with warnings.catch_warnings(), torch.no_grad(), descriptor_silenced(1):
-            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's
-            # The TorchScript-based exporter: ~1 s for Lite0, where the dynamo exporter takes ~15 s.
-            torch.onnx.export(module.eval(), (example,), str(tmp), dynamo=False, opset_version=OPSET,
-                              input_names=[names[0]], output_names=[names[1]],
-                              dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}})
-        os.replace(tmp, path)
-    except Exception as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise ExportError(f"could not export {type(module).__name__} to ONNX ({type(exc).__name__}: {detail}); "
-                          f"this model runs with torch only") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, calibration: np.ndarray,
@@ -117,7 +74,7 @@ def preprocess_images(encoder, images) -> np.ndarray:
     inputs that cannot be decoded are left out."""
     import torch
 
-    from .images import expand_inputs, load_images
+    from .embedding.images import expand_inputs, load_images
 
     results = load_images(expand_inputs(images), transform=encoder.transform, min_size=encoder.resize_size)
     tensors = [r.value for r in results if r.ok]
@@ -125,47 +82,6 @@ def preprocess_images(encoder, images) -> np.ndarray:
         raise ValueError("none of the calibration images could be decoded; pass a folder of photos")
     return torch.stack(tensors).numpy()
 
-
-def session(path: str | os.PathLike, threads: int = 1):
-    """An onnxruntime CPU session for ``path`` running on ``threads`` threads of the caller."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # warnings about unused initialisers are noise here
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def cached_encoder_onnx(encoder) -> Path:
-    """The encoder's ONNX file in the cache folder, exported the first time (keyed by fingerprint)."""
-    from .cache import default_cache_path
-
-    path = default_cache_path().parent / "onnx" / f"{encoder.fingerprint_id}.onnx"
-    if not path.is_file():
-        export_module(encoder.features_module(), path, encoder.probe_batch(2))
-    return path
-
-
-class OnnxFeatures:
-    """An encoder's network under onnxruntime: torch batch in, torch embeddings out (what the streams call)."""
-
-    def __init__(self, encoder, threads: int = 1):
-        self.session = session(cached_encoder_onnx(encoder), threads)
-
-    def __call__(self, batch):
-        import torch
-
-        array = np.ascontiguousarray(batch.numpy(), dtype=np.float32)  # channels-last memory -> NCHW
-        return torch.from_numpy(self.session.run(None, {INPUT_NAME: array})[0])
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest row-wise cosine similarity between two (N, D) arrays."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    num = (a * b).sum(axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float((num / np.maximum(den, 1e-30)).min())
 
 
 # -- the deployment bundle ----------------------------------------------------------------------
@@ -259,7 +175,7 @@ def _export_head(out: Path, head) -> dict[str, Path]:
 def _export_registry(out: Path, registry, temperature: float | None, unknown_threshold: float | None,
                      unknown: bool) -> dict[str, Path]:
     from .classifier import DEFAULT_TEMPERATURE, SOFTMAX_CANDIDATES
-    from .openset import current_calibration
+    from .registry.calibration import current_calibration
 
     labels, prototypes = registry.prototypes()
     prototypes = np.ascontiguousarray(prototypes, dtype=np.float32)

@@ -85,8 +85,8 @@ class EmbeddingTable:
 def list_sources(data: str | os.PathLike | Iterable[str]) -> list[Source]:
     """The images of a dataset folder or zip (with classes), a text file listing image paths, or a list
     of paths. A folder whose images do not follow a class layout is taken as images without classes."""
-    from .data import load_dataset
-    from .images import expand_inputs
+    from .data.datasets import load_dataset
+    from .embedding.images import expand_inputs
 
     if not isinstance(data, (str, os.PathLike)):
         return [Source(path=os.fspath(p)) for p in expand_inputs(list(data))]
@@ -115,7 +115,7 @@ def list_sources(data: str | os.PathLike | Iterable[str]) -> list[Source]:
 def read_sources(sources: list[Source]) -> tuple[list, list[str | None], list[str | None]]:
     """Read each source's bytes: (items for the encoder, sha256 per item, read error per item)."""
     from .files import open_regular
-    from .images import NamedBytes
+    from .embedding.images import NamedBytes
 
     items, digests, errors = [], [], []
     archives: dict[str, zipfile.ZipFile] = {}
@@ -148,7 +148,7 @@ def read_sources(sources: list[Source]) -> tuple[list, list[str | None], list[st
 
 def embed_sources(encoder, sources: list[Source], *, batch_size: int | None = None) -> dict:
     """Read and embed ``sources``; the columns of their Parquet rows (see ``rows_table``)."""
-    from .encoders import DEFAULT_BATCH_SIZE as ENCODER_BATCH
+    from .embedding.encoders import DEFAULT_BATCH_SIZE as ENCODER_BATCH
 
     items, digests, errors = read_sources(sources)
     vectors = np.full((len(sources), encoder.dim), np.nan, dtype=np.float32)
@@ -230,7 +230,7 @@ def dataset_fingerprint(out: str | os.PathLike) -> dict | None:
 def _part_fingerprint(schema, part: Path) -> dict:
     """The part's encoder fingerprint, once it and the part's columns are checked to be what
     ``fewshot embed`` writes (a tampered file is refused before any row is read)."""
-    from .encoders import check_fingerprint
+    from .embedding.encoders import check_fingerprint
     from .registry import MAX_DIM
 
     raw = (schema.metadata or {}).get(FINGERPRINT_KEY)
@@ -312,7 +312,7 @@ def embed_to_parquet(data, out: str | os.PathLike, *, encoder=None, engine: str 
     """
     from tqdm.auto import tqdm
 
-    from .encoders import Encoder, create_encoder
+    from .embedding.encoders import Encoder, create_encoder
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -356,7 +356,7 @@ class EmbedActor:
     """A Ray Data actor: loads the encoder once, then embeds batches of sources (``map_batches``)."""
 
     def __init__(self, spec: dict, fingerprint: dict):
-        from .encoders import create_encoder
+        from .embedding.encoders import create_encoder
 
         self.encoder = create_encoder(**spec)
         if self.encoder.fingerprint != fingerprint:  # e.g. another weights file on this node
@@ -460,7 +460,7 @@ def check_encoder_reproduces(fingerprint: dict, *, weights=None) -> None:
     """Raise ``EncoderMismatchError`` unless the encoder ``fingerprint`` names, re-created (with
     ``weights``), has that very fingerprint: a registry built from the embeddings is used with that
     encoder, so one whose fingerprint was forged or edited is refused before it is saved."""
-    from .encoders import describe_fingerprint, encoder_from_fingerprint
+    from .embedding.encoders import describe_fingerprint, encoder_from_fingerprint
 
     encoder = encoder_from_fingerprint(fingerprint, weights=weights)
     if encoder.fingerprint != fingerprint:
@@ -478,7 +478,7 @@ def register_embeddings(registry, path: str | os.PathLike) -> dict[str, int]:
     ``Registry.open`` saves once, at the end. Embeddings of another encoder than the registry's raise
     ``EncoderMismatchError`` and change nothing.
     """
-    from .encoders import describe_fingerprint
+    from .embedding.encoders import describe_fingerprint
 
     table = read_embeddings(path)
     if registry.fingerprint and registry.fingerprint != table.fingerprint:

@@ -8,26 +8,29 @@ trained on (its ``metadata["encoder"]`` fingerprint), so later steps re-create t
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .cache import EmbeddingCache
-from .data import ImageDataset, load_dataset, split_by_class, split_by_group
-from .encoders import Encoder
-from .episodes import Episode, EpisodeSampler, FixedRun, Protocol, load_episodes, load_fixed_runs
-from .episodes import save_episodes as write_episodes
-from .evaluate import EvaluationResult, evaluate_episodes
+from .embedding.cache import EmbeddingCache
+from .data.datasets import ImageDataset, load_dataset
+from .data.datasets import embed_dataset as embed_dataset
+from .data.datasets import split_validation as split_validation
+from .data.datasets import with_rotations as with_rotations
+from .embedding.encoders import Encoder
+from .data.episodes import Episode, EpisodeSampler, load_episodes
+from .data.protocols import FixedRun, Protocol, load_fixed_runs
+from .data.episodes import save_episodes as write_episodes
+from .evaluation.evaluate import EvaluationResult, evaluate_episodes
+from .evaluation.evaluate import provenance as provenance
 from .errors import ImageError
-from .heads import Head, create_head
-from .openset import DEFAULT_TARGET_TPR, check_target
-from .openset_evaluate import OpenSetResult, evaluate_open_set
-from .images import NamedBytes, describe, load_image
-from .train import TrainResult
-from .views import check_support_views, embed_flipped
+from .learning.heads import Head, create_head
+from .registry.calibration import DEFAULT_TARGET_TPR, check_target
+from .evaluation.openset import OpenSetResult, evaluate_open_set
+from .learning.train import TrainResult
+from .embedding.views import check_support_views, embed_flipped
 
 
 def resolve_dataset(data: str | os.PathLike, protocol: Protocol | None = None) -> ImageDataset:
@@ -43,29 +46,6 @@ def resolve_dataset(data: str | os.PathLike, protocol: Protocol | None = None) -
         raise ValueError(f"{data / protocol.dataset}: not found, and {data} is not a dataset either ({e}); pass "
                          f"--data ROOT holding {protocol.dataset} (protocol {protocol.name!r}), or the dataset"
                          ) from None
-
-
-def embed_dataset(encoder: Encoder, dataset: ImageDataset, *, cache: EmbeddingCache | None = None,
-                  progress: bool | None = None) -> tuple[np.ndarray, ImageDataset]:
-    """Embed every image once (cached); unreadable images are left out with a warning."""
-    result = encoder.embed_batch(dataset.items, cache=cache, progress=progress)
-    if len(dataset) and not result.ok.any():
-        raise ImageError(f"none of the {len(dataset)} images of {dataset.source} could be read "
-                         f"(first: {result.errors[0]})")
-    if not result.ok.all():
-        failed = [e for e in result.errors if e]
-        warnings.warn(f"{len(failed)} of {len(dataset)} images could not be read and are left out "
-                      f"(first: {failed[0]})", RuntimeWarning, stacklevel=2)
-        dataset = dataset.select_items(result.ok)
-    return result.vectors[result.ok], dataset
-
-
-def split_validation(dataset: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    """Hold out classes (or whole groups, for grouped data) for validation and early stopping."""
-    if dataset.groups is not None and len(dataset.group_names) >= 4:
-        n_val = max(1, round(fraction * len(dataset.group_names)))
-        return split_by_group(dataset, n_val, seed=seed)
-    return split_by_class(dataset, fraction, seed=seed)
 
 
 def train_head_on_dataset(dataset: ImageDataset, encoder: Encoder, head_name: str, *, ways: int = 20,
@@ -144,38 +124,6 @@ def compare_with_raw_features(head: Head, features: np.ndarray, dataset: ImageDa
     return raw, evaluate_episodes(features, dataset.labels, sampled, head=head, progress=False).accuracy
 
 
-def with_rotations(dataset: ImageDataset) -> ImageDataset:
-    """The dataset plus its images turned 90, 180 and 270 degrees, each turn a class (and group) of its
-    own: the standard way to multiply training classes for symbols and characters (not for photos,
-    whose rotated copies are still the same class). Unreadable images are dropped."""
-    items, names, labels, classes = list(dataset.items), list(dataset.names), [dataset.labels], list(dataset.classes)
-    groups = [dataset.groups] if dataset.groups is not None else None
-    group_names = list(dataset.group_names) if dataset.group_names is not None else None
-    for turn, angle in enumerate((90, 180, 270), start=1):
-        for item, name in zip(dataset.items, dataset.names):
-            items.append(NamedBytes(_rotated_png(item, angle), f"{describe(item)}@{angle}"))
-            names.append(f"{name}@{angle}")
-        labels.append(dataset.labels + turn * len(dataset.classes))
-        classes += [f"{c}@{angle}" for c in dataset.classes]
-        if groups is not None:
-            groups.append(dataset.groups + turn * len(dataset.group_names))
-            group_names += [f"{g}@{angle}" for g in dataset.group_names]
-    return ImageDataset(items=items, names=names, labels=np.concatenate(labels), classes=classes,
-                        groups=np.concatenate(groups) if groups is not None else None, group_names=group_names,
-                        source=f"{dataset.source} (+rotations)")
-
-
-def _rotated_png(item, angle: int) -> bytes:
-    """PNG bytes of a rotated image (lossless; small for drawings), or b"" if it cannot be read."""
-    try:
-        image = load_image(item).rotate(angle, expand=True)
-    except ImageError:
-        return b""  # fails again, alone, when embedded
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _max_ways(dataset: ImageDataset, within_group: bool) -> int:
     """Largest way count an episode can have on this dataset (training adapts to small splits)."""
     if within_group and dataset.groups is not None:
@@ -190,7 +138,7 @@ def evaluate_protocol(dataset: ImageDataset, protocol: Protocol, encoder: Encode
     """Evaluate on the protocol's test split with its seeded episodes, or replay a manifest's.
 
     ``support_views="flip"``: each support image also counts with its left-right mirror, averaged into
-    one example as ``FewShotClassifier(support_views="flip")`` registers it (``fewshot.views``)."""
+    one example as ``FewShotClassifier(support_views="flip")`` registers it (``fewshot.embedding.views``)."""
     check_support_views(support_views)
     if seed is not None:
         protocol = dataclasses.replace(protocol, seed=seed)
@@ -245,12 +193,6 @@ def with_flipped_support(encoder: Encoder, dataset: ImageDataset, features: np.n
 def _shots_of(episodes: list[Episode]) -> int | str:
     shots = {int(n) for e in episodes for n in np.bincount(e.support_labels)}
     return shots.pop() if len(shots) == 1 else "variable"
-
-
-def provenance(encoder: Encoder, head: Head | None, dataset: str, protocol: dict | None = None) -> dict:
-    """What an evaluation ran on, for result.json: encoder fingerprint, head, dataset and protocol."""
-    return {"encoder": encoder.fingerprint, "head": None if head is None else
-            {"name": head.name, "fingerprint": head.fingerprint}, "dataset": dataset, "protocol": protocol}
 
 
 def _check_replay_fits(episodes: list[Episode], protocol: Protocol, manifest) -> None:

@@ -77,7 +77,7 @@ def build_bases(root: Path) -> dict:
 # ---------------------------------------------------------------- mutations
 
 def seal(manifest: dict) -> bytes:
-    """The manifest's checksum, as fewshot.registry.manifest._seal writes it (NaN allowed here, on purpose)."""
+    """The manifest's checksum, as fewshot.registry.manifest.seal_manifest writes it (NaN allowed here, on purpose)."""
     body = json.dumps({k: v for k, v in manifest.items() if k != "manifest_sha256"}, indent=1).encode()
     return b'{"manifest_sha256": "%s",%s' % (hashlib.sha256(body).hexdigest().encode(), body[1:])
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fewshot import EmbeddingCache
-from fewshot.cache import default_cache_path
+from fewshot.embedding.cache import default_cache_path
 
 
 def test_round_trip_and_keys_are_per_encoder(tmp_path):

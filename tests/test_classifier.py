@@ -103,7 +103,7 @@ def test_predict_before_register_says_what_to_do(encoder, photos):
 
 def test_register_folder_and_caltech_one_shot(caltech_subset, encoder):
     """Real Caltech-101 photos: one image per class registered, the others recognised."""
-    from fewshot.data import class_folders, support_query_split
+    from fewshot.data.datasets import class_folders, support_query_split
 
     support, query = support_query_split(class_folders(caltech_subset), shots=1, seed=0)
     clf = FewShotClassifier(encoder)
@@ -168,7 +168,7 @@ def test_manifest_settings_are_checked_before_the_encoder_is_created(tmp_path, c
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 300
 @pytest.fixture
 def saved_head(tmp_path, encoder):
-    from fewshot.heads import create_head, save_head
+    from fewshot.learning.heads import create_head, save_head
 
     head = create_head("protonet", encoder.dim, seed=0)
     head.metadata["encoder"] = encoder.fingerprint
@@ -179,7 +179,7 @@ def test_registry_keeps_its_own_copy_of_the_head(tmp_path, encoder, photos, save
     """Retraining a head into the same folder (or deleting it) must not break registries built with it."""
     import shutil
 
-    from fewshot.heads import create_head, save_head
+    from fewshot.learning.heads import create_head, save_head
 
     clf = FewShotClassifier(encoder, head=saved_head)
     for label in ["chelsea", "coffee", "rocket"]:
@@ -265,7 +265,7 @@ def test_explain_without_stored_examples_gives_no_neighbours(encoder, photos):
         clf.predict(photos["rocket"], explain=-1)
 def test_register_saves_a_thumbnail_with_the_examples_in_one_save(tmp_path, encoder, photos):
     from fewshot.registry import Registry
-    from fewshot.thumbnails import make_thumbnail
+    from fewshot.registry.thumbnails import make_thumbnail
 
     with FewShotClassifier.open(tmp_path / "r", encoder=encoder, cache=False) as clf:
         clf.register("cat", [photos["chelsea"]], thumbnail=make_thumbnail(photos["chelsea"]))
@@ -284,7 +284,7 @@ def _unit(x):
 def test_flip_support_views_keep_one_example_per_image_averaged_with_its_mirror(encoder, photos):
     import numpy as np
 
-    from fewshot.images import load_image
+    from fewshot.embedding.images import load_image
 
     flip = FewShotClassifier(encoder, support_views="flip", cache=False)
     report = flip.register("cat", photos["chelsea"])

@@ -330,7 +330,7 @@ def test_evaluate_own_folder_errors_say_what_to_change(tmp_path, capsys, caltech
 def test_register_support_views_flip_is_kept_by_the_registry_for_later_registers(tmp_path, capsys, photos):
     from fewshot import FewShotClassifier
     from fewshot.cli import SUPPORT_VIEWS_CHOICES
-    from fewshot.views import SUPPORT_VIEWS
+    from fewshot.embedding.views import SUPPORT_VIEWS
 
     assert SUPPORT_VIEWS_CHOICES == SUPPORT_VIEWS
     reg = tmp_path / "r"

@@ -44,8 +44,8 @@ def test_bad_ways_is_a_usage_error(caltech_subset, capsys):
 
 
 def test_first_per_class_keeps_each_class_first_images(caltech_subset):
-    from fewshot.compare import first_per_class
-    from fewshot.data import load_dataset
+    from fewshot.evaluation.compare import first_per_class
+    from fewshot.data.datasets import load_dataset
 
     data = load_dataset(caltech_subset)
     small = first_per_class(data, 2)

@@ -25,7 +25,7 @@ import pytest
 
 import fewshot.registry.storage as registry_storage
 from fewshot.errors import RegistryFormatError, RegistrySaveError
-from fewshot.locking import LOCK_FILE, READERS_LOCK_FILE
+from fewshot.registry.locking import LOCK_FILE, READERS_LOCK_FILE
 from fewshot.registry import MANIFEST, Registry
 
 from registry_child import (DIM, VARIANTS, count_durable_calls, expected_states, initial_registry, make_steps,

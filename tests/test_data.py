@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot.data import (ImageDataset, class_folders, load_dataset, split_by_class, split_by_group,
+from fewshot.data.datasets import (ImageDataset, class_folders, load_dataset, split_by_class, split_by_group,
                           support_query_split)
-from fewshot.images import NamedBytes, load_image
+from fewshot.embedding.images import NamedBytes, load_image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 OMNIGLOT = SHARED / "omniglot" / "images_background.zip"

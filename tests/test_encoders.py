@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fewshot import EmbeddingCache, Encoder, ImageError, WeightsError, create_encoder
-from fewshot.encoders import _packaged_weights_path, read_state_dict, weights_digest
+from fewshot.embedding.encoders import _packaged_weights_path, read_state_dict, weights_digest
 
 TABBY, TIGER_CAT, EGYPTIAN_CAT, ESPRESSO = 281, 282, 285, 967
 
@@ -144,7 +144,7 @@ def test_cache_skips_the_network_for_seen_images(tmp_path, encoder, photos, monk
 
 
 def test_preprocessing_split_gives_the_exact_timm_transform(encoder, photos):
-    from fewshot.images import load_image
+    from fewshot.embedding.images import load_image
 
     images = [load_image(photos[name], min_size=encoder.resize_size) for name in ("chelsea", "rocket")]
     batch = encoder._batch_step([encoder._image_step(image) for image in images])
@@ -164,7 +164,7 @@ def test_torchscript_matches_eager_and_keeps_the_fingerprint(encoder, photos):
 
 
 def test_auto_compiles_once_and_only_for_large_calls(photos, monkeypatch):
-    import fewshot.encoders as encoders
+    import fewshot.embedding.model as encoders
 
     monkeypatch.setattr(encoders, "_AUTO_MIN_IMAGES", 4)
     builds = []
@@ -182,7 +182,7 @@ def test_auto_compiles_once_and_only_for_large_calls(photos, monkeypatch):
 
 def test_default_runtime_uses_onnxruntime_for_large_calls_only(encoder, photos, monkeypatch):
     pytest.importorskip("onnxruntime")
-    import fewshot.encoders as encoders
+    import fewshot.embedding.model as encoders
 
     monkeypatch.setattr(encoders, "_AUTO_MIN_IMAGES", 4)
     builds = []
@@ -201,7 +201,7 @@ def test_default_runtime_uses_onnxruntime_for_large_calls_only(encoder, photos, 
 
 
 def test_failed_compilation_falls_back_to_eager_with_a_warning(encoder, photos, monkeypatch):
-    import fewshot.encoders as encoders
+    import fewshot.embedding.model as encoders
 
     def broken(module, mode, probe):
         raise RuntimeError("no C++ compiler found")
@@ -219,7 +219,7 @@ def test_failed_compilation_falls_back_to_eager_with_a_warning(encoder, photos, 
 
 
 def test_compiled_module_that_disagrees_with_eager_is_not_used(encoder, photos, monkeypatch):
-    import fewshot.encoders as encoders
+    import fewshot.embedding.model as encoders
 
     monkeypatch.setattr(encoders, "_compile_features", lambda module, mode, probe: lambda batch: module(batch) + 1)
     wrong = create_encoder(compile="torchscript")

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from fewshot import FewShotClassifier
-from fewshot.cache import EmbeddingCache
-from fewshot.encoders import create_encoder, encoder_from_fingerprint
-from fewshot.ensemble import EnsembleEncoder, split_encoder_name
+from fewshot.embedding.cache import EmbeddingCache
+from fewshot.embedding.encoders import create_encoder, encoder_from_fingerprint
+from fewshot.embedding.ensemble import EnsembleEncoder
+from fewshot.embedding.fingerprints import split_encoder_name
 from fewshot.errors import EncoderMismatchError
 
 PAIR = "efficientnet_lite0@96+efficientnet_lite1@96"

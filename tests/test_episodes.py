@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot.data import ImageDataset, load_dataset, split_by_group
-from fewshot.episodes import (Episode, EpisodeBatch, EpisodeSampler, Protocol, load_episodes, load_fixed_runs,
-                              load_protocol, sample_open_set, save_episodes, write_fixed_runs)
+from fewshot.data.datasets import ImageDataset, load_dataset, split_by_group
+from fewshot.data.episodes import Episode, EpisodeBatch, EpisodeSampler, load_episodes, sample_open_set, save_episodes
+from fewshot.data.protocols import Protocol, load_fixed_runs, load_protocol, write_fixed_runs
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -467,7 +467,7 @@ def test_protocol_sizes_beyond_sane_limits_are_refused_naming_file_and_key(tmp_p
 
 
 def test_sampler_refuses_episode_counts_beyond_the_limit():
-    from fewshot.episodes import MAX_EPISODES
+    from fewshot.data.episodes import MAX_EPISODES
 
     sampler = EpisodeSampler(user_labels(), ways=2, shots=1, queries=1, seed=0)
     with pytest.raises(ValueError, match="at most"):

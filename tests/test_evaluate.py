@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot.episodes import Episode, EpisodeSampler
-from fewshot.evaluate import confidence_interval, evaluate_batch, evaluate_episodes
+from fewshot.data.episodes import Episode, EpisodeSampler
+from fewshot.evaluation.evaluate import confidence_interval, evaluate_batch, evaluate_episodes
 
 
 def reference_accuracy(features, episode, metric):
@@ -106,7 +106,7 @@ def test_episodes_csv_keeps_class_names_with_spaces_apart(tmp_path):
 
 
 def test_confusion_png_renders_labels_as_plain_text(tmp_path):
-    from fewshot.evaluate import plot_confusion
+    from fewshot.evaluation.evaluate import plot_confusion
 
     confusion = np.array([[3, 1], [0, 4]])
     path = plot_confusion(confusion, ["$x^$", "price $5 and $6"], tmp_path / "c.png")
@@ -127,7 +127,7 @@ def test_confusion_is_sparse_over_many_classes():
 
 def test_confusion_png_of_many_classes_keeps_hidden_errors_visible(tmp_path):
     """Rows are normalised over all their queries: errors into classes not shown stay in an 'other' column."""
-    from fewshot.evaluate import confusion_view, plot_confusion
+    from fewshot.evaluation.evaluate import confusion_view, plot_confusion
 
     n = 40
     confusion = np.eye(n, dtype=np.int64) * 10

@@ -13,7 +13,8 @@ ort = pytest.importorskip("onnxruntime", reason="export needs onnxruntime and on
 from fewshot import (EncoderMismatchError, FewShotClassifier, Registry, create_encoder, create_head,  # noqa: E402
                      save_head)
 from fewshot.cli import main  # noqa: E402
-from fewshot.export import cached_encoder_onnx, export_bundle, min_cosine, session  # noqa: E402
+from fewshot.embedding.runtime import cached_encoder_onnx, min_cosine, session  # noqa: E402
+from fewshot.export import export_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_int8_encoder_keeps_the_nearest_prototype(bundle, encoder, caltech_subse
     folders = sorted(caltech_subset.iterdir())[:5]
     support = {f.name: sorted(f.iterdir())[:2] for f in folders}
     queries = [p for f in folders for p in sorted(f.iterdir())[2:]]
-    from fewshot.images import load_image
+    from fewshot.embedding.images import load_image
 
     def preprocessed(paths):
         import torch
@@ -169,7 +170,8 @@ def test_a_failed_export_prints_nothing_to_stdout_and_says_why_in_one_line(tmp_p
     reach stdout (a `--json` command's output)."""
     import torch
 
-    from fewshot.export import ExportError, export_module
+    from fewshot.embedding.runtime import export_module
+    from fewshot.errors import ExportError
 
     class UnevenAdaptivePool(torch.nn.Module):  # adaptive pooling 8x8 -> 3x3: the ONNX exporter refuses it
         def __init__(self):
@@ -251,7 +253,7 @@ def test_every_json_command_prints_json_on_uncached_images_with_a_grid_pooled_he
     exactly one JSON document to stdout."""
     from PIL import Image
 
-    from fewshot.encoders import _AUTO_MIN_IMAGES
+    from fewshot.embedding.model import _AUTO_MIN_IMAGES
 
     monkeypatch.setenv("FEWSHOT_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: export on first use
     data, support = tmp_path / "data", tmp_path / "support"

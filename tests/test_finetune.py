@@ -16,8 +16,8 @@ import torch
 from fewshot import FewShotClassifier, create_encoder, load_dataset, load_head
 from fewshot.cli import main
 from fewshot.errors import EncoderMismatchError, HeadFormatError
-from fewshot.finetune import Recipe, SplitNetwork, finetune
-from fewshot.images import load_image
+from fewshot.learning.finetune import Recipe, SplitNetwork, finetune
+from fewshot.embedding.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(input_size=64, trainable_stages=1, ways=3, shots=1, queries=2, episodes=4, val_every=2,

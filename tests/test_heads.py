@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.heads import (
+from fewshot.learning.heads import (
     Head,
     HeadFormatError,
     available_heads,
@@ -212,7 +212,7 @@ def test_a_planted_pickle_is_never_executed(tmp_path):
     meta = json.loads((path / "config.json").read_text())
     import hashlib
 
-    from fewshot.heads._base import canonical_json
+    from fewshot.learning.base import canonical_json
 
     meta["weights_sha256"] = hashlib.sha256(payload).hexdigest()  # an attacker can fix up the hashes
     meta["fingerprint"]["sha256"] = hashlib.sha256(canonical_json(meta["config"]).encode() + payload).hexdigest()
@@ -270,8 +270,8 @@ def test_heads_work_without_learn2learn_and_maml_says_how_to_get_it():
     code = textwrap.dedent("""
         import sys
         import numpy as np
-        import fewshot, fewshot.heads, fewshot.train, fewshot.interop_learn2learn
-        from fewshot.heads import create_head
+        import fewshot, fewshot.learning.heads, fewshot.learning.train, fewshot.evaluation.learn2learn
+        from fewshot.learning.heads import create_head
         create_head("metric", 8)
         assert "learn2learn" not in sys.modules, "importing fewshot or its heads imported learn2learn"
         sys.modules["learn2learn"] = None  # from here on, as if it were not installed
@@ -310,7 +310,7 @@ def _edit_config(path: Path, reseal: bool, **changes) -> None:
     who knows the format would), so only the limits can catch it."""
     import hashlib
 
-    from fewshot.heads._base import canonical_json
+    from fewshot.learning.base import canonical_json
 
     meta = json.loads((path / "config.json").read_text())
     meta["config"].update(changes)
@@ -355,7 +355,7 @@ def _sparse_weights_attack(path: Path, declared_bytes: int) -> None:
     stays a few KB on disk."""
     import hashlib
 
-    from fewshot.heads._base import canonical_json
+    from fewshot.learning.base import canonical_json
 
     weights = path / "weights.safetensors"
     header = json.dumps({"body.0.weight": {"dtype": "F32", "shape": [declared_bytes // 4],

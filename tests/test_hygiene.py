@@ -1,11 +1,11 @@
-"""Registry hygiene (fewshot.hygiene): real Lite0 embeddings of real photos and Caltech-101 images."""
+"""Registry hygiene (fewshot.registry.hygiene): real Lite0 embeddings of real photos and Caltech-101 images."""
 
 from __future__ import annotations
 
 import pytest
 
 from fewshot import FewShotClassifier
-from fewshot.hygiene import DUPLICATE_IMAGE, MISLABELLED, NEAR_DUPLICATE, diagnose, near_duplicate_classes
+from fewshot.registry.hygiene import DUPLICATE_IMAGE, MISLABELLED, NEAR_DUPLICATE, diagnose, near_duplicate_classes
 
 
 @pytest.fixture

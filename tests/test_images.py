@@ -1,4 +1,4 @@
-"""Tests of fewshot.images: every image is generated here with Pillow / numpy; no network."""
+"""Tests of fewshot.embedding.images: every image is generated here with Pillow / numpy; no network."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fewshot.errors import ImageError
-from fewshot.images import (
+from fewshot.embedding.images import (
     IMAGE_EXTENSIONS,
     LoadResult,
     content_digest,
@@ -471,7 +471,7 @@ def test_load_images_validates_arguments_eagerly():
 
 
 def test_limit_aspect_crops_only_extreme_strips_around_their_centre():
-    from fewshot.images import MAX_ASPECT_RATIO, limit_aspect
+    from fewshot.embedding.images import MAX_ASPECT_RATIO, limit_aspect
 
     photo = Image.new("RGB", (400, 300))
     assert limit_aspect(photo) is photo

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.episodes import EpisodeSampler
+from fewshot.data.episodes import EpisodeSampler
 
 l2l = pytest.importorskip("learn2learn", reason="learn2learn is optional: install it with `make learn2learn`")
 
-from fewshot.interop_learn2learn import as_task_dataset, to_meta_dataset  # noqa: E402
+from fewshot.evaluation.learn2learn import as_task_dataset, to_meta_dataset  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

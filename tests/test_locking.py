@@ -1,4 +1,5 @@
-"""The writer lock file of a registry (fewshot.locking): it must never be a way to write outside the registry."""
+"""The writer lock file of a registry (fewshot.registry.locking): it must never be a way to write outside the
+registry."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from fewshot.errors import RegistryFormatError
-from fewshot.locking import LOCK_FILE, WriterLock
+from fewshot.registry.locking import LOCK_FILE, WriterLock
 from fewshot.registry import Registry
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX files")
@@ -66,7 +67,7 @@ def test_fifo_lock_file_is_refused_without_leaking_a_descriptor(tmp_path):
 
 def test_symlinked_readers_lock_is_refused_by_readers_and_writers(tmp_path):
     from fewshot.errors import RegistrySaveError
-    from fewshot.locking import READERS_LOCK_FILE
+    from fewshot.registry.locking import READERS_LOCK_FILE
 
     victim = tmp_path / "precious.txt"
     victim.write_text("keep\n")
@@ -84,7 +85,7 @@ def test_symlinked_readers_lock_is_refused_by_readers_and_writers(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_lock_files_get_the_mode_the_umask_gives_the_other_registry_files(tmp_path, umask):
-    from fewshot.locking import READERS_LOCK_FILE
+    from fewshot.registry.locking import READERS_LOCK_FILE
 
     old = os.umask(umask)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fewshot.metrics import (auroc, expected_calibration_error, fpr_at_tpr, precision_at_recall,
+from fewshot.evaluation.metrics import (auroc, expected_calibration_error, fpr_at_tpr, precision_at_recall,
                              reliability_bins, roc_curve, threshold_at_tpr)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from fewshot import EmbeddingCache, create_encoder, create_head, load_head, save_head
 from fewshot.errors import HeadFormatError, RegistryFormatError, WeightsError
-from fewshot.heads._base import canonical_json
+from fewshot.learning.base import canonical_json
 from fewshot.registry import MANIFEST, Registry
 
 from registry_fuzz import resealed_file
@@ -135,7 +135,8 @@ def test_encoder_weights(tmp_path, marker, suffix):
 
 
 def test_episode_manifests_and_protocols(tmp_path, marker):
-    from fewshot.episodes import load_episodes, load_protocol
+    from fewshot.data.episodes import load_episodes
+    from fewshot.data.protocols import load_protocol
 
     for payload in payloads(marker).values():
         (tmp_path / "episodes.json").write_bytes(payload)

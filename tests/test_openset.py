@@ -9,8 +9,8 @@ import pytest
 
 from fewshot import FewShotClassifier
 from fewshot.cli import main
-from fewshot.openset import (PER_CLASS_MIN_EXAMPLES, Calibration, calibrate, current_calibration, fit_calibration,
-                             fit_temperature, leave_one_out_scores, stored_calibration)
+from fewshot.registry.calibration import (PER_CLASS_MIN_EXAMPLES, Calibration, calibrate, current_calibration,
+                                          fit_calibration, fit_temperature, leave_one_out_scores, stored_calibration)
 from fewshot.registry import Registry
 
 

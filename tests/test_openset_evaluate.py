@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from fewshot import FewShotClassifier
-from fewshot.data import load_dataset
-from fewshot.episodes import sample_open_set
-from fewshot.openset_evaluate import evaluate_open_set
+from fewshot.data.datasets import load_dataset
+from fewshot.data.episodes import sample_open_set
+from fewshot.evaluation.openset import evaluate_open_set
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def test_metrics_are_present_sane_and_replay_exactly(embedded, tmp_path):
 
 def test_roc_legend_says_its_auroc_is_of_all_queries_pooled(embedded):
     """roc.png's AUROC is not the summary's mean over episodes: its legend says what it is computed on."""
-    from fewshot.metrics import auroc
-    from fewshot.openset_evaluate import roc_legend
+    from fewshot.evaluation.metrics import auroc
+    from fewshot.evaluation.openset import roc_legend
 
     features, dataset = embedded
     result = evaluate_open_set(features, sample_open_set(dataset.labels, ways=3, shots=2, queries=3, unknown_ways=3,

@@ -20,10 +20,10 @@ from fewshot.errors import (
     RegistrySaveError,
     UnknownClassError,
 )
-from fewshot.locking import LOCK_FILE, READERS_LOCK_FILE
+from fewshot.registry.locking import LOCK_FILE, READERS_LOCK_FILE
 from fewshot.registry import Registry, SearchResult
 from fewshot.registry import index as registry_index
-from fewshot.registry.manifest import _seal
+from fewshot.registry.manifest import seal_manifest
 
 DIM = 16
 
@@ -260,7 +260,7 @@ def manifest(path):
 def write_manifest(path, m):
     """Write an edited manifest with a valid checksum, so the checks behind the checksum are reached."""
     m = {k: v for k, v in m.items() if k != "manifest_sha256"}
-    (path / "manifest.json").write_bytes(_seal(m, indent=1))
+    (path / "manifest.json").write_bytes(seal_manifest(m, indent=1))
 
 
 def test_load_refuses_truncated_prototypes(saved):

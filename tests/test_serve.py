@@ -98,7 +98,7 @@ def test_predict_returns_the_clis_prediction_objects_in_order(registered, server
     assert [p["input"] for p in got] == ["q-coffee.jpg", "q-cat.jpg"]
     assert [p["label"] for p in got] == ["coffee", "cat"]
     # The same JSON as the library (and so the CLI's --json) gives for the same images.
-    from fewshot.images import NamedBytes
+    from fewshot.embedding.images import NamedBytes
 
     library = FewShotClassifier.load(server.registry, encoder=encoder, cache=False)
     expected = [p.to_dict() for p in library.predict([NamedBytes(b, n) for n, b in query], top_k=2)]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewshot.data import load_dataset
-from fewshot.sweep import shots_sweep
+from fewshot.data.datasets import load_dataset
+from fewshot.evaluation.sweep import shots_sweep
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of fewshot.thumbnails: a small JPEG per class, made by fewshot's safe decoder."""
+"""Tests of fewshot.registry.thumbnails: a small JPEG per class, made by fewshot's safe decoder."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from PIL import Image
 
 from fewshot.errors import ImageError
 from fewshot.registry import MAX_THUMBNAIL_BYTES
-from fewshot.thumbnails import make_thumbnail
+from fewshot.registry.thumbnails import make_thumbnail
 
 
 def test_thumbnail_is_a_small_jpeg_of_the_photo(photos):

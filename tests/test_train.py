@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.episodes import EpisodeSampler
-from fewshot.heads import create_head
-from fewshot.train import TrainResult, train_head
+from fewshot.data.episodes import EpisodeSampler
+from fewshot.learning.heads import create_head
+from fewshot.learning.train import TrainResult, train_head
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

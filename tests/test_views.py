@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fewshot.images import load_image
-from fewshot.views import average_views, check_support_views, flipped
+from fewshot.embedding.images import load_image
+from fewshot.embedding.views import average_views, check_support_views, flipped
 
 
 def test_flipped_is_the_decoded_photo_mirrored_left_right(photos):

@@ -71,8 +71,8 @@ def test_head_records_its_encoder_and_training(trained_head):
 def test_rotations_make_new_classes_of_exactly_rotated_images(omniglot):
     import numpy as np
 
-    from fewshot.data import load_dataset
-    from fewshot.images import load_image
+    from fewshot.data.datasets import load_dataset
+    from fewshot.embedding.images import load_image
     from fewshot.workflows import with_rotations
 
     data = load_dataset(omniglot).select_groups(["Latin"])
@@ -103,8 +103,8 @@ def test_register_and_predict_with_a_head(trained_head, tmp_path, capsys, photos
 
 
 def test_fixed_runs(omniglot, tmp_path, capsys):
-    from fewshot.data import load_dataset
-    from fewshot.episodes import write_fixed_runs
+    from fewshot.data.datasets import load_dataset
+    from fewshot.data.protocols import write_fixed_runs
 
     write_fixed_runs(load_dataset(omniglot), tmp_path / "runs", runs=3, ways=5, seed=0)
     code, out, _ = run(capsys, "evaluate", "--runs", tmp_path / "runs", "--json", "--out", tmp_path / "o",
@@ -207,9 +207,9 @@ def test_flip_support_views_evaluation_replays_exactly_and_is_recorded(omniglot,
 def test_flipped_support_rows_are_the_mirrored_images_and_queries_stay_as_they_are(caltech_subset, encoder):
     import numpy as np
 
-    from fewshot.data import load_dataset
-    from fewshot.episodes import EpisodeSampler
-    from fewshot.images import load_image
+    from fewshot.data.datasets import load_dataset
+    from fewshot.data.episodes import EpisodeSampler
+    from fewshot.embedding.images import load_image
     from fewshot.workflows import embed_dataset, with_flipped_support
 
     dataset = load_dataset(caltech_subset)

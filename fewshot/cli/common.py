@@ -158,7 +158,7 @@ def require_registry(path: str, command: str) -> None:
 
 
 def make_encoder(args):
-    from ..encoders import create_encoder
+    from ..embedding.encoders import create_encoder
 
     return create_encoder(args.encoder or "efficientnet_lite0", weights=args.weights, stages=args.stages,
                           pool=args.pool if args.pool is not None else "avg", input_size=args.input_size)
@@ -176,7 +176,7 @@ def progress_bars() -> bool | None:
 
 
 def embedding_cache(args):
-    from ..cache import EmbeddingCache
+    from ..embedding.cache import EmbeddingCache
 
     return None if args.no_cache else EmbeddingCache()
 

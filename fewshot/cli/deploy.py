@@ -30,7 +30,7 @@ def cmd_embed(args) -> int:
 def cmd_export(args) -> int:
     """`export --out DIR [--head H | --registry REG] [--int8]`: an onnxruntime + numpy deployment folder."""
     from ..export import export_bundle
-    from ..heads import load_head
+    from ..learning.heads import load_head
 
     if args.int8 and not args.calibration:
         raise UsageError("--int8 needs --calibration DIR: a few dozen photos like the ones to classify")

@@ -14,7 +14,7 @@ from .common import (SUPPORT_VIEWS_CHOICES, Parents, UsageError, embedding_cache
 
 
 def cmd_evaluate(args) -> int:
-    from ..heads import load_head
+    from ..learning.heads import load_head
     from ..workflows import evaluate_protocol, evaluate_runs, resolve_dataset
 
     if args.out and not args.force and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
@@ -56,7 +56,7 @@ def cmd_evaluate(args) -> int:
 
 def _protocol_and_data(args):
     """The protocol and dataset of an evaluation: as given, else as the --replay manifest records them."""
-    from ..episodes import load_protocol, manifest_origin
+    from ..data.protocols import load_protocol, manifest_origin
 
     given = load_protocol(args.protocol) if args.protocol else None
     if given is not None and given.unknown_ways and (args.save_episodes or args.replay):
@@ -96,9 +96,9 @@ def _evaluate_open_set(args, protocol, data, encoder, head) -> int:
 
 def _evaluate_own_folder(args) -> int:
     """``fewshot evaluate --data DIR`` without a protocol: accuracy (and AUROC) against shot count."""
-    from ..data import load_dataset
-    from ..heads import load_head
-    from ..sweep import shots_sweep
+    from ..data.datasets import load_dataset
+    from ..learning.heads import load_head
+    from ..evaluation.sweep import shots_sweep
 
     if args.save_episodes:
         raise UsageError("--save-episodes needs --protocol; a folder sweep replays exactly from --seed")
@@ -116,7 +116,7 @@ def _save_and_report(args, result, default_out: Path, text: str) -> int:
     """Save an evaluation's files (to --out, else to ``default_out`` or, where that holds earlier results,
     a new ``default_out-N``), then print it as JSON or as ``text``, and the files written (on stderr
     with --json)."""
-    from ..evaluate import new_result_folder
+    from ..evaluation.evaluate import new_result_folder
 
     paths = list(result.save(Path(args.out) if args.out else new_result_folder(default_out)).values())
     if args.json:
@@ -135,8 +135,8 @@ def _check_no_sweep_options(args) -> None:
 
 
 def cmd_compare_encoders(args) -> int:
-    from ..compare import compare_encoders, format_table, plot_comparison, rows_as_dicts
-    from ..data import load_dataset
+    from ..evaluation.compare import compare_encoders, format_table, plot_comparison, rows_as_dicts
+    from ..data.datasets import load_dataset
 
     rows = compare_encoders(load_dataset(args.data), args.encoder or None, shots=args.shots,
                             ways=None if args.ways == "all" else args.ways, queries=args.queries,

@@ -49,7 +49,7 @@ def cmd_register(args) -> int:
 def cmd_register_from_embeddings(args) -> int:
     """`register REG --from-embeddings EMB.parquet`: classes from `fewshot embed` output, no network run."""
     from ..jobs import check_encoder_reproduces, dataset_fingerprint, register_embeddings
-    from ..openset import calibrate
+    from ..registry.calibration import calibrate
     from ..registry import Registry
 
     if args.class_name or args.folder or args.paths or args.head:
@@ -110,7 +110,7 @@ def cmd_predict(args) -> int:
 
 def _without_empty_folders(paths: list[str]) -> list[str]:
     """``paths`` less the folders holding no image, each reported on stderr (the others still run)."""
-    from ..images import IMAGE_EXTENSIONS, expand_inputs
+    from ..embedding.images import IMAGE_EXTENSIONS, expand_inputs
 
     kept = []
     for path in paths:
@@ -188,7 +188,7 @@ def cmd_classes(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    from ..openset import calibrate
+    from ..registry.calibration import calibrate
 
     with _open_registry(args) as registry, registry.batch():  # saved, refitted, before remove returns
         _require_class(args, registry, args.class_name)
@@ -199,7 +199,7 @@ def cmd_remove(args) -> int:
 
 
 def cmd_rename(args) -> int:
-    from ..openset import calibrate
+    from ..registry.calibration import calibrate
 
     with _open_registry(args) as registry, registry.batch():
         _require_class(args, registry, args.old)
@@ -218,7 +218,7 @@ def _require_class(args, registry, label: str) -> None:
 def cmd_calibrate(args) -> int:
     """Refit the registry's unknown thresholds (optionally for another target), and measure them on a
     folder of background images (photos of things that are none of the classes) if given."""
-    from ..openset import METADATA_KEY, accepted_share, calibrate
+    from ..registry.calibration import METADATA_KEY, accepted_share, calibrate
 
     with _open_registry(args) as registry:
         if not len(registry):
@@ -264,7 +264,7 @@ def cmd_info(args) -> int:
     import timm
     import torch
 
-    from ..encoders import DEFAULT_ENCODER, available_encoders
+    from ..embedding.encoders import DEFAULT_ENCODER, available_encoders
 
     print(f"fewshot {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
@@ -272,7 +272,7 @@ def cmd_info(args) -> int:
     print(f"torch threads: {torch.get_num_threads()}, interop threads: {torch.get_num_interop_threads()}")
     print(f"default encoder: {DEFAULT_ENCODER}; offline encoders: {', '.join(available_encoders()) or 'none'}")
     if args.encoder:
-        from ..encoders import create_encoder
+        from ..embedding.encoders import create_encoder
 
         encoder = create_encoder(args.encoder, weights=args.weights)
         print(json.dumps(encoder.fingerprint, indent=2))

@@ -11,8 +11,8 @@ from .common import Parents, UsageError, embedding_cache, finite_float, make_enc
 
 
 def cmd_train_head(args) -> int:
-    from ..episodes import load_protocol
-    from ..heads import save_head
+    from ..data.protocols import load_protocol
+    from ..learning.heads import save_head
     from ..workflows import resolve_dataset, train_head_on_dataset
 
     if not args.force and Path(args.out).exists() and any(Path(args.out).iterdir()):
@@ -47,9 +47,9 @@ def cmd_train_head(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from ..episodes import load_protocol
-    from ..finetune import Recipe, finetune
-    from ..heads import save_head
+    from ..data.protocols import load_protocol
+    from ..learning.finetune import Recipe, finetune
+    from ..learning.heads import save_head
     from ..workflows import resolve_dataset
 
     if len(args.weight) not in (0, len(args.data)):

@@ -5,7 +5,7 @@ opaque JSON-able ``fingerprint`` of the encoder that produced them. It holds wor
 easily redo, so saving is crash-safe (generation-numbered data files, then an atomically replaced
 manifest, fsynced in that order) and loading is paranoid (sizes and sha256 checked before any data
 file is parsed; the manifest checks itself). ``Registry.open`` binds a registry to its directory:
-each change is saved before it returns, under a writer lock (``fewshot.locking``) that keeps a
+each change is saved before it returns, under a writer lock (``fewshot.registry.locking``) that keeps a
 second writer out while readers go on; readers pin the generation they read (a shared lock held only
 while they open its files) and writers delete older generations only when no reader is opening them,
 so a reader gets a complete generation however big the registry and however often it is saved.
@@ -27,10 +27,15 @@ coarser codes all lost the exact top-1 far more often on diffuse embeddings for 
 Modules, one concern each: ``table`` (the Registry: prototype table, running means, examples and
 other class data), ``index`` (FAISS index choice and auto sizing, search with exact re-scoring),
 ``persistence`` (save, load, the bound mode of ``Registry.open``), ``manifest`` (format version,
-seal, paranoid parse), ``storage`` (atomic writes, generations, writer lock, verified reads),
-``labels`` (labels, example sources, thumbnails), ``vectors`` (vector checks, row arithmetic).
+seal, paranoid parse), ``storage`` (atomic writes, generations, verified reads), ``locking`` (the writer
+lock and reader pins), ``labels`` (labels, example sources, thumbnails' limits), ``vectors`` (vector checks,
+row arithmetic), ``calibration`` (the unknown threshold fitted from the examples, and the softmax temperature),
+``hygiene`` (near-duplicate classes, likely mislabelled examples), ``thumbnails`` (one small JPEG per class).
+The registry stage imports the embedding stage's image decoder only (for thumbnails), nothing above it.
 """
 
+from .calibration import Calibration, calibrate, current_calibration, fit_calibration
+from .hygiene import Finding, diagnose
 from .index import (
     AUTO,
     AUTO_FLAT_FLOATS,
@@ -58,6 +63,7 @@ from .table import Registry
 from .vectors import MAX_DIM, METRICS
 
 __all__ = [
+    "Calibration", "Finding", "calibrate", "current_calibration", "diagnose", "fit_calibration",
     "AUTO", "AUTO_FLAT_FLOATS", "AUTO_PCA_DIM", "AUTO_RERANK", "AUTO_SCAN_CODES", "AUTO_TRAIN_PER_LIST", "FORMAT_NAME",
     "FORMAT_VERSION", "MANIFEST", "MAX_ATTACHMENT_BYTES", "MAX_DIM", "MAX_LABEL_LEN", "MAX_MANIFEST_BYTES",
     "MAX_SOURCE_LEN", "MAX_THUMBNAIL_BYTES", "METRICS", "MIN_AUTO_THRESHOLD", "SERIAL_SEARCH_BELOW", "openmp_threads",

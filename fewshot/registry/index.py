@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import RegistryFormatError
 from ..checks import check_int
 from .storage import MANIFEST, read_verified_into
-from .vectors import _CHUNK_FLOATS, _as_matrix, _chunk_rows, _normalise
+from .vectors import CHUNK_FLOATS, as_matrix, chunk_rows, normalise_rows
 
 if TYPE_CHECKING:
     from .table import Registry
@@ -182,7 +182,7 @@ def _inner(index):
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
 
 
-def _kind(index) -> str:
+def index_kind(index) -> str:
     """'flat' (exact), 'ivf', 'hnsw' or 'other' (approximate without search parameters)."""
     inner = _inner(index)
     if isinstance(inner, faiss.IndexFlat):
@@ -210,7 +210,8 @@ def _index_ids(index) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def _load_index(path: Path, m: dict, reg: Registry, opened: dict):
+def load_index(path: Path, m: dict, reg: Registry, opened: dict):
+    """The saved FAISS index a manifest lists, verified, deserialised and checked against ``reg``."""
     fpath = path / m["files"]["index"]["name"]
     (data,) = read_verified_into(path, m["files"]["index"], lambda size: [np.empty(size, np.uint8)], opened)
     try:
@@ -228,7 +229,7 @@ def _load_index(path: Path, m: dict, reg: Registry, opened: dict):
     return index
 
 
-def _auto_outdated(reg: Registry) -> bool:
+def auto_outdated(reg: Registry) -> bool:
     """Whether a loaded "auto" index is of an older scheme than "auto" builds today (e.g. inverted
     lists of 8-dimension codes, saved before the full-scan codes): the next search rebuilds it
     rather than keep its lower recall."""
@@ -237,7 +238,7 @@ def _auto_outdated(reg: Registry) -> bool:
     return _auto_scheme(reg._in_use) != _auto_scheme(_auto_factory(len(reg), reg._dim, reg._threshold))
 
 
-def _check_flat_vectors(fpath: Path, reg: Registry) -> None:
+def check_flat_vectors(fpath: Path, reg: Registry) -> None:
     """A flat index scores queries with its own copies of the prototypes: they must be exactly the
     prototypes, or a query would get the wrong class at a perfect score (an index out of step with
     its metadata, mem0#7117). Approximate indexes need no check: their candidates are re-scored
@@ -250,7 +251,7 @@ def _check_flat_vectors(fpath: Path, reg: Registry) -> None:
     n = inner.ntotal
     stored = faiss.rev_swig_ptr(inner.get_xb(), n * reg.dim).reshape(n, reg.dim) if n else None
     rows = reg._row_of_id[faiss.vector_to_array(reg._index.id_map)]
-    step = _chunk_rows(reg.dim)
+    step = chunk_rows(reg.dim)
     for a in range(0, n, step):
         if not np.array_equal(stored[a:a + step], reg._searched(rows[a:a + step])):
             raise RegistryFormatError(f"{fpath}: the index's vectors are not the prototypes of "
@@ -261,7 +262,7 @@ def _same_type(a, b) -> bool:
     return type(a) is type(b) or (isinstance(a, faiss.IndexFlat) and isinstance(b, faiss.IndexFlat))
 
 
-def _index_in_use(mpath: Path, m: dict, reg: Registry) -> tuple[str, bool]:
+def read_index_in_use(mpath: Path, m: dict, reg: Registry) -> tuple[str, bool]:
     """(factory string of the loaded index, whether it is a flat stand-in for an untrainable one),
     after checking that the index file is of the kind the manifest says."""
     loaded = _inner(reg._index)
@@ -300,9 +301,9 @@ class IndexedSearch:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         params = self._check_params(params)
-        q = _as_matrix(queries, self._dim, "queries")
+        q = as_matrix(queries, self._dim, "queries")
         if self._metric == "cosine":
-            q = _normalise(q, "queries")
+            q = normalise_rows(q, "queries")
         with self._lock:
             if not self._row_of:
                 raise ValueError("registry has no classes; register some first")
@@ -363,7 +364,7 @@ class IndexedSearch:
         nq, n_cand = cand.shape
         out_ids = np.full((nq, k), -1, np.int64)
         out_scores = np.full((nq, k), -np.inf, np.float32)
-        step = max(1, _CHUNK_FLOATS // max(1, n_cand * self._dim))
+        step = max(1, CHUNK_FLOATS // max(1, n_cand * self._dim))
         for a in range(0, nq, step):
             ids, qs = cand[a:a + step], q[a:a + step]
             ok = ids != -1
@@ -427,7 +428,7 @@ class IndexedSearch:
         index = inner if faiss.try_extract_index_ivf(inner) is not None else faiss.IndexIDMap2(inner)
         self._add_to(index, rows)
         self._index, self._in_use, self._fallback, self._built_n = index, factory, fallback, len(rows)
-        self._exact = _kind(index) == "flat"
+        self._exact = index_kind(index) == "flat"
         self._stale = False
 
     def _train(self, inner, rows: np.ndarray) -> None:
@@ -446,7 +447,7 @@ class IndexedSearch:
         inner.train(x)
 
     def _add_to(self, index, rows: np.ndarray) -> None:
-        step = _chunk_rows(self._dim) * 4
+        step = chunk_rows(self._dim) * 4
         for a in range(0, len(rows), step):
             index.add_with_ids(self._searched(rows[a:a + step]), self._ids[rows[a:a + step]])
 

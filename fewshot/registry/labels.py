@@ -32,7 +32,7 @@ def check_label(label) -> str:
     so "/", ".." or newlines are just characters. Returns the label in Unicode NFC form: "café" typed
     and "café" from a folder name in decomposed form (macOS) are the same class."""
     if (not isinstance(label, str) or not label or "\0" in label or len(label) > MAX_LABEL_LEN
-            or not _is_unicode(label)):
+            or not is_unicode(label)):
         raise ValueError(f"invalid class label {_preview(label)}: a label must be a non-empty string of at "
                          f"most {MAX_LABEL_LEN} characters without NUL or lone surrogates")
     return unicodedata.normalize("NFC", label)
@@ -45,7 +45,7 @@ def _preview(value, limit: int = 60) -> str:
     return repr(value)[:limit * 4]
 
 
-def _check_sources(sources, n: int, what: str) -> list[ExampleSource] | None:
+def check_sources(sources, n: int, what: str) -> list[ExampleSource] | None:
     """None, or n ExampleSource (pairs of source name and sha256 hex digest, each str or None)."""
     if sources is None:
         return None
@@ -68,7 +68,8 @@ def _check_sources(sources, n: int, what: str) -> list[ExampleSource] | None:
     return out
 
 
-def _is_unicode(text: str) -> bool:
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogates)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -83,7 +84,7 @@ def check_thumbnail(data) -> bytes:
     return data
 
 
-def _json_copy(obj, what: str):
+def json_copy(obj, what: str):
     """Deep copy through JSON, which also proves the object can be saved."""
     try:
         return json.loads(json.dumps(obj, allow_nan=False))

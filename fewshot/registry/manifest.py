@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EncoderMismatchError, RegistryFormatError
-from .labels import MAX_LABEL_LEN, _is_unicode, check_label
-from .storage import _ATTACHMENT_KEY, _MAX_INT, FORMAT_NAME, MANIFEST, MAX_MANIFEST_BYTES, _read_bounded
+from .labels import MAX_LABEL_LEN, is_unicode, check_label
+from .storage import ATTACHMENT_KEY, MAX_INT, FORMAT_NAME, MANIFEST, MAX_MANIFEST_BYTES, read_bounded
 from .vectors import MAX_DIM, METRICS
 
 # 2: "index_in_use" / "auto_threshold" fields; IVF indexes keep their own ids.
-# 3: "manifest_sha256", the manifest's checksum of itself (see _seal).
+# 3: "manifest_sha256", the manifest's checksum of itself (see seal_manifest).
 # 4: a "provenance" file: where each registered example came from (see ExampleSource).
 FORMAT_VERSION = 4
 _MAX_FACTORY_NUMBER = 2**22  # e.g. IVF lists: 4M lists would already suit billions of classes
@@ -25,7 +25,7 @@ _MISMATCH_HINT = ("load it with the encoder it was built with (FewShotClassifier
                   "automatically) or re-register the classes with this encoder")
 
 
-def _seal(manifest: dict, indent: int | None) -> bytes:
+def seal_manifest(manifest: dict, indent: int | None) -> bytes:
     """The manifest's JSON text, its first field the sha256 of the text without that field, so that
     a flipped bit in a label or a count is caught like one in a data file."""
     body = json.dumps(manifest, indent=indent, allow_nan=False).encode()
@@ -45,9 +45,10 @@ def _check_seal(mpath: Path, raw: bytes, m: dict) -> None:
         raise RegistryFormatError(f"{mpath}: checksum mismatch (corrupted, or edited by hand?)")
 
 
-def _manifest_digest(mpath: Path) -> str | None:
+def manifest_digest(mpath: Path) -> str | None:
+    """sha256 of a manifest file, or None if it cannot be read (readers compare generations by it)."""
     try:
-        return hashlib.sha256(_read_bounded(mpath, MAX_MANIFEST_BYTES)).hexdigest()
+        return hashlib.sha256(read_bounded(mpath, MAX_MANIFEST_BYTES)).hexdigest()
     except (OSError, RegistryFormatError):
         return None
 
@@ -70,7 +71,7 @@ def _int_field(obj: dict, key: str, lo: int, hi: int, where: Path) -> int:
 
 def _parse_manifest(mpath: Path) -> dict:
     try:
-        raw = _read_bounded(mpath, MAX_MANIFEST_BYTES)
+        raw = read_bounded(mpath, MAX_MANIFEST_BYTES)
         m = json.loads(raw)
     except (ValueError, RecursionError) as e:
         if isinstance(e, RegistryFormatError):
@@ -80,12 +81,12 @@ def _parse_manifest(mpath: Path) -> dict:
         raise RegistryFormatError(f"{mpath}: cannot be read ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise RegistryFormatError(f"{mpath}: not a fewshot registry manifest")
-    version = _int_field(m, "format_version", 1, _MAX_INT, mpath)
+    version = _int_field(m, "format_version", 1, MAX_INT, mpath)
     if version > FORMAT_VERSION:
         raise RegistryFormatError(f"{mpath}: written by a newer fewshot (format {version}); upgrade fewshot")
     _check_seal(mpath, raw, m)
     m["_digest"] = hashlib.sha256(raw).hexdigest()
-    _int_field(m, "generation", 0, _MAX_INT, mpath)
+    _int_field(m, "generation", 0, MAX_INT, mpath)
     _int_field(m, "dim", 1, MAX_DIM, mpath)
     if _field(m, "metric", str, mpath) not in METRICS:
         raise RegistryFormatError(f"{mpath}: unknown metric {m['metric']!r}")
@@ -97,7 +98,7 @@ def _parse_manifest(mpath: Path) -> dict:
     store = _field(m, "store_examples", bool, mpath)
     _field(m, "fingerprint", dict, mpath)
     _field(m, "metadata", dict, mpath)
-    next_id = _int_field(m, "next_id", 0, _MAX_INT, mpath)
+    next_id = _int_field(m, "next_id", 0, MAX_INT, mpath)
     entries = _field(m, "classes", list, mpath)
     fast = _classes_fast(entries, next_id)
     if fast is None:
@@ -109,17 +110,17 @@ def _parse_manifest(mpath: Path) -> dict:
         _field(files, "provenance", dict, mpath)
     optional = ("provenance",) if "provenance" in files else ()  # format 4 has one; older ones may
     optional += ("thumbnails", "thumbnail_spans") if "thumbnails" in files else ()
-    attached = tuple(k for k in files if isinstance(k, str) and k.startswith(_ATTACHMENT_KEY))
+    attached = tuple(k for k in files if isinstance(k, str) and k.startswith(ATTACHMENT_KEY))
     for key in ("prototypes", "index") + (("examples", "example_class_ids") if store else ()) + optional + attached:
         entry = _field(files, key, dict, mpath)
         name = _field(entry, "name", str, mpath)
         if (not name or name in (".", "..", MANIFEST) or "/" in name or "\\" in name
-                or "\0" in name or os.path.basename(name) != name or not _is_unicode(name)):
+                or "\0" in name or os.path.basename(name) != name or not is_unicode(name)):
             raise RegistryFormatError(f"{mpath}: file name {name!r} is not a plain file name in the registry")
         digest = _field(entry, "sha256", str, mpath)
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise RegistryFormatError(f"{mpath}: bad sha256 for {name!r}")
-        _int_field(entry, "bytes", 0, _MAX_INT, mpath)
+        _int_field(entry, "bytes", 0, MAX_INT, mpath)
     return m
 
 
@@ -144,14 +145,14 @@ def _classes_fast(entries: list, next_id: int):
             and all(type(v) is int for v in counts)):
         return None
     if (any(not v or len(v) > MAX_LABEL_LEN or "\0" in v for v in labels) or len(set(labels)) != len(labels)
-            or not _is_unicode("".join(labels))):
+            or not is_unicode("".join(labels))):
         return None
     try:
         id_arr, count_arr = np.array(ids, dtype=np.int64), np.array(counts, dtype=np.int64)
     except OverflowError:
         return None
     if len(ids) and (id_arr.min() < 0 or id_arr.max() > next_id - 1 or count_arr.min() < 1
-                     or count_arr.max() > _MAX_INT or len(np.unique(id_arr)) != len(id_arr)):
+                     or count_arr.max() > MAX_INT or len(np.unique(id_arr)) != len(id_arr)):
         return None
     return labels, id_arr, count_arr
 
@@ -167,14 +168,15 @@ def _classes_slow(entries: list, next_id: int, mpath: Path) -> None:
         except ValueError as e:
             raise RegistryFormatError(f"{mpath}: {e}") from None
         cid = _int_field(entry, "id", 0, next_id - 1, mpath)
-        _int_field(entry, "count", 1, _MAX_INT, mpath)
+        _int_field(entry, "count", 1, MAX_INT, mpath)
         if label in labels or cid in ids:
             raise RegistryFormatError(f"{mpath}: duplicate class label {label!r} or id {cid}")
         labels.add(label)
         ids.add(cid)
 
 
-def _check_fingerprint(path: Path, stored: dict, expected: dict) -> None:
+def check_manifest_fingerprint(path: Path, stored: dict, expected: dict) -> None:
+    """Raise EncoderMismatchError unless the stored encoder fingerprint is the expected one."""
     if stored == expected:
         return
 
@@ -188,7 +190,8 @@ def _check_fingerprint(path: Path, stored: dict, expected: dict) -> None:
                                f"in use is {b}; {_MISMATCH_HINT}")
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
+    """The registry's manifest, read within its size limit and checked (seal, fields, files)."""
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise RegistryFormatError(f"no registry at {path} ({mpath} not found); create one with fewshot register")

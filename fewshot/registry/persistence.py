@@ -13,16 +13,16 @@ import faiss
 import numpy as np
 
 from ..errors import RegistryFormatError, RegistrySaveError
-from ..locking import WriterLock, create_readers_lock, reader_pin
-from .index import _auto_outdated, _check_flat_vectors, _index_in_use, _kind, _load_index
-from .labels import MAX_THUMBNAIL_BYTES, ExampleSource, _check_sources, _json_copy
-from .manifest import FORMAT_VERSION, _check_fingerprint, _manifest_digest, _read_manifest, _seal
+from .locking import WriterLock, create_readers_lock, reader_pin
+from .index import auto_outdated, check_flat_vectors, read_index_in_use, index_kind, load_index
+from .labels import MAX_THUMBNAIL_BYTES, ExampleSource, check_sources, json_copy
+from .manifest import FORMAT_VERSION, check_manifest_fingerprint, manifest_digest, read_manifest, seal_manifest
 from .storage import (
-    _ATTACHMENT_KEY, FORMAT_NAME, MANIFEST, _checked_attachments, _fsync_dir, _load_attachments, _load_npy, _npy,
-    _npy_chunks, _open_generation, read_verified_into, _remove_other_generations, _same_dir, _saved_generation,
-    _unlink_quietly, _write_atomic, lock_registry_dir,
+    ATTACHMENT_KEY, FORMAT_NAME, MANIFEST, checked_attachments, fsync_dir, load_attachments, load_npy, npy_writer,
+    npy_chunks, open_generation, read_verified_into, remove_other_generations, same_dir, saved_generation,
+    unlink_quietly, write_atomic, lock_registry_dir,
 )
-from .vectors import _all_finite, _chunk_rows, _norms
+from .vectors import all_finite, chunk_rows, row_norms
 
 if TYPE_CHECKING:
     from .table import Registry
@@ -151,20 +151,20 @@ class Persistence:
         with self._lock:
             self._ensure_index()
             header = {"fingerprint": self._fingerprint,
-                      "metadata": _json_copy(self.metadata, "metadata")}  # check before any write
-            _checked_attachments(self.attachments)
-            mine = self._path is not None and _same_dir(path, self._path)
+                      "metadata": json_copy(self.metadata, "metadata")}  # check before any write
+            checked_attachments(self.attachments)
+            mine = self._path is not None and same_dir(path, self._path)
             with contextlib.nullcontext() if mine else lock_registry_dir(path):
                 self._save_locked(path, header)
 
     def _save_locked(self, path: Path, header: dict) -> None:
-        gen = max(self._generation, _saved_generation(path) or 0) + 1
+        gen = max(self._generation, saved_generation(path) or 0) + 1
         written: list[Path] = []
         try:
             create_readers_lock(path)
             rows = self._ordered_rows()
             files = self._write_data(path, gen, rows, written)
-            _fsync_dir(path)  # data file names are durable before the manifest points at them
+            fsync_dir(path)  # data file names are durable before the manifest points at them
             ids, counts = self._ids[rows].tolist(), self._counts[rows].tolist()
             manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                         "generation": gen, "dim": self._dim, "metric": self._metric,
@@ -175,11 +175,11 @@ class Persistence:
                                     for lb, i, c in zip(self._row_of, ids, counts)],
                         "files": files}
             # Large registries: no indentation (a million classes: ~50 MB instead of ~70 MB).
-            text = _seal(manifest, indent=1 if len(rows) <= 10000 else None)
-            _write_atomic(path, MANIFEST, lambda f: f.write(text), [])
+            text = seal_manifest(manifest, indent=1 if len(rows) <= 10000 else None)
+            write_atomic(path, MANIFEST, lambda f: f.write(text), [])
         except BaseException as e:
             for p in written:  # manifest.json untouched: the old registry stays current
-                _unlink_quietly(p)
+                unlink_quietly(p)
             if not isinstance(e, Exception):
                 raise
             hint = {errno.ENOSPC: "disk full? ", errno.EDQUOT: "disk quota exceeded? ",
@@ -188,20 +188,20 @@ class Persistence:
                                     "previously saved registry there is unchanged") from e
         self._generation = gen
         try:
-            _fsync_dir(path)
+            fsync_dir(path)
         except OSError as e:
             raise RegistrySaveError(f"saved the registry to {path}, but syncing the directory "
                                     f"failed ({e}); it may not survive a power loss") from e
-        _remove_other_generations(path, gen)
+        remove_other_generations(path, gen)
 
     def _write_data(self, path: Path, gen: int, rows: np.ndarray, written: list) -> dict:
         g = f"{gen:06d}"
-        step = _chunk_rows(self._dim)
-        means = _npy_chunks((len(rows), self._dim), np.float32,
+        step = chunk_rows(self._dim)
+        means = npy_chunks((len(rows), self._dim), np.float32,
                             lambda: (self._means[rows[a:a + step]] for a in range(0, len(rows), step)))
         index_bytes = faiss.serialize_index(self._index)  # uint8 array, written without a copy
-        files = {"prototypes": _write_atomic(path, f"prototypes-{g}.npy", means, written),
-                 "index": _write_atomic(path, f"index-{g}.faiss",
+        files = {"prototypes": write_atomic(path, f"prototypes-{g}.npy", means, written),
+                 "index": write_atomic(path, f"index-{g}.faiss",
                                         lambda f: f.write(memoryview(index_bytes)), written)}  # noqa: F821
         del index_bytes
         if self._store_examples:
@@ -209,20 +209,20 @@ class Persistence:
             examples = [e for ex in per_class for e in ex]
             ex = np.concatenate(examples) if examples else np.zeros((0, self._dim), np.float32)
             owner = np.repeat(self._ids[rows], [sum(len(e) for e in ex_) for ex_ in per_class]).astype(np.int64)
-            files["examples"] = _write_atomic(path, f"examples-{g}.npy", _npy(ex), written)
-            files["example_class_ids"] = _write_atomic(path, f"example_class_ids-{g}.npy",
-                                                       _npy(owner), written)
+            files["examples"] = write_atomic(path, f"examples-{g}.npy", npy_writer(ex), written)
+            files["example_class_ids"] = write_atomic(path, f"example_class_ids-{g}.npy",
+                                                       npy_writer(owner), written)
         for name, data in self.attachments.items():
-            files[_ATTACHMENT_KEY + name] = _write_atomic(path, f"attachment-{g}-{name}",
+            files[ATTACHMENT_KEY + name] = write_atomic(path, f"attachment-{g}-{name}",
                                                           lambda f, data=data: f.write(data), written)
         table = [{"id": cid, "sources": [list(s) for s in self._sources[cid]]}
                  for cid in self._ids[rows].tolist() if cid in self._sources]
         text = json.dumps({"classes": table}, separators=(",", ":")).encode()
-        files["provenance"] = _write_atomic(path, f"provenance-{g}.json", lambda f: f.write(text), written)
+        files["provenance"] = write_atomic(path, f"provenance-{g}.json", lambda f: f.write(text), written)
         if self._thumbnails:
             blob, spans = _thumbnail_arrays([self._thumbnails.get(label, b"") for label in self._row_of])
-            files["thumbnails"] = _write_atomic(path, f"thumbnails-{g}.npy", _npy(blob), written)
-            files["thumbnail_spans"] = _write_atomic(path, f"thumbnail_spans-{g}.npy", _npy(spans), written)
+            files["thumbnails"] = write_atomic(path, f"thumbnails-{g}.npy", npy_writer(blob), written)
+            files["thumbnail_spans"] = write_atomic(path, f"thumbnail_spans-{g}.npy", npy_writer(spans), written)
         return files
 
     @classmethod
@@ -239,16 +239,16 @@ class Persistence:
                 # No writer deletes a generation's files between our reading its manifest and opening
                 # them; once open, they stay readable whatever the writer does next.
                 with reader_pin(path):
-                    m = _read_manifest(path)
-                    opened = _open_generation(path, m)
+                    m = read_manifest(path)
+                    opened = open_generation(path, m)
                 if expected_fingerprint is not None:
-                    _check_fingerprint(path, m["fingerprint"],
-                                       _json_copy(expected_fingerprint, "expected_fingerprint"))
+                    check_manifest_fingerprint(path, m["fingerprint"],
+                                       json_copy(expected_fingerprint, "expected_fingerprint"))
                 return cls._from_manifest(path, m, opened)
             except RegistryFormatError:
                 # Without the readers' lock (an older writer, no fcntl) a writer may have deleted this
                 # generation's files: then read the new one. A file that is bad for good is reported.
-                if m is None or attempt + 1 == _LOAD_ATTEMPTS or _manifest_digest(mpath) == m["_digest"]:
+                if m is None or attempt + 1 == _LOAD_ATTEMPTS or manifest_digest(mpath) == m["_digest"]:
                     raise
             finally:
                 for f in opened.values():
@@ -260,7 +260,7 @@ class Persistence:
         """``{label: count}`` of the registry saved at directory ``path``, read from its manifest alone
         (checked by the manifest's own checksum): listing a big registry's classes reads no prototypes."""
         with reader_pin(Path(path)):
-            m = _read_manifest(Path(path))
+            m = read_manifest(Path(path))
         return dict(zip(m["_labels"], m["_counts"].tolist()))
 
     @classmethod
@@ -273,12 +273,12 @@ class Persistence:
         except ValueError as e:
             raise RegistryFormatError(f"{mpath}: {e}") from None
         C, dim, labels = len(m["classes"]), m["dim"], m["_labels"]
-        protos = _load_npy(path, m["files"]["prototypes"], (C, dim), np.float32, opened)
-        if not _all_finite(protos):
+        protos = load_npy(path, m["files"]["prototypes"], (C, dim), np.float32, opened)
+        if not all_finite(protos):
             raise RegistryFormatError(f"{path / m['files']['prototypes']['name']}: non-finite prototype")
         ids = np.array(m["_ids"], dtype=np.int64)
         reg._means, reg._counts, reg._ids = protos, np.array(m["_counts"], dtype=np.int64), ids
-        reg._norm = _norms(protos)
+        reg._norm = row_norms(protos)
         reg._row_of = dict(zip(labels, range(C)))
         reg._labels = list(labels)
         reg._next_id = m["next_id"]
@@ -293,18 +293,18 @@ class Persistence:
             reg._sources = _load_sources(path, m, opened)
         if "thumbnails" in m["files"]:  # registries saved before thumbnails existed have none
             reg._thumbnails = _load_thumbnails(path, m, labels, opened)
-        reg.attachments = _load_attachments(path, m, opened)
-        reg._index = _load_index(path, m, reg, opened)
-        reg._in_use, reg._fallback = _index_in_use(mpath, m, reg)
-        reg._exact, reg._built_n = _kind(reg._index) == "flat", C
+        reg.attachments = load_attachments(path, m, opened)
+        reg._index = load_index(path, m, reg, opened)
+        reg._in_use, reg._fallback = read_index_in_use(mpath, m, reg)
+        reg._exact, reg._built_n = index_kind(reg._index) == "flat", C
         reg._stale, reg._generation = False, m["generation"]
-        if _auto_outdated(reg):
+        if auto_outdated(reg):
             reg._index, reg._stale = None, True
         if reg._sparse_ids():  # renumber; the next search rebuilds the index with the new ids
             reg._index, reg._stale = None, True
             reg._compact_ids()
         else:
-            _check_flat_vectors(path / m["files"]["index"]["name"], reg)
+            check_flat_vectors(path / m["files"]["index"]["name"], reg)
         return reg
 
 
@@ -317,11 +317,11 @@ def _thumbnail_arrays(thumbnails: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_thumbnails(path: Path, m: dict, labels: list[str], opened: dict) -> dict[str, bytes]:
     files = m["files"]
-    spans = _load_npy(path, files["thumbnail_spans"], (len(labels), 2), np.int64, opened)
+    spans = load_npy(path, files["thumbnail_spans"], (len(labels), 2), np.int64, opened)
     fname = path / files["thumbnail_spans"]["name"]
     if (spans < 0).any() or (spans[:, 1] > MAX_THUMBNAIL_BYTES).any():
         raise RegistryFormatError(f"{fname}: thumbnail lengths outside 0..{MAX_THUMBNAIL_BYTES}")
-    blob = _load_npy(path, files["thumbnails"], (int(spans[:, 1].sum()),), np.uint8, opened)
+    blob = load_npy(path, files["thumbnails"], (int(spans[:, 1].sum()),), np.uint8, opened)
     if (spans.sum(axis=1) > len(blob)).any():
         raise RegistryFormatError(f"{fname}: thumbnail offsets outside the thumbnails file")
     return {label: blob[a:a + n].tobytes() for label, (a, n) in zip(labels, spans.tolist()) if n}
@@ -330,10 +330,10 @@ def _load_thumbnails(path: Path, m: dict, labels: list[str], opened: dict) -> di
 def _load_examples(path: Path, m: dict, reg: Registry, opened: dict) -> None:
     files, dim = m["files"], reg.dim
     counts, ids = m["_counts"], m["_ids"]
-    owner = _load_npy(path, files["example_class_ids"], (int(counts.sum()),), np.int64, opened)
-    ex = _load_npy(path, files["examples"], (len(owner), dim), np.float32, opened)
+    owner = load_npy(path, files["example_class_ids"], (int(counts.sum()),), np.int64, opened)
+    ex = load_npy(path, files["examples"], (len(owner), dim), np.float32, opened)
     fname = path / files["examples"]["name"]
-    if not _all_finite(ex):
+    if not all_finite(ex):
         raise RegistryFormatError(f"{fname}: non-finite example")
     order = np.argsort(owner, kind="stable")  # each class's examples together, in file order
     sorted_owner = owner[order]
@@ -369,7 +369,7 @@ def _load_sources(path: Path, m: dict, opened: dict) -> dict[int, list[ExampleSo
         try:
             if not isinstance(entry.get("sources"), list):
                 raise ValueError(f"class id {cid}: 'sources' must be a list")
-            sources[cid] = _check_sources(entry["sources"], count_of[cid], f"class id {cid}")
+            sources[cid] = check_sources(entry["sources"], count_of[cid], f"class id {cid}")
         except ValueError as e:
             raise RegistryFormatError(f"{bad} ({e})") from None
     return sources

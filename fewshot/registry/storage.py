@@ -11,22 +11,23 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 
 from ..errors import RegistryFormatError, RegistrySaveError
 from ..files import honour_umask, open_regular
-from ..locking import LOCK_FILE, READERS_LOCK_FILE, WriterLock, no_readers
+from .locking import LOCK_FILE, READERS_LOCK_FILE, WriterLock, no_readers
 
 FORMAT_NAME = "fewshot-registry"
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 2**20  # a hostile manifest must not be able to exhaust memory
-_MAX_INT = 2**62  # upper bound for ids, counts and generations read from disk
+MAX_INT = 2**62  # upper bound for ids, counts and generations read from disk
 _DATA_RE = re.compile(r"^(prototypes|index|examples|example_class_ids|provenance|thumbnails|thumbnail_spans)"
                       r"-(\d+)\.(npy|faiss|json)$")
 # Attachments: small named files saved with the registry (e.g. a copy of its head), same checksums.
 _ATTACHMENT_RE = re.compile(r"^(attachment)-(\d+)-([a-z0-9][a-z0-9_.-]{0,63})$")
-_ATTACHMENT_KEY = "attachment:"
+ATTACHMENT_KEY = "attachment:"
 MAX_ATTACHMENT_BYTES = 256 * 2**20
 _TMP_PREFIX, _TMP_SUFFIX = ".fewshot-", ".tmp"
 
@@ -43,11 +44,12 @@ class _HashingWriter:
         return self._f.write(data)
 
 
-def _npy(arr: np.ndarray):
+def npy_writer(arr: np.ndarray) -> Callable[[BinaryIO], None]:
+    """A ``write`` callback for ``write_atomic`` that saves ``arr`` as ``.npy`` (never pickled)."""
     return lambda f: np.save(f, arr, allow_pickle=False)
 
 
-def _write_atomic(directory: Path, name: str, write, written: list) -> dict:
+def write_atomic(directory: Path, name: str, write, written: list) -> dict:
     """Write via a temp file in the same dir, fsync, rename; return {"name", "sha256", "bytes"}."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{_TMP_PREFIX}{name}-", suffix=_TMP_SUFFIX)
     try:
@@ -59,13 +61,14 @@ def _write_atomic(directory: Path, name: str, write, written: list) -> dict:
             os.fsync(f.fileno())
         os.replace(tmp, directory / name)
     except BaseException:
-        _unlink_quietly(Path(tmp))
+        unlink_quietly(Path(tmp))
         raise
     written.append(directory / name)
     return {"name": name, "sha256": hw.sha256.hexdigest(), "bytes": hw.size}
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (renames, new files) to disk."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -73,7 +76,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _unlink_quietly(p: Path) -> None:
+def unlink_quietly(p: Path) -> None:
+    """Remove a file if it is there; a failure is harmless (the manifest decides what is current)."""
     try:
         os.unlink(p)
     except OSError:
@@ -98,7 +102,7 @@ def lock_registry_dir(path: Path) -> WriterLock:
         names = os.listdir(path)
         # Without a manifest, leftovers of a crashed first save are ours; anything else is the user's.
         if (not all(_is_ours(n) for n in names) if MANIFEST not in names
-                else _saved_generation(path) is None):
+                else saved_generation(path) is None):
             raise refuse  # user data, or someone else's manifest.json: never overwrite it
         return WriterLock(path, on_release=(lambda: _remove_unsaved(created)) if created else None)
     except RegistrySaveError:
@@ -131,11 +135,11 @@ def _remove_unsaved(folders: list[Path]) -> None:
         pass
 
 
-def _saved_generation(path: Path) -> int | None:
+def saved_generation(path: Path) -> int | None:
     """The generation of the registry saved at path (0: none), or None if its manifest.json is not
     a fewshot registry's."""
     try:
-        old = json.loads(_read_bounded(path / MANIFEST, MAX_MANIFEST_BYTES))
+        old = json.loads(read_bounded(path / MANIFEST, MAX_MANIFEST_BYTES))
     except FileNotFoundError:
         return 0
     except (ValueError, RecursionError):
@@ -143,17 +147,18 @@ def _saved_generation(path: Path) -> int | None:
     if not isinstance(old, dict) or old.get("format") != FORMAT_NAME:
         return None
     gen = old.get("generation")
-    return gen if isinstance(gen, int) and not isinstance(gen, bool) and 0 <= gen < _MAX_INT else 0
+    return gen if isinstance(gen, int) and not isinstance(gen, bool) and 0 <= gen < MAX_INT else 0
 
 
-def _same_dir(a: Path, b: Path) -> bool:
+def same_dir(a: Path, b: Path) -> bool:
+    """Whether two paths are the same directory (False if either cannot be reached)."""
     try:
         return os.path.samefile(a, b)
     except OSError:
         return False
 
 
-def _remove_other_generations(path: Path, gen: int) -> None:
+def remove_other_generations(path: Path, gen: int) -> None:
     """Delete the files of older generations, unless a reader may still be opening them (then a later
     save deletes them)."""
     try:
@@ -164,12 +169,12 @@ def _remove_other_generations(path: Path, gen: int) -> None:
                 m = _DATA_RE.match(name) or _ATTACHMENT_RE.match(name)
                 if (m and int(m.group(2)) != gen) or (not m and _is_ours(name)
                                                       and name not in (LOCK_FILE, READERS_LOCK_FILE)):
-                    _unlink_quietly(path / name)
+                    unlink_quietly(path / name)
     except (OSError, RegistryFormatError):
         return  # best effort: leftovers are harmless, the manifest decides what is current
 
 
-def _npy_chunks(shape: tuple, dtype, chunks):
+def npy_chunks(shape: tuple, dtype, chunks):
     """Write an .npy file from row chunks (no full-size temporary)."""
     def write(f):
         np.lib.format.write_array_header_1_0(
@@ -187,7 +192,8 @@ def _open_regular(fpath: Path):
     return f
 
 
-def _read_bounded(fpath: Path, limit: int) -> bytes:
+def read_bounded(fpath: Path, limit: int) -> bytes:
+    """The bytes of a regular file, refusing (RegistryFormatError) one larger than ``limit``."""
     with _open_regular(fpath) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
@@ -196,11 +202,11 @@ def _read_bounded(fpath: Path, limit: int) -> bytes:
 _READ_CHUNK = 64 * 2**20
 
 
-def _open_generation(path: Path, m: dict) -> dict:
+def open_generation(path: Path, m: dict) -> dict:
     """{file name: open file} for every data file the manifest ``m`` names."""
     keys = (("prototypes", "index") + (("examples", "example_class_ids") if m["store_examples"] else ())
             + tuple(k for k in ("provenance", "thumbnails", "thumbnail_spans") if k in m["files"])
-            + tuple(k for k in m["files"] if k.startswith(_ATTACHMENT_KEY)))
+            + tuple(k for k in m["files"] if k.startswith(ATTACHMENT_KEY)))
     opened: dict = {}
     try:
         for key in keys:
@@ -259,7 +265,8 @@ def read_verified_into(path: Path, entry: dict, split, opened: dict) -> list[np.
     return buffers
 
 
-def _checked_attachments(attachments) -> dict[str, bytes]:
+def checked_attachments(attachments) -> dict[str, bytes]:
+    """``attachments`` (name -> bytes) if every name and size is allowed, else ValueError."""
     if not isinstance(attachments, dict):
         raise ValueError("attachments must be a dict of name -> bytes")
     for name, data in attachments.items():
@@ -270,12 +277,13 @@ def _checked_attachments(attachments) -> dict[str, bytes]:
     return attachments
 
 
-def _load_attachments(path: Path, m: dict, opened: dict) -> dict[str, bytes]:
+def load_attachments(path: Path, m: dict, opened: dict) -> dict[str, bytes]:
+    """The attachments a manifest lists, each verified against its size and sha256."""
     out = {}
     for key, entry in m["files"].items():
-        if not key.startswith(_ATTACHMENT_KEY):
+        if not key.startswith(ATTACHMENT_KEY):
             continue
-        name = key[len(_ATTACHMENT_KEY):]
+        name = key[len(ATTACHMENT_KEY):]
         if not _ATTACHMENT_RE.match(f"attachment-0-{name}") or entry["bytes"] > MAX_ATTACHMENT_BYTES:
             raise RegistryFormatError(f"{path / MANIFEST}: bad attachment {name!r}")
         out[name] = read_verified_into(path, entry, lambda size: [np.empty(size, np.uint8)],
@@ -283,7 +291,7 @@ def _load_attachments(path: Path, m: dict, opened: dict) -> dict[str, bytes]:
     return out
 
 
-def _load_npy(path: Path, entry: dict, shape: tuple, dtype, opened: dict) -> np.ndarray:
+def load_npy(path: Path, entry: dict, shape: tuple, dtype, opened: dict) -> np.ndarray:
     """The array of an .npy file, read straight into its final (owned, writable) array."""
     fpath = path / entry["name"]
     dtype = np.dtype(dtype)

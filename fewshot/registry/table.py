@@ -13,12 +13,12 @@ import faiss
 import numpy as np
 
 from ..errors import DuplicateClassError, UnknownClassError
-from ..locking import WriterLock
-from .index import AUTO, AUTO_FLAT_FLOATS, MIN_AUTO_THRESHOLD, IndexedSearch, _kind
+from .locking import WriterLock
+from .index import AUTO, AUTO_FLAT_FLOATS, MIN_AUTO_THRESHOLD, IndexedSearch, index_kind
 from ..checks import check_int
-from .labels import UNRECORDED, ExampleSource, _check_sources, _json_copy, check_label, check_thumbnail
+from .labels import UNRECORDED, ExampleSource, check_sources, json_copy, check_label, check_thumbnail
 from .persistence import Persistence
-from .vectors import MAX_DIM, METRICS, _as_matrix, _chunk_rows, _divide_rows, _grown, _normalise, _norms
+from .vectors import MAX_DIM, METRICS, as_matrix, chunk_rows, divide_rows, grown_array, normalise_rows, row_norms
 
 
 def _saved(method):
@@ -85,10 +85,10 @@ class Registry(IndexedSearch, Persistence):
                 raise ValueError(f"auto_threshold applies only to index='auto', not to {index!r}")
             self._threshold = None
             try:  # fail now on a bad factory string, not at the first search
-                self._param_kind = _kind(faiss.index_factory(self._dim, index, self._faiss_metric))
+                self._param_kind = index_kind(faiss.index_factory(self._dim, index, self._faiss_metric))
             except (RuntimeError, TypeError, MemoryError) as e:  # MemoryError: e.g. IVF999999999
                 raise ValueError(f"invalid FAISS index factory string {index!r}: {e or 'out of memory'}") from None
-        self._fingerprint = _json_copy(fingerprint or {}, "fingerprint")
+        self._fingerprint = json_copy(fingerprint or {}, "fingerprint")
         self._store_examples = bool(store_examples)
         self.metadata = copy.deepcopy(metadata) if metadata is not None else {}
         # name -> bytes, saved beside the data with its checksum; names match _ATTACHMENT_RE's last group
@@ -180,10 +180,10 @@ class Registry(IndexedSearch, Persistence):
         need = top + n - len(reuse)
         if need > len(self._means):
             cap = max(need, 64, len(self._means) + len(self._means) // (2 if len(self._means) < 2**16 else 8))
-            self._means = _grown(self._means, cap)
-            self._counts = _grown(self._counts, cap)
-            self._norm = _grown(self._norm, cap)
-            self._ids = _grown(self._ids, cap)
+            self._means = grown_array(self._means, cap)
+            self._counts = grown_array(self._counts, cap)
+            self._norm = grown_array(self._norm, cap)
+            self._ids = grown_array(self._ids, cap)
         return np.concatenate([np.array(reuse[::-1], np.int64), np.arange(top, need, dtype=np.int64)])
 
     def _commit_rows(self, rows: np.ndarray, labels: list[str], means: np.ndarray | None,
@@ -195,7 +195,7 @@ class Registry(IndexedSearch, Persistence):
         self._labels.extend([None] * (int(rows.max()) + 1 - len(self._labels) if n else 0))
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         if self._next_id + n > len(self._row_of_id):
-            self._row_of_id = _grown(self._row_of_id, max(self._next_id + n, 2 * len(self._row_of_id)), fill=-1)
+            self._row_of_id = grown_array(self._row_of_id, max(self._next_id + n, 2 * len(self._row_of_id)), fill=-1)
         if means is not None:
             self._means[rows] = means
         self._update_norms(rows)
@@ -211,16 +211,16 @@ class Registry(IndexedSearch, Persistence):
                 self._examples[cid] = [raw_examples[i]]
 
     def _update_norms(self, rows: np.ndarray) -> None:
-        step = _chunk_rows(self._dim)
+        step = chunk_rows(self._dim)
         for a in range(0, len(rows), step):
-            self._norm[rows[a:a + step]] = _norms(self._means[rows[a:a + step]])
+            self._norm[rows[a:a + step]] = row_norms(self._means[rows[a:a + step]])
 
     # -- mutation
     def _prepare(self, label, vectors):
         """Validate everything before touching state, so a bad call changes nothing."""
         check_label(label)
-        raw = _as_matrix(vectors, self._dim, f"class {label!r}")
-        unit = _normalise(raw, f"class {label!r}") if self._metric == "cosine" else raw
+        raw = as_matrix(vectors, self._dim, f"class {label!r}")
+        unit = normalise_rows(raw, f"class {label!r}") if self._metric == "cosine" else raw
         return raw, unit
 
     @_saved
@@ -238,7 +238,7 @@ class Registry(IndexedSearch, Persistence):
     def add_class(self, label: str, vectors, *, sources=None) -> None:
         label = check_label(label)
         raw, x = self._prepare(label, vectors)
-        sources = _check_sources(sources, len(raw), f"class {label!r}")
+        sources = check_sources(sources, len(raw), f"class {label!r}")
         with self._lock:
             if label in self._row_of:
                 raise DuplicateClassError(f"class {label!r} already exists; use add_examples to "
@@ -262,7 +262,7 @@ class Registry(IndexedSearch, Persistence):
         if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
             raise ValueError("labels must be a list of class labels, one per row of vectors")
         labels = [check_label(label) for label in labels]
-        x = _as_matrix(vectors, self._dim, "add_many", copy=False)
+        x = as_matrix(vectors, self._dim, "add_many", copy=False)
         if len(x) != len(labels):
             raise ValueError(f"add_many: {len(labels)} labels but {len(x)} vectors; give one vector per label")
         if len(set(labels)) != len(labels):
@@ -275,7 +275,7 @@ class Registry(IndexedSearch, Persistence):
             raise DuplicateClassError(f"add_many: label {dup!r} is given more than once")
         norms = None
         if self._metric == "cosine":
-            norms = _norms(x)
+            norms = row_norms(x)
             if (norms == 0).any():
                 bad = labels[int(np.flatnonzero(norms == 0)[0])]
                 raise ValueError(f"class {bad!r}: a zero vector has no direction, so cosine similarity "
@@ -290,11 +290,11 @@ class Registry(IndexedSearch, Persistence):
             if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (len(rows) == 1 or (np.diff(rows) == 1).all()):
                 dest = self._means[rows[0]:rows[-1] + 1]
                 if norms is not None:
-                    _divide_rows(x, norms, out=dest)
+                    divide_rows(x, norms, out=dest)
                 else:
                     dest[...] = x
             else:
-                self._means[rows] = _divide_rows(x, norms) if norms is not None else x
+                self._means[rows] = divide_rows(x, norms) if norms is not None else x
             raw = None
             if self._store_examples:
                 raw = np.array(x, dtype=np.float32)  # private copy of the raw vectors, one view per class
@@ -306,7 +306,7 @@ class Registry(IndexedSearch, Persistence):
     def add_examples(self, label: str, vectors, *, sources=None) -> None:
         label = check_label(label)
         raw, x = self._prepare(label, vectors)
-        sources = _check_sources(sources, len(raw), f"class {label!r}")
+        sources = check_sources(sources, len(raw), f"class {label!r}")
         with self._lock:
             row = self._get(label)
             self._record_sources(int(self._ids[row]), int(self._counts[row]), len(raw), sources)
@@ -402,7 +402,7 @@ class Registry(IndexedSearch, Persistence):
             means = self._means[rows[0]:rows[-1] + 1]  # a view: no copy for l2
         else:
             means = self._means[rows]
-        return _divide_rows(means, self._norm[rows]) if self._metric == "cosine" else means
+        return divide_rows(means, self._norm[rows]) if self._metric == "cosine" else means
 
     def prototypes(self, labels: list[str] | None = None) -> tuple[list[str], np.ndarray]:
         """(labels, (C, dim) float32 copy of the searched prototypes), in class order, or of ``labels``."""
@@ -412,7 +412,7 @@ class Registry(IndexedSearch, Persistence):
             else:
                 labels, rows = list(labels), np.array([self._get(label) for label in labels], np.int64)
             out = np.empty((len(rows), self._dim), np.float32)
-            step = _chunk_rows(self._dim)
+            step = chunk_rows(self._dim)
             for a in range(0, len(rows), step):
                 out[a:a + step] = self._searched(rows[a:a + step])
         return labels, out
@@ -462,10 +462,10 @@ class Registry(IndexedSearch, Persistence):
         (label, its ExampleSource, score: cosine, or negative squared L2). Needs store_examples."""
         if not self._store_examples:
             raise ValueError("this registry does not store examples; create it with store_examples=True")
-        q = _as_matrix(query, self._dim, "query")
+        q = as_matrix(query, self._dim, "query")
         if len(q) != 1:
             raise ValueError(f"query: expected one vector, got {len(q)}")
-        q = _normalise(q, "query")[0] if self._metric == "cosine" else q[0]
+        q = normalise_rows(q, "query")[0] if self._metric == "cosine" else q[0]
         found: list[tuple[str, ExampleSource, float]] = []
         with self._lock:
             for label in dict.fromkeys(labels):

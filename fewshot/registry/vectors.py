@@ -7,20 +7,21 @@ import numpy as np
 
 METRICS = ("cosine", "l2")  # "l2" = squared Euclidean
 MAX_DIM = 65536
-_CHUNK_FLOATS = 2**22  # rows are normalised / copied in chunks of about 16 MiB of float32
+CHUNK_FLOATS = 2**22  # rows are normalised / copied in chunks of about 16 MiB of float32
 
 
-def _chunk_rows(dim: int) -> int:
-    return max(1, _CHUNK_FLOATS // max(1, dim))
+def chunk_rows(dim: int) -> int:
+    """Rows per chunk of ``dim``-dimensional float32 work, so temporaries stay bounded."""
+    return max(1, CHUNK_FLOATS // max(1, dim))
 
 
-def _all_finite(arr: np.ndarray) -> bool:
+def all_finite(arr: np.ndarray) -> bool:
     """np.isfinite(arr).all() without a full-size boolean temporary."""
-    step = _chunk_rows(arr.shape[1]) if arr.ndim == 2 else len(arr) or 1
+    step = chunk_rows(arr.shape[1]) if arr.ndim == 2 else len(arr) or 1
     return all(np.isfinite(arr[a:a + step]).all() for a in range(0, len(arr), step))
 
 
-def _as_matrix(vectors, dim: int, what: str, *, copy: bool = True) -> np.ndarray:
+def as_matrix(vectors, dim: int, what: str, *, copy: bool = True) -> np.ndarray:
     """Return a C-contiguous (n, dim) float32 array (a fresh copy unless copy=False and the input
     already is one), or raise ValueError naming `what`."""
     try:
@@ -35,29 +36,30 @@ def _as_matrix(vectors, dim: int, what: str, *, copy: bool = True) -> np.ndarray
     if arr.shape[1] != dim:
         raise ValueError(f"{what}: expected dim {dim}, got {arr.shape[1]}; "
                          "vectors must come from the same encoder")
-    if not _all_finite(arr):
+    if not all_finite(arr):
         raise ValueError(f"{what}: vectors contain NaN or infinity")
     return np.ascontiguousarray(arr)
 
 
-def _norms(x: np.ndarray) -> np.ndarray:
+def row_norms(x: np.ndarray) -> np.ndarray:
     """Row norms in float64, chunked (no full-size float64 copy)."""
-    step = _chunk_rows(x.shape[1])
+    step = chunk_rows(x.shape[1])
     return np.concatenate([np.linalg.norm(x[a:a + step].astype(np.float64), axis=1)
                            for a in range(0, len(x), step)]) if len(x) else np.zeros(0)
 
 
-def _normalise(x: np.ndarray, what: str) -> np.ndarray:
-    norms = _norms(x)
+def normalise_rows(x: np.ndarray, what: str) -> np.ndarray:
+    """Unit-length rows (cosine); a zero row raises ValueError naming ``what``."""
+    norms = row_norms(x)
     if (norms == 0).any():
         raise ValueError(f"{what}: a zero vector has no direction, so cosine similarity is undefined")
-    return _divide_rows(x, norms)
+    return divide_rows(x, norms)
 
 
-def _divide_rows(x: np.ndarray, norms: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def divide_rows(x: np.ndarray, norms: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32(x / norms) computed in float64, chunked; rows with norm 0 become zeros."""
     out = np.empty(x.shape, np.float32) if out is None else out
-    step = _chunk_rows(x.shape[1])
+    step = chunk_rows(x.shape[1])
     for a in range(0, len(x), step):
         n = norms[a:a + step, None]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -65,7 +67,7 @@ def _divide_rows(x: np.ndarray, norms: np.ndarray, out: np.ndarray | None = None
     return out
 
 
-def _grown(arr: np.ndarray, cap: int, fill=0) -> np.ndarray:
+def grown_array(arr: np.ndarray, cap: int, fill=0) -> np.ndarray:
     """arr with room for cap rows. In place where numpy can (realloc: large blocks are moved by the
     OS, not copied, so growing a 5 GB array does not need 10 GB); the registry never lets views of
     its arrays escape its lock, which is what makes ``refcheck=False`` safe here."""

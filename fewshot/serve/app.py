@@ -25,8 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import (DuplicateClassError, FewShotError, RegistryLockedError, RegistrySaveError,
                       UnknownClassError)
-from ..images import NamedBytes
-from ..openset import Calibration
+from ..embedding.images import NamedBytes
+from ..registry.calibration import Calibration
 from .security import ApiKeyGuard, UploadLimits
 from .service import MAX_TOP_K, Service, TooManyPixels
 from .telemetry import CONTENT_TYPE, Telemetry
@@ -45,7 +45,7 @@ class ServeSettings:
     max_total_upload_mb: float = 200.0
     max_batch: int = 16
     batch_window_ms: float = 5.0
-    compile: str | None = "torchscript"  # the encoder's network (see fewshot.encoders.COMPILE_MODES)
+    compile: str | None = "torchscript"  # the encoder's network (see fewshot.embedding.encoders.COMPILE_MODES)
     cors_origins: list[str] = field(default_factory=list)
     max_image_mp: float = 40.0  # megapixels one image may decode to (JPEGs decode at reduced size)
     max_request_mp: float = 160.0  # megapixels all images of one request may decode to

@@ -15,9 +15,9 @@ import numpy as np
 
 from ..classifier import FewShotClassifier, Prediction, RegisterReport
 from ..errors import ImageError
-from ..images import NamedBytes, decoded_size
-from ..openset import Calibration
-from ..thumbnails import make_thumbnail
+from ..embedding.images import NamedBytes, decoded_size
+from ..registry.calibration import Calibration
+from ..registry.thumbnails import make_thumbnail
 from .batching import Batcher
 from .telemetry import Telemetry
 
