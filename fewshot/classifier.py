@@ -446,6 +446,14 @@ class FewShotClassifier:
         self.close()
 
     @classmethod
+    def over_registry(cls, registry: Registry) -> "FewShotClassifier":
+        """A classifier over an open registry for work on its classes alone (doctor, remove, rename): nothing here
+        creates an encoder, so it never loads a network."""
+        classifier = cls(metric=registry.metric, index=registry.index_factory, store_examples=registry.store_examples)
+        classifier._registry = registry
+        return classifier
+
+    @classmethod
     def load(cls, path: str | os.PathLike, *, encoder: str | Encoder | None = None,
              weights: str | os.PathLike | None = None, head: str | os.PathLike | Head | None = None,
              **options) -> "FewShotClassifier":

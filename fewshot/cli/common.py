@@ -187,9 +187,7 @@ def load_classifier(args, need_encoder: bool = True):
 
     require_registry(args.registry, args.command)
     if not need_encoder:  # listing, removing and renaming never run the network
-        classifier = FewShotClassifier()
-        classifier._registry = Registry.load(args.registry)
-        return classifier
+        return FewShotClassifier.over_registry(Registry.load(args.registry))
     return FewShotClassifier.load(args.registry, encoder=getattr(args, "encoder", None),
                                   weights=getattr(args, "weights", None), head=getattr(args, "head", None),
                                   cache=not args.no_cache)
