@@ -6,8 +6,9 @@ and keep the classes in a persistent FAISS-backed registry.
 
 __version__ = "0.1.0"
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 # Public name -> the submodule that defines it (by stage: embedding, registry, data, evaluation, learning).
 # Submodules are imported on first use (PEP 562), so `import fewshot` and the commands that never run a model
@@ -87,17 +88,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fewshot' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports

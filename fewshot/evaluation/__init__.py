@@ -6,8 +6,9 @@ error), ``sweep`` (accuracy against shots on a folder), ``compare`` (rank encode
 Imports embedding, data and registry (the unknown calibration); heads come in as objects, never imported.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 # Public name -> the module defining it, imported on first use (PEP 562): importing one module of this
 # stage does not import the others (nor torch, where they need it).
@@ -34,17 +35,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
