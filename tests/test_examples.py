@@ -155,8 +155,9 @@ def test_onnx_predict_answers_as_fewshot_predict_on_known_and_unknown_images(exp
             "print('MODULES', 'torch' in sys.modules, sorted(m for m in sys.modules if m.startswith('fewshot')))")
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert probe.stdout.strip().splitlines()[-1] == (
-        "MODULES False ['fewshot', 'fewshot.embedding', 'fewshot.embedding.images', 'fewshot.errors', 'fewshot.files']"
-    ), probe.stderr  # fewshot.embedding: the stage's lazy __init__, which imports nothing
+        "MODULES False ['fewshot', 'fewshot.embedding', 'fewshot.embedding.images', 'fewshot.errors', 'fewshot.files', "
+        "'fewshot.lazy']"
+    ), probe.stderr  # fewshot.embedding: the stage's lazy __init__ (with fewshot.lazy), which imports nothing else
 
 
 def test_onnx_predict_reads_only_what_bundle_json_lists(exported, tmp_path):
