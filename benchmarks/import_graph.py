@@ -1,8 +1,9 @@
 """The package's module import graph: floors (longest import chain below each module), cycles, private imports.
 
-Every ``import`` statement counts, also those inside functions (a lazy import still ties the modules together),
-except those under ``if TYPE_CHECKING:``. Run: ``python benchmarks/import_graph.py [package_dir]``; the same graph
-backs ``tests/test_architecture.py``.
+Every ``import`` statement counts, also those inside functions (a lazy import still ties the modules together)
+and those under ``if TYPE_CHECKING:`` (an annotation still does), except in a package ``__init__``, whose
+``TYPE_CHECKING`` block only mirrors its lazy re-exports.
+Run: ``python benchmarks/import_graph.py [package_dir]``; the same graph backs ``tests/test_architecture.py``.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(tree: ast.AST):
-    """Import nodes of ``tree`` at any depth, skipping ``if TYPE_CHECKING:`` blocks."""
+def _imports(tree: ast.AST, *, type_checking: bool = True):
+    """Import nodes of ``tree`` at any depth; ``type_checking=False`` skips ``if TYPE_CHECKING:`` blocks."""
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
+        if not type_checking and isinstance(node, ast.If) and _is_type_checking(node):
             stack.extend(node.orelse)
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -56,7 +57,9 @@ def import_edges(modules: dict[str, tuple[Path, ast.Module]]):
     top = min(modules, key=len)
     for name, (path, tree) in modules.items():
         is_pkg = path.name == "__init__.py"
-        for node in _imports(tree):
+        # A package __init__'s TYPE_CHECKING block only mirrors its lazy re-exports for IDEs; elsewhere an
+        # annotation-only import still ties two modules together, so it counts.
+        for node in _imports(tree, type_checking=not is_pkg):
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name == top or alias.name.startswith(top + "."):

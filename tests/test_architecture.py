@@ -2,8 +2,9 @@
 no module over 600 lines.
 
 The import graph comes from every module's AST (benchmarks/import_graph.py, which prints it): imports inside
-functions count (a lazy import still ties two modules together), ``if TYPE_CHECKING:`` imports do not (they never
-run), and importing ``a.b.c`` counts as importing the packages ``a.b`` too (their ``__init__`` runs first).
+functions count (a lazy import still ties two modules together), so do ``if TYPE_CHECKING:`` imports (an annotation
+still does) except in a package ``__init__``, where they only mirror its lazy re-exports, and importing ``a.b.c``
+counts as importing the packages ``a.b`` too (their ``__init__`` runs first).
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def test_a_planted_cycle_and_private_import_are_caught(tmp_path):
     planted = import_graph.parse_package(pkg)
     assert import_graph.cycles(import_graph.graph(planted)) == [["pkg.a", "pkg.sub.b"]]
     assert import_graph.private_imports(planted) == ["pkg.sub.b:1: pkg.a._helper"]
+
+
+def test_an_annotation_only_import_ties_modules_except_in_a_package_init(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from .a import A\n")
+    (pkg / "a.py").write_text("from .b import g\n\nclass A:\n    pass\n")
+    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from .a import A\n\n"
+                              "def g(a: A):\n    pass\n")
+    planted = import_graph.graph(import_graph.parse_package(pkg))
+    assert import_graph.cycles(planted) == [["pkg.a", "pkg.b"]]
+    assert planted["pkg"] == set()
 
 
 def test_every_package_import_resolves(modules):

@@ -14,7 +14,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 import scipy.sparse
@@ -23,9 +23,22 @@ from tqdm.auto import tqdm
 
 from ..data.episodes import EpisodeBatch
 
-if TYPE_CHECKING:  # annotations only: heads come in as objects, evaluation never imports learning
+if TYPE_CHECKING:
     from ..embedding.model import Encoder
-    from ..learning.heads import Head
+
+
+class EvaluatedHead(Protocol):
+    """What evaluation uses of a head. Heads come in as objects (fewshot.learning's heads are such), so evaluation
+    never imports learning, which validates its training with evaluation."""
+
+    name: str
+    metric: str
+    adapts: bool  # adapts per support set (MAML/ANIL): scored episode by episode with episode_logits
+
+    @property
+    def fingerprint(self) -> dict: ...
+
+    def transform(self, features: np.ndarray) -> np.ndarray: ...
 
 # Bound the floats gathered per chunk of episodes (~128 MB of float32), whatever the episode size.
 _CHUNK_FLOATS = 32_000_000
@@ -356,7 +369,7 @@ def plot_confusion(confusion, class_names: list[str], path: str | Path, max_clas
     return Path(path)
 
 
-def provenance(encoder: Encoder, head: Head | None, dataset: str, protocol: dict | None = None) -> dict:
+def provenance(encoder: Encoder, head: EvaluatedHead | None, dataset: str, protocol: dict | None = None) -> dict:
     """What an evaluation ran on, for result.json: encoder fingerprint, head, dataset and protocol."""
     return {"encoder": encoder.fingerprint, "head": None if head is None else
             {"name": head.name, "fingerprint": head.fingerprint}, "dataset": dataset, "protocol": protocol}

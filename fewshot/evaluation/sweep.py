@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -24,12 +23,10 @@ from ..embedding.cache import EmbeddingCache
 from ..data.datasets import ImageDataset, embed_dataset
 from ..embedding.encoders import Encoder
 from ..data.protocols import Protocol
-from .evaluate import evaluate_episodes, provenance
+from .evaluate import EvaluatedHead, evaluate_episodes, provenance
 from ..registry.calibration import DEFAULT_TARGET_TPR, check_target
 from .openset import evaluate_open_set
 
-if TYPE_CHECKING:  # annotations only: heads come in as objects, evaluation never imports learning
-    from ..learning.heads import Head
 
 DEFAULT_SHOTS = (1, 2, 5, 10)
 _OPEN_SET_COLUMNS = ("auroc", "known_kept", "unknown_accepted")  # open-set metrics a row reports
@@ -103,7 +100,7 @@ class SweepResult:
 
 def shots_sweep(dataset: ImageDataset, encoder: Encoder, *, ways: int = 5, shots: Sequence[int] = DEFAULT_SHOTS,
                 queries: int = 5, unknown_ways: int = 0, episodes: int = 600, seed: int = 0,
-                head: Head | None = None, target_tpr: float = DEFAULT_TARGET_TPR,
+                head: EvaluatedHead | None = None, target_tpr: float = DEFAULT_TARGET_TPR,
                 cache: EmbeddingCache | None = None, progress: bool | None = None) -> SweepResult:
     """Evaluate ``dataset`` (class per folder) at each shot count in ``shots``, embedding it once.
 
@@ -172,7 +169,7 @@ def _classes_with(counts: np.ndarray, images: int) -> int:
 
 
 def _evaluate_row(features: np.ndarray, dataset: ImageDataset, protocol: Protocol, classes: int,
-                  head: Head | None, target_tpr: float) -> SweepRow:
+                  head: EvaluatedHead | None, target_tpr: float) -> SweepRow:
     open_set = None
     with warnings.catch_warnings():  # classes too small for this shot count: the row's "classes" says so
         warnings.filterwarnings("ignore", message=".*are never sampled")

@@ -9,7 +9,6 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -18,9 +17,6 @@ from ..errors import RegistryFormatError
 from ..checks import check_int
 from .storage import MANIFEST, read_verified_into
 from .vectors import CHUNK_FLOATS, as_matrix, chunk_rows, normalise_rows
-
-if TYPE_CHECKING:
-    from .table import Registry
 
 
 # -- index="auto"
@@ -210,7 +206,7 @@ def _index_ids(index) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def load_index(path: Path, m: dict, reg: Registry, opened: dict):
+def load_index(path: Path, m: dict, reg: IndexedSearch, opened: dict):
     """The saved FAISS index a manifest lists, verified, deserialised and checked against ``reg``."""
     fpath = path / m["files"]["index"]["name"]
     (data,) = read_verified_into(path, m["files"]["index"], lambda size: [np.empty(size, np.uint8)], opened)
@@ -229,7 +225,7 @@ def load_index(path: Path, m: dict, reg: Registry, opened: dict):
     return index
 
 
-def auto_outdated(reg: Registry) -> bool:
+def auto_outdated(reg: IndexedSearch) -> bool:
     """Whether a loaded "auto" index is of an older scheme than "auto" builds today (e.g. inverted
     lists of 8-dimension codes, saved before the full-scan codes): the next search rebuilds it
     rather than keep its lower recall."""
@@ -238,7 +234,7 @@ def auto_outdated(reg: Registry) -> bool:
     return _auto_scheme(reg._in_use) != _auto_scheme(_auto_factory(len(reg), reg._dim, reg._threshold))
 
 
-def check_flat_vectors(fpath: Path, reg: Registry) -> None:
+def check_flat_vectors(fpath: Path, reg: IndexedSearch) -> None:
     """A flat index scores queries with its own copies of the prototypes: they must be exactly the
     prototypes, or a query would get the wrong class at a perfect score (an index out of step with
     its metadata, mem0#7117). Approximate indexes need no check: their candidates are re-scored
@@ -262,7 +258,7 @@ def _same_type(a, b) -> bool:
     return type(a) is type(b) or (isinstance(a, faiss.IndexFlat) and isinstance(b, faiss.IndexFlat))
 
 
-def read_index_in_use(mpath: Path, m: dict, reg: Registry) -> tuple[str, bool]:
+def read_index_in_use(mpath: Path, m: dict, reg: IndexedSearch) -> tuple[str, bool]:
     """(factory string of the loaded index, whether it is a flat stand-in for an untrainable one),
     after checking that the index file is of the kind the manifest says."""
     loaded = _inner(reg._index)

@@ -7,7 +7,7 @@ import contextlib
 import errno
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import faiss
 import numpy as np
@@ -24,8 +24,8 @@ from .storage import (
 )
 from .vectors import all_finite, chunk_rows, row_norms
 
-if TYPE_CHECKING:
-    from .table import Registry
+# The class these methods build and return: Registry, which mixes them in (this module does not import it).
+RegistryT = TypeVar("RegistryT", bound="Persistence")
 
 
 _LOAD_ATTEMPTS = 10  # reads racing a writer's saves retry this often before giving up
@@ -36,7 +36,7 @@ class Persistence:
 
     # -- bound mode: every change saved before it returns
     @classmethod
-    def open(cls, path, dim: int | None = None, **options) -> "Registry":
+    def open(cls: type[RegistryT], path, dim: int | None = None, **options) -> RegistryT:
         """Open the registry at directory ``path`` for writing, creating it if there is none yet
         (``dim`` and ``options`` as for ``Registry(...)``; an existing registry is loaded as saved, and
         ``dim``, ``metric`` and ``fingerprint``, if given, must match it).
@@ -88,7 +88,7 @@ class Persistence:
                 self._writer_lock.release()
             self._path, self._writer_lock = None, None
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self: RegistryT) -> RegistryT:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -226,7 +226,7 @@ class Persistence:
         return files
 
     @classmethod
-    def load(cls, path, *, expected_fingerprint: dict | None = None) -> "Registry":
+    def load(cls: type[RegistryT], path, *, expected_fingerprint: dict | None = None) -> RegistryT:
         """Read the registry saved at directory ``path`` (a save in progress is not seen, and no writer
         deletes the files of the generation being read). Every file is checked (size, sha256, the
         manifest's own checksum, shapes, ids) before it is parsed; any problem raises
@@ -264,7 +264,7 @@ class Persistence:
         return dict(zip(m["_labels"], m["_counts"].tolist()))
 
     @classmethod
-    def _from_manifest(cls, path: Path, m: dict, opened: dict) -> "Registry":
+    def _from_manifest(cls: type[RegistryT], path: Path, m: dict, opened: dict) -> RegistryT:
         mpath = path / MANIFEST
         try:
             reg = cls(m["dim"], metric=m["metric"], index=m["index_factory"], fingerprint=m["fingerprint"],
@@ -327,7 +327,7 @@ def _load_thumbnails(path: Path, m: dict, labels: list[str], opened: dict) -> di
     return {label: blob[a:a + n].tobytes() for label, (a, n) in zip(labels, spans.tolist()) if n}
 
 
-def _load_examples(path: Path, m: dict, reg: Registry, opened: dict) -> None:
+def _load_examples(path: Path, m: dict, reg: Persistence, opened: dict) -> None:
     files, dim = m["files"], reg.dim
     counts, ids = m["_counts"], m["_ids"]
     owner = load_npy(path, files["example_class_ids"], (int(counts.sum()),), np.int64, opened)
