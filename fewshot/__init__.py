@@ -85,6 +85,9 @@ _EXPORTS = {
     # learning (train)
     "TrainResult": "learning.train",
     "train_head": "learning.train",
+    # learning (adapting to a domain)
+    "AdaptResult": "learning.adapt",
+    "adapt": "learning.adapt",
 }
 
 
@@ -122,8 +125,10 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .registry import ExampleSource, Registry, SearchResult
     from .evaluation.sweep import SweepResult, shots_sweep
     from .learning.train import TrainResult, train_head
+    from .learning.adapt import AdaptResult, adapt
 
 __all__ = [
+    "AdaptResult",
     "DEFAULT_ENCODER",
     "DuplicateClassError",
     "EmbeddingCache",
@@ -159,6 +164,7 @@ __all__ = [
     "UnknownClassError",
     "WeightsError",
     "__version__",
+    "adapt",
     "available_heads",
     "calibrate",
     "create_encoder",

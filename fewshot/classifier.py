@@ -27,7 +27,7 @@ from .data.datasets import class_folders
 from .learning.heads import Head, load_head, save_head
 from .embedding.images import expand_inputs
 from .registry.hygiene import Finding, diagnose, duplicate_images, likely_mislabelled, near_duplicate_classes
-from .registry.calibration import Calibration, calibrate, current_calibration
+from .registry.calibration import PRIOR_KEY, Calibration, calibrate, check_prior, current_calibration
 from .registry import MANIFEST, MAX_SOURCE_LEN, ExampleSource, Registry, check_label, check_thumbnail, lock_registry_dir
 from .embedding.views import SUPPORT_VIEWS, average_views, check_support_views, embed_flipped
 from .predictions import DEFAULT_TEMPERATURE as DEFAULT_TEMPERATURE
@@ -124,6 +124,8 @@ class FewShotClassifier:
             metric = head.metric if head is not None else self.metric
             self._registry = Registry(dim, metric=metric, index=self.index, fingerprint=self.fingerprint_,
                                       store_examples=self.store_examples)
+            if head is not None and PRIOR_KEY in head.metadata:  # an adapted model's own 1-shot prior
+                self._registry.metadata[PRIOR_KEY] = [list(row) for row in check_prior(head.metadata[PRIOR_KEY])]
         return self._registry
 
     def _embedding_cache(self) -> EmbeddingCache | None:

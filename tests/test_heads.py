@@ -98,6 +98,32 @@ def test_identity_head_centres_on_the_base_mean_then_normalises():
     np.testing.assert_allclose(plain, [[0.6, 0.8]], atol=1e-6)
 
 
+# ---------------------------------------------------------------- whitening (domain statistics)
+
+def test_whitening_head_equalises_the_domain_variance_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    scales = np.array([4.0, 2.0, 1.0, 0.5])
+    domain = rng.normal(size=(2000, 4)) * scales + 3.0
+    head = create_head("whitening", 4, shrinkage=0.001)
+    head.fit(domain)
+    np.testing.assert_allclose(head.mean.numpy(), domain.mean(axis=0), rtol=1e-5)
+    white = (domain - domain.mean(axis=0)) @ head.matrix.numpy().astype(np.float64)
+    spread = white.std(axis=0)
+    assert spread.max() / spread.min() < 1.1  # every direction weighs alike (before the unit-length step)
+    centring_only = create_head("whitening", 4, shrinkage=1.0)
+    centring_only.fit(domain)
+    identity = create_head("identity", 4)
+    identity.fit(domain)
+    np.testing.assert_allclose(centring_only.transform(domain[:5]), identity.transform(domain[:5]), atol=1e-5)
+    saved = load_head(save_head(head, tmp_path / "w"))
+    np.testing.assert_array_equal(saved.transform(domain[:5]), head.transform(domain[:5]))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="shrinkage"):
+            create_head("whitening", 4, shrinkage=bad)
+    with pytest.raises(ValueError, match="identity head"):
+        create_head("whitening", 5000)
+
+
 # ---------------------------------------------------------------- distances
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])

@@ -242,3 +242,36 @@ def test_classes_below_the_sampling_caps_calibrate_exactly_as_before():
         assert (fitted.threshold, fitted.one_shot_threshold) == pytest.approx((pooled, one_shot), rel=1e-12)
         assert fitted.per_class == pytest.approx({"c3": c3, "c4": c4}, rel=1e-12)
         assert fitted.temperature == pytest.approx(temperature, rel=1e-4)  # float64 now where l2 summed float32
+
+
+def test_a_domain_prior_keeps_its_target_share_of_one_shot_queries():
+    from fewshot.registry.calibration import CROSS_CLASS_QUANTILE, fit_prior
+
+    rng = np.random.default_rng(0)
+    known = rng.normal(0.6, 0.1, 5000)  # same-class 1-shot scores of a far domain: lower than photos'
+    cross = rng.normal(0.4, 0.1, 5000)
+    prior = fit_prior(known, cross)
+    assert [t for t, _ in prior] == [t for t, _ in CROSS_CLASS_QUANTILE]
+    for target, level in prior:  # the threshold it implies keeps about the target share of known queries
+        kept = np.mean(known >= np.quantile(cross, level))
+        assert abs(kept - target) < 0.02
+    with pytest.raises(ValueError, match="at least"):
+        fit_prior([0.5], cross)
+
+
+def test_a_registry_with_its_own_prior_uses_it_and_an_edited_one_falls_back():
+    from fewshot.registry.calibration import CROSS_CLASS_QUANTILE, PRIOR_KEY, check_prior
+
+    rng = np.random.default_rng(1)
+    reg = Registry(16)
+    for i in range(6):  # one example per class: the threshold is the prior's
+        reg.add(f"c{i}", rng.normal(size=(1, 16)).astype(np.float32))
+    photo = calibrate(reg).one_shot_threshold
+    reg.metadata[PRIOR_KEY] = [[0.5, 0.9], [0.8, 0.7], [0.9, 0.5], [0.95, 0.3], [0.99, 0.1]]
+    own = calibrate(reg).one_shot_threshold
+    assert own < photo  # a lower quantile of the same cross-class scores
+    reg.metadata[PRIOR_KEY] = [[0.9, 2.0], "x"]
+    assert calibrate(reg).one_shot_threshold == photo
+    with pytest.raises(ValueError, match="1-shot prior"):
+        check_prior([[0.95, 0.5]])
+    assert check_prior(CROSS_CLASS_QUANTILE) == CROSS_CLASS_QUANTILE

@@ -28,7 +28,7 @@ __all__ = ["SUPPORT_VIEWS_CHOICES", "UsageError", "build_parser", "display_label
 # Each module adds its own commands; `fewshot --help` lists them in this order.
 _HELP_ORDER = ((registry, ["register"]), (deploy, ["embed", "export"]),
                (registry, ["predict", "classes", "doctor", "remove", "rename", "calibrate"]),
-               (training, ["train-head", "finetune"]), (evaluation, ["evaluate"]), (deploy, ["serve"]),
+               (training, ["train-head", "finetune", "adapt"]), (evaluation, ["evaluate"]), (deploy, ["serve"]),
                (evaluation, ["compare-encoders"]), (registry, ["info"]), (deploy, ["demo"]))
 
 

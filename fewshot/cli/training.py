@@ -1,4 +1,5 @@
-"""Commands that train: train-head (a head on frozen embeddings) and finetune (the encoder's last stages)."""
+"""Commands that train: train-head (a head on frozen embeddings), finetune (the encoder's last stages) and adapt
+(the best transfer to a domain, chosen by validation on its own held-out classes)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,27 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    from ..learning.adapt import adapt, format_report, plot_report
+    from ..learning.heads import save_head
+
+    out = Path(args.out)
+    if out.exists() and not args.force and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {args.out} exists already; pass --force to replace it, or choose another --out")
+    result = adapt(args.data, unlabeled=args.unlabeled, budget=args.budget, seed=args.seed, ways=args.ways,
+                   within_group=args.within_group, encoder=args.encoder, cache=embedding_cache(args) or False,
+                   progress=progress_bars())
+    save_head(result.model, out)
+    report = plot_report(result, out / "adapt-report.png")
+    if args.json:
+        print(json.dumps({"out": args.out, "report_png": str(report), **result.to_dict()}, indent=2))
+    else:
+        print(format_report(result))
+        saved = "the best complete candidate, interrupted" if result.interrupted else result.chosen
+        print(f"saved {args.out} ({saved}; use it as --head {args.out}); report: {report}")
+    return 0
+
+
 def _positive_float(text: str) -> float:
     value = finite_float(text)
     if value <= 0:
@@ -148,8 +170,28 @@ def _add_finetune(sub, parents: Parents) -> None:
     p.set_defaults(run=cmd_finetune)
 
 
+def _add_adapt(sub, parents: Parents) -> None:
+    p = sub.add_parser("adapt", parents=[parents.common],
+                       help="learn your domain from labelled classes: tries transfers within a time budget, keeps "
+                            "the best on held-out classes (never worse than frozen); the result works as --head MODEL")
+    p.add_argument("--data", required=True,
+                   help="labelled classes of your domain (folder or zip, one (group/)class folder per class); not "
+                        "the classes you will register later")
+    p.add_argument("--unlabeled", metavar="DIR", help="a folder of unlabelled images of the domain (optional)")
+    p.add_argument("--out", required=True, help="directory to save the chosen model to")
+    p.add_argument("--budget", default="10m", help="wall-clock time to spend, e.g. 90s, 10m, 1h (default 10m)")
+    p.add_argument("--ways", type=positive_int, default=5, help="N of the N-way validation episodes (default 5)")
+    p.add_argument("--within-group", action="store_true",
+                   help="validation episodes inside one group (e.g. one alphabet) of a group/class/image dataset")
+    p.add_argument("--encoder", default="efficientnet_lite0", help="the frozen default to start from")
+    p.add_argument("--seed", type=int, default=0, help="class split, samples and episodes (default 0)")
+    p.add_argument("--force", action="store_true", help="replace what is at --out")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_adapt)
+
+
 def add_parsers(sub, parents: Parents, names: Iterable[str] | None = None) -> None:
     """Add this module's commands to ``sub``: those in ``names``, in that order, else all of them."""
-    adders = {"train-head": _add_train_head, "finetune": _add_finetune}
+    adders = {"train-head": _add_train_head, "finetune": _add_finetune, "adapt": _add_adapt}
     for name in adders if names is None else names:
         adders[name](sub, parents)

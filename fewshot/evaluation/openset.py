@@ -23,7 +23,8 @@ from .evaluate import confidence_interval, hide_progress
 from ..data.episodes import OpenSetEpisode
 from .metrics import (auroc, expected_calibration_error, fpr_at_tpr, precision_at_recall, reliability_bins,
                       roc_curve)
-from ..registry.calibration import DEFAULT_TARGET_TPR, fit_calibration
+from ..registry.calibration import (DEFAULT_TARGET_TPR, cross_class_scores, fit_calibration, fit_prior,
+                                   pairwise_scores)
 
 DEFAULT_TEMPERATURE = {"cosine": 0.05, "l2": 1.0}  # as FewShotClassifier, where nothing can be fitted
 _PER_EPISODE = ("auroc", "fpr_at_95tpr", "precision_at_90recall", "closed_set_accuracy", "open_set_accuracy",
@@ -113,6 +114,22 @@ def evaluate_open_set(features: np.ndarray, episodes: list[OpenSetEpisode], *, h
                          np.concatenate(pooled["confidence"]), np.concatenate(pooled["correct"]),
                          ways=e.ways, shots=len(e.support) // e.ways, unknown_ways=len(episodes[0].unknown_classes),
                          target_tpr=target_tpr)
+
+
+def fit_domain_prior(features: np.ndarray, labels, *, head=None, draws: int = 20, seed: int = 0
+                     ) -> tuple[tuple[float, float], ...]:
+    """A domain's own 1-shot unknown prior (``fewshot.registry.calibration.fit_prior``) from embeddings of
+    held-out classes: same-class pairs are exactly 1-shot known scores; the cross-class scores come from
+    ``draws`` seeded one-image-per-class registries. In ``head``'s space and metric when given, else cosine."""
+    x = head.transform(features) if head is not None else np.asarray(features, dtype=np.float32)
+    metric = head.metric if head is not None else "cosine"
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    known = np.concatenate([pairwise_scores(x[labels == c], metric) for c in classes])
+    rng = np.random.default_rng(seed)
+    one_per_class = [np.stack([x[rng.choice(np.flatnonzero(labels == c))] for c in classes]) for _ in range(draws)]
+    cross = np.concatenate([cross_class_scores(prototypes, metric) for prototypes in one_per_class])
+    return fit_prior(known, cross)
 
 
 def _score_episode(x: np.ndarray, open_episode: OpenSetEpisode, metric: str, target_tpr: float) -> dict:

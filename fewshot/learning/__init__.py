@@ -25,6 +25,8 @@ _EXPORTS = {
     "FineTuneResult": "finetune",
     "Recipe": "finetune",
     "finetune": "finetune",
+    "AdaptResult": "adapt",
+    "adapt": "adapt",
 }
 
 
@@ -36,12 +38,15 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .heads import Head
     from .train import TrainResult, train_head
     from .finetune import FineTuneResult, Recipe, finetune
+    from .adapt import AdaptResult, adapt
 
 __all__ = [
+    "AdaptResult",
     "FineTuneResult",
     "Head",
     "HeadBase",
     "Recipe",
+    "adapt",
     "TrainResult",
     "available_heads",
     "create_head",

@@ -48,6 +48,8 @@ METADATA_KEY = "unknown"
 # different classes' 1-shot prototypes that keeps it (24 Caltech classes, 10- and 24-way registries,
 # 20 draws each: ``benchmarks/openset.py --tune``, which also tests it on the other 27 classes).
 CROSS_CLASS_QUANTILE = ((0.50, 0.9968), (0.80, 0.9872), (0.90, 0.9756), (0.95, 0.9601), (0.99, 0.9004))
+PRIOR_TARGETS = tuple(t for t, _ in CROSS_CLASS_QUANTILE)
+PRIOR_KEY = "unknown_prior"  # registry metadata: a domain's own table like CROSS_CLASS_QUANTILE (``fit_prior``)
 MAX_TEMPERATURE_ROWS = 1000  # held-out examples the temperature is fitted on
 # Bounded work and memory whatever the example counts (a class of 10,000 examples took 28 s and 2 GB
 # when every pair was scored; ``benchmarks/calibration_scale.py``): a class with more examples than its
@@ -133,9 +135,44 @@ def cross_class_scores(prototypes: np.ndarray, metric: str = "cosine") -> np.nda
     return pairwise_scores(prototypes, metric)
 
 
-def _cross_class_quantile(target_tpr: float) -> float:
-    targets, quantiles = zip(*CROSS_CLASS_QUANTILE)
+def _cross_class_quantile(target_tpr: float, prior=CROSS_CLASS_QUANTILE) -> float:
+    targets, quantiles = zip(*prior)
     return float(np.interp(target_tpr, targets, quantiles))
+
+
+def fit_prior(one_shot_scores, cross_scores, targets=PRIOR_TARGETS) -> tuple[tuple[float, float], ...]:
+    """A domain's own 1-shot prior (the table ``CROSS_CLASS_QUANTILE`` is for photos): for each target share of
+    known queries, the quantile of the cross-class ``cross_scores`` equal to the threshold that keeps that share
+    of the same-class ``one_shot_scores`` (both measured on held-out classes of the domain, e.g. by
+    ``fewshot adapt``). Store it in a registry's metadata under ``PRIOR_KEY`` for ``calibrate`` to use."""
+    known, cross = np.sort(np.asarray(one_shot_scores, float)), np.sort(np.asarray(cross_scores, float))
+    if len(known) < MIN_FIT_SCORES or len(cross) < MIN_FIT_SCORES:
+        raise ValueError(f"fitting a 1-shot prior needs at least {MIN_FIT_SCORES} same-class and cross-class scores")
+    levels = [float(np.searchsorted(cross, _quantile(known, t)) / len(cross)) for t in targets]
+    levels = np.minimum.accumulate(np.clip(levels, 0.0, 1.0))  # a higher target never gets a higher threshold
+    return tuple((float(t), round(float(q), 6)) for t, q in zip(targets, levels))
+
+
+def check_prior(prior) -> tuple[tuple[float, float], ...]:
+    """``prior`` as a table of (target share, quantile) rows, checked (a stored one may have been edited)."""
+    rows = tuple(tuple(row) for row in prior) if isinstance(prior, (list, tuple)) else ()
+    fine = len(rows) >= 2 and all(len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and 0 <= v <= 1 for v in r) for r in rows)
+    if not fine or [r[0] for r in rows] != sorted({r[0] for r in rows}):
+        raise ValueError(f"a 1-shot prior must be rows of (target share, quantile) in [0, 1], targets ascending; "
+                         f"got {prior!r}")
+    return tuple((float(t), float(q)) for t, q in rows)
+
+
+def stored_prior(registry) -> tuple[tuple[float, float], ...]:
+    """The registry's own 1-shot prior (set from an adapted model), else the one learnt on photos."""
+    saved = registry.metadata.get(PRIOR_KEY)
+    if saved is None:
+        return CROSS_CLASS_QUANTILE
+    try:
+        return check_prior(saved)
+    except ValueError:  # edited by hand: the photo prior rather than a malformed one
+        return CROSS_CLASS_QUANTILE
 
 
 def _quantile(values: np.ndarray, target_tpr: float) -> float:
@@ -239,18 +276,19 @@ def sample_rows(n: int, cap: int, rng: np.random.Generator) -> np.ndarray:
 
 def fit_calibration(labels: list[str], examples_by_class: list[np.ndarray], metric: str = "cosine",
                     target_tpr: float = DEFAULT_TARGET_TPR, *, prototypes: np.ndarray | None = None,
-                    signature: str = "", seed: int = 0) -> Calibration:
+                    signature: str = "", seed: int = 0, prior=CROSS_CLASS_QUANTILE) -> Calibration:
     """Fit thresholds and temperature from each class's example embeddings (``examples_by_class[i]``
     belongs to ``labels[i]``; pass empty arrays and ``prototypes`` where only prototypes are known).
 
     A class with more than ``examples_cap(len(labels))`` examples is fitted on a sample of them, its
-    1-shot pair scores on a sample of ``MAX_PAIR_EXAMPLES``, both drawn with ``seed``."""
+    1-shot pair scores on a sample of ``MAX_PAIR_EXAMPLES``, both drawn with ``seed``. ``prior``: the table of
+    the cross-class fallback (``CROSS_CLASS_QUANTILE``, or a domain's own from ``fit_prior``)."""
     check_target(target_tpr)
     if prototypes is None and examples_by_class:
         prototypes = np.stack([e.mean(axis=0) for e in examples_by_class])
     rng, cap = np.random.default_rng(seed), examples_cap(len(examples_by_class))
     examples_by_class = [e if len(e) <= cap else e[sample_rows(len(e), cap, rng)] for e in examples_by_class]
-    prior = _cross_class_threshold(prototypes, metric, target_tpr)
+    prior = _cross_class_threshold(prototypes, metric, target_tpr, check_prior(prior))
     loo = [leave_one_out_scores(e, metric) for e in examples_by_class]
     pooled = np.concatenate(loo) if loo else np.zeros(0)
     if len(pooled) < MIN_FIT_SCORES:
@@ -265,11 +303,12 @@ def fit_calibration(labels: list[str], examples_by_class: list[np.ndarray], metr
                        fit_temperature(examples_by_class, metric), "leave-one-out", signature)
 
 
-def _cross_class_threshold(prototypes: np.ndarray | None, metric: str, target_tpr: float) -> float | None:
+def _cross_class_threshold(prototypes: np.ndarray | None, metric: str, target_tpr: float,
+                           prior=CROSS_CLASS_QUANTILE) -> float | None:
     """The 1-shot prior: a quantile of the similarities between different classes' prototypes."""
     if prototypes is None or len(prototypes) < 2:
         return None
-    return float(np.quantile(cross_class_scores(prototypes, metric), _cross_class_quantile(target_tpr)))
+    return float(np.quantile(cross_class_scores(prototypes, metric), _cross_class_quantile(target_tpr, prior)))
 
 
 def check_target(target_tpr: float) -> float:
@@ -304,7 +343,7 @@ def calibrate(registry, target_tpr: float | None = None, *, seed: int = 0) -> Ca
     else:
         examples = [np.zeros((0, registry.dim), np.float32) for _ in labels]
     calibration = fit_calibration(labels, examples, registry.metric, target_tpr, prototypes=prototypes,
-                                  signature=registry_signature(registry), seed=seed)
+                                  signature=registry_signature(registry), seed=seed, prior=stored_prior(registry))
     registry.metadata[METADATA_KEY] = calibration.to_dict()
     return calibration
 

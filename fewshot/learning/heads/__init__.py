@@ -13,7 +13,7 @@ from ..base import create_head as create_head
 from ..base import load_head as load_head
 from ..base import register_head as register_head
 from ..base import save_head as save_head
-from . import anil, finetuned, identity, maml, metric, protonet  # noqa: F401  (importing registers the heads)
+from . import anil, finetuned, identity, maml, metric, protonet, whitening  # noqa: F401  (importing registers the heads)
 from .head import Head as Head
 
 __all__ = ["Head", "HeadBase", "HeadFormatError", "available_heads", "create_head", "load_head", "register_head",
