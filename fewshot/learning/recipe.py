@@ -15,7 +15,9 @@ from pathlib import Path
 
 from ..embedding.fingerprints import DEFAULT_ENCODER
 
-AUGMENTATIONS = ("flip", "rotations")
+AUGMENTATIONS = ("flip", "rotations", "crop")
+UNLABELED_OBJECTIVES = ("dann", "distill")
+PRECISIONS = ("auto", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class Recipe:
     val_every: int = 50
     patience: int = 4
     adapt_weight: float = 0.1
+    unlabeled: str = "dann"  # objective on adapt_to images: "dann" or "distill" (match the frozen model's features)
+    precision: str = "auto"  # trainable blocks' arithmetic while training ("auto": bfloat16 where the CPU has it)
     max_images_per_class: int | None = None  # cap per class (bounds memory and time on big folders)
     guard: bool = True  # keep the frozen encoder when it validates better (False: always the fine-tuned one)
     seed: int = 0
@@ -57,6 +61,9 @@ class Recipe:
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
         if bad:
             raise ValueError(f"augment must be a list of {AUGMENTATIONS}, got {list(self.augment)}")
+        for name, allowed in (("unlabeled", UNLABELED_OBJECTIVES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.max_images_per_class is not None:
             _check_int("max_images_per_class", self.max_images_per_class, 1)
         _check_number("val_fraction", self.val_fraction, 0, upper=1)
@@ -112,6 +119,8 @@ class FineTuneResult:
     stopped_early: bool
     seconds: float
     history: list[dict] = field(default_factory=list)
+    stopped_for_time: bool = False  # the deadline ended training (the best validated weights are kept)
+    seconds_caching: float = 0.0  # of ``seconds``: running the frozen prefix over every image and view
 
 
 def _check_int(name: str, value, low: int) -> None:

@@ -51,6 +51,24 @@ class FineTunedHead(Head):
     def episode_logits(self, support, support_labels, query, ways: int) -> torch.Tensor:
         return self.inner.episode_logits(support, support_labels, query, ways)
 
+    @classmethod
+    def wrap(cls, encoder: Encoder, head: Head, *, network: torch.nn.Module | None = None,
+             seed: int = 0) -> "FineTunedHead":
+        """Package a frozen ``encoder`` (e.g. with AdaBN statistics, ``fewshot.learning.adabn``) and a ``head`` on
+        its features as one saveable model (``save_head``; ``--head MODEL`` everywhere). ``network``: weights to
+        carry instead of the encoder's own (same architecture), as fine-tuning does."""
+        if head.in_dim != encoder.dim:
+            raise ValueError(f"the head takes {head.in_dim}-dim features but the encoder gives {encoder.dim}")
+        spec = {"name": encoder.name, "architecture": encoder.fingerprint["architecture"],
+                "stages": list(encoder.stages) if encoder.stages is not None else None, "pool": encoder.pool,
+                "input_size": encoder.data_config["input_size"][-1]}
+        packaged = cls(encoder.dim, in_shape=encoder.feature_shape, seed=seed, encoder=spec, head=head.config)
+        packaged.inner.load_state_dict(head.state_dict())
+        packaged.network.load_state_dict((network if network is not None else encoder.model).state_dict())
+        packaged.eval()
+        packaged.metadata["encoder"] = packaged.carried_encoder().fingerprint
+        return packaged
+
     def carried_encoder(self) -> Encoder:
         """The frozen encoder with this model's (fine-tuned) network weights."""
         spec = self._params["encoder"]
