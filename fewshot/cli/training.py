@@ -185,6 +185,7 @@ def _add_adapt(sub, parents: Parents) -> None:
                    help="validation episodes inside one group (e.g. one alphabet) of a group/class/image dataset")
     p.add_argument("--encoder", default="efficientnet_lite0", help="the frozen default to start from")
     p.add_argument("--seed", type=int, default=0, help="class split, samples and episodes (default 0)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     p.add_argument("--force", action="store_true", help="replace what is at --out")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_adapt)
