@@ -206,7 +206,7 @@ def onnx_classifier(registry: str, *, cache: bool):
     from ..registry import Registry
 
     fingerprint, metric = Registry.saved_fingerprint(registry)
-    unusable = (ImportError, ExportError, KeyError, TypeError, ValueError)  # e.g. preprocessing numpy cannot do
+    unusable = (ImportError, ExportError, OSError, KeyError, TypeError, ValueError)  # e.g. a read-only cache
     try:
         parts = cached_onnx_parts(fingerprint, metric)
     except unusable as exc:
