@@ -121,8 +121,8 @@ def test_predict_json_without_torch_answers_as_the_torch_path(photo_registry, ph
 
     queries = [str(photos[name]) for name in ("chelsea", "coffee", "astronaut", "coins", "camera")]
     queries += ["--json", "--no-cache", "--threshold", "0.6"]  # one example per class: a threshold that answers unknown
-    done = subprocess.run([sys.executable, "-m", "fewshot", "predict", photo_registry, *queries], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run([sys.executable, "-m", "fewshot", "predict", photo_registry, *queries], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0 and done.stderr == "", done.stderr
     # Naming the encoder makes predict re-create it with torch: the path every earlier release took.
     assert main(["predict", photo_registry, *queries, "--encoder", "efficientnet_lite0"]) == 0
