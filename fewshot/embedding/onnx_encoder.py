@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import ExportError, ImageError
 from .cache import EmbeddingCache
-from .fingerprints import fingerprint_id
+from .fingerprints import check_fingerprint, fingerprint_id
 from .images import content_digest, describe, expand_inputs, load_images
 from .preprocess import Preprocess
 from .runtime import (INPUT_NAME, MIN_RUNTIME_COSINE, cached_encoder_onnx, encoder_onnx_path, export_module,
@@ -162,7 +162,8 @@ class OnnxHead:
 def cached_onnx_parts(fingerprint: dict, metric: str) -> tuple[OnnxEncoder, OnnxHead | None] | None:
     """The encoder and head (None if none) a registry's ``fingerprint`` names, run from their cached ONNX exports;
     None while an export is missing. ``metric``: the registry's (a head's). Raises ValueError where numpy cannot
-    reproduce the encoder's preprocessing (then only torch can run it)."""
+    reproduce the encoder's preprocessing (then only torch can run it), or the fingerprint is malformed."""
+    check_fingerprint(fingerprint)  # sizes bounded before anything is built from a file's numbers
     encoder_fingerprint = {k: v for k, v in fingerprint.items() if k != "head"}
     members = encoder_fingerprint.get("members") or [encoder_fingerprint]
     paths = [encoder_onnx_path(fingerprint_id(m)) for m in members]
