@@ -15,16 +15,15 @@ import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .embedding.cache import EmbeddingCache
-from .embedding.encoders import (DEFAULT_BATCH_SIZE, DEFAULT_ENCODER, Embeddings, Encoder, check_fingerprint,
-                                 check_weights_file, create_encoder, describe_fingerprint, encoder_from_fingerprint)
-from .embedding.encoders import describe_encoder_name, names_other_encoder
+from .embedding.fingerprints import (DEFAULT_ENCODER, check_fingerprint, check_weights_file, describe_encoder_name,
+                                     describe_fingerprint, names_other_encoder)  # torch-free, unlike encoders
 from .errors import EncoderMismatchError, ImageError, RegistryFormatError, WeightsError
 from .data.datasets import class_folders
-from .learning.heads import Head, load_head, save_head
 from .embedding.images import expand_inputs
 from .registry.hygiene import Finding, diagnose, duplicate_images, likely_mislabelled, near_duplicate_classes
 from .registry.calibration import PRIOR_KEY, Calibration, calibrate, check_prior, current_calibration
@@ -37,7 +36,9 @@ from .predictions import Prediction as Prediction
 from .predictions import RegisterReport as RegisterReport
 from .predictions import softmax as softmax
 
-
+if TYPE_CHECKING:
+    from .embedding.model import Embeddings, Encoder
+    from .learning.heads import Head
 
 class FewShotClassifier:
     """Register classes from a few images and predict new images by nearest prototype.
@@ -65,7 +66,7 @@ class FewShotClassifier:
                  stages=None, head: str | os.PathLike | Head | None = None, metric: str = "cosine",
                  index: str = "auto", temperature: float | None = None, unknown_threshold: float | None = None,
                  unknown: bool = True, store_examples: bool = True, cache: bool | str | os.PathLike = True,
-                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None, support_views: str = "none"):
+                 batch_size: int | None = None, progress: bool | None = None, support_views: str = "none"):
         _check_settings(metric, temperature, unknown_threshold)  # now, not at the first predict
         check_support_views(support_views)
         self.encoder = encoder
@@ -82,8 +83,8 @@ class FewShotClassifier:
         self.batch_size = batch_size
         self.progress = progress
         self.support_views = support_views
-        self._encoder: Encoder | None = encoder if isinstance(encoder, Encoder) else None
-        self._head: Head | None = head if isinstance(head, Head) else None
+        self._encoder: Encoder | None = None if isinstance(encoder, str) else encoder
+        self._head: Head | None = None if head is None or isinstance(head, (str, os.PathLike)) else head
         self._registry: Registry | None = None
         self._cache: EmbeddingCache | None = None
         self._head_files: dict[str, bytes] | None = None  # the head's saved files, copied into registries
@@ -94,6 +95,7 @@ class FewShotClassifier:
     @property
     def head_(self) -> Head | None:
         if self._head is None and self.head is not None:
+            from .learning.heads import load_head
             self._head = load_head(self.head)
         return self._head
 
@@ -103,6 +105,7 @@ class FewShotClassifier:
             if self.head_ is not None:
                 self._encoder = head_encoder(self.head_, weights=self.weights)
             else:
+                from .embedding.encoders import create_encoder
                 self._encoder = create_encoder(self.encoder, weights=self.weights, stages=self.stages)
         elif self.head_ is not None and self._encoder.fingerprint != self.head_.metadata.get("encoder"):
             raise EncoderMismatchError(f"the head was trained on features of "
@@ -136,8 +139,8 @@ class FewShotClassifier:
         return self._cache
 
     def _embed(self, images) -> Embeddings:
-        result = self.encoder_.embed_batch(images, batch_size=self.batch_size, cache=self._embedding_cache(),
-                                           progress=self.progress)
+        batch = {} if self.batch_size is None else {"batch_size": self.batch_size}  # None: the encoder's default
+        result = self.encoder_.embed_batch(images, cache=self._embedding_cache(), progress=self.progress, **batch)
         vectors = result.vectors
         if self.head_ is not None:
             vectors = np.full((len(result.errors), self.head_.out_dim), np.nan, dtype=np.float32)
@@ -148,7 +151,7 @@ class FewShotClassifier:
         errors = [err if err or ok else
                   f"{src}: its embedding is not finite (NaN or infinity); check the encoder weights and head"
                   for src, err, ok in zip(result.sources, result.errors, finite)]
-        return Embeddings(vectors=vectors, sources=result.sources, errors=errors, digests=result.digests)
+        return replace(result, vectors=vectors, errors=errors)
 
     # -- registering ----------------------------------------------------------------------------
     def register(self, label: str, images, *, thumbnail: bytes | None = None) -> RegisterReport:
@@ -215,7 +218,7 @@ class FewShotClassifier:
         for i in ok[~flipped_ok]:  # cannot happen for a readable image unless the network gives NaN
             errors[i] = f"{result.sources[i]}: its flipped view could not be embedded"
             vectors[i] = np.nan
-        return Embeddings(vectors=vectors, sources=result.sources, errors=errors, digests=result.digests)
+        return replace(result, vectors=vectors, errors=errors)
 
     def _skip_repeated_images(self, label: str, sources: list[ExampleSource]) -> tuple[list[int], list[str]]:
         """Indices of the images to add, and a warning for each image the class already holds (same
@@ -400,8 +403,7 @@ class FewShotClassifier:
             "unknown": self.unknown,
             "support_views": self.support_views,
             "weights": str(Path(self.weights).resolve()) if self.weights else None,
-            "head": str(Path(self.head).resolve()) if self.head is not None and not isinstance(self.head, Head)
-            else None,
+            "head": str(Path(self.head).resolve()) if isinstance(self.head, (str, os.PathLike)) else None,
         }
         if self.head_ is not None:  # a registry carries its head: retraining or moving it breaks nothing
             if self._head_files is None:
@@ -472,10 +474,10 @@ class FewShotClassifier:
         options.setdefault("unknown_threshold", saved.get("unknown_threshold"))
         options.setdefault("unknown", saved.get("unknown", True))
         options.setdefault("support_views", saved.get("support_views", "none"))
-        classifier = cls(encoder if isinstance(encoder, Encoder) else DEFAULT_ENCODER, weights=weights, head=head,
-                         metric=registry.metric, index=registry.index_factory,
-                         store_examples=registry.store_examples, **options)
-        if classifier.head_ is None and not isinstance(encoder, Encoder):
+        named = encoder is None or isinstance(encoder, str)  # else an encoder object (torch or ONNX) to use as it is
+        classifier = cls(DEFAULT_ENCODER if named else encoder, weights=weights, head=head, metric=registry.metric,
+                         index=registry.index_factory, store_examples=registry.store_examples, **options)
+        if classifier.head_ is None and named:
             if encoder is not None and names_other_encoder(fingerprint, encoder):  # refused before any download
                 raise _encoder_mismatch(path, fingerprint, describe_encoder_name(encoder))
             classifier._encoder = _encoder_for(fingerprint, name=encoder, weights=weights)
@@ -559,6 +561,7 @@ _HEAD_PREFIX = "head-"  # attachment names of a head's files in a registry
 
 def head_files(head: Head) -> dict[str, bytes]:
     """The files ``save_head`` writes for ``head``, as registry attachments (``head-<file name>``)."""
+    from .learning.heads import save_head
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_head(head, Path(tmp) / "head")
         return {_HEAD_PREFIX + p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
@@ -569,6 +572,7 @@ def head_from_files(attachments: dict[str, bytes]) -> Head | None:
     files = {name[len(_HEAD_PREFIX):]: data for name, data in attachments.items() if name.startswith(_HEAD_PREFIX)}
     if not files:
         return None
+    from .learning.heads import load_head
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
@@ -592,4 +596,5 @@ def _encoder_for(fingerprint: dict, *, name: str | None, weights) -> Encoder:
     if weights is not None and not Path(weights).is_file():
         raise WeightsError(f"this registry was built with weights from {weights}, which is gone; "
                            f"give the same weights file again (--weights FILE; in Python, the weights argument)")
+    from .embedding.encoders import encoder_from_fingerprint
     return encoder_from_fingerprint(fingerprint, name=name, weights=weights)

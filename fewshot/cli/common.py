@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import FewShotError
+from ..errors import ExportError, FewShotError
 
 # fewshot.views.SUPPORT_VIEWS, spelled out: importing that module would load numpy at every start-up.
 SUPPORT_VIEWS_CHOICES = ("none", "flip")
@@ -181,13 +182,50 @@ def embedding_cache(args):
     return None if args.no_cache else EmbeddingCache()
 
 
-def load_classifier(args, need_encoder: bool = True):
+def load_classifier(args, need_encoder: bool = True, onnx: bool = False):
+    """The classifier of the registry args.registry. ``onnx``: its encoder (and head) run from their cached ONNX
+    exports where they can (``onnx_classifier``), unless the command names another encoder, weights or head."""
     from ..classifier import FewShotClassifier
     from ..registry import Registry
 
     require_registry(args.registry, args.command)
     if not need_encoder:  # listing, removing and renaming never run the network
         return FewShotClassifier.over_registry(Registry.load(args.registry))
-    return FewShotClassifier.load(args.registry, encoder=getattr(args, "encoder", None),
-                                  weights=getattr(args, "weights", None), head=getattr(args, "head", None),
-                                  cache=not args.no_cache)
+    named = {key: getattr(args, key, None) for key in ("encoder", "weights", "head")}
+    if onnx and not any(named.values()):
+        return onnx_classifier(args.registry, cache=not args.no_cache)
+    return FewShotClassifier.load(args.registry, **named, cache=not args.no_cache)
+
+
+def onnx_classifier(registry: str, *, cache: bool):
+    """The classifier of ``registry`` with its encoder and head run by onnxruntime from their cached ONNX exports
+    (numpy/Pillow preprocessing, no torch imported). The first time, the torch classifier exports them for this call
+    and the next ones; where that cannot be done, torch runs, after one warning."""
+    from ..classifier import FewShotClassifier
+    from ..embedding.onnx_encoder import cached_onnx_parts, export_onnx_parts
+    from ..registry import Registry
+
+    fingerprint, metric = Registry.saved_fingerprint(registry)
+    unusable = (ImportError, ExportError, OSError, KeyError, TypeError, ValueError)  # e.g. a read-only cache
+    try:
+        parts = cached_onnx_parts(fingerprint, metric)
+    except unusable as exc:
+        _warn_torch_runs(exc)
+        return FewShotClassifier.load(registry, cache=cache)
+    if parts is None:
+        classifier = FewShotClassifier.load(registry, cache=cache)
+        try:
+            export_onnx_parts(classifier.encoder_, classifier.head_)
+            parts = cached_onnx_parts(fingerprint, metric)
+        except unusable as exc:
+            _warn_torch_runs(exc)
+            return classifier
+        if parts is None:  # the cache folder lost the files already: next time
+            return classifier
+    encoder, head = parts
+    return FewShotClassifier.load(registry, encoder=encoder, head=head, cache=cache)
+
+
+def _warn_torch_runs(reason: Exception) -> None:
+    warnings.warn(f"the model runs with torch: it has no usable ONNX export ({type(reason).__name__}: "
+                  f"{' '.join(str(reason).split())[:300]})", RuntimeWarning, stacklevel=3)

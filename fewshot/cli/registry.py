@@ -85,7 +85,7 @@ def cmd_register_from_embeddings(args) -> int:
 def cmd_predict(args) -> int:
     _refuse_feature_options(args)
     paths = _without_empty_folders(args.paths)
-    classifier = load_classifier(args)
+    classifier = load_classifier(args, onnx=True)  # no torch once the model's ONNX export is cached
     if not len(classifier.registry_):
         raise FewShotError(f"{args.registry} has no classes; add some with "
                            f"`fewshot register {args.registry} --class NAME IMAGES...`")
@@ -260,16 +260,21 @@ def _format_calibration(c) -> str:
 
 
 def cmd_info(args) -> int:
-    import faiss
-    import timm
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
 
-    from ..embedding.encoders import DEFAULT_ENCODER, available_encoders
+    from ..embedding.fingerprints import DEFAULT_ENCODER, available_encoders
+    from ..embedding.onnx_encoder import usable_cores
+
+    def installed(package: str) -> str:  # read from the package's metadata: importing torch takes seconds
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
 
     print(f"fewshot {__version__}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
-          f"faiss {faiss.__version__}")
-    print(f"torch threads: {torch.get_num_threads()}, interop threads: {torch.get_num_interop_threads()}")
+    print(f"python {platform.python_version()}, " + ", ".join(
+        f"{name} {installed(name)}" for name in ("torch", "timm", "faiss-cpu", "onnxruntime")))
+    print(f"cpu cores usable: {usable_cores()} (torch threads and onnxruntime threads default to these)")
     print(f"default encoder: {DEFAULT_ENCODER}; offline encoders: {', '.join(available_encoders()) or 'none'}")
     if args.encoder:
         from ..embedding.encoders import create_encoder

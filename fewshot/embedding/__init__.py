@@ -15,7 +15,7 @@ from ..lazy import lazy_exports
 _EXPORTS = {
     "EmbeddingCache": "cache",
     "default_cache_path": "cache",
-    "available_encoders": "encoders",
+    "available_encoders": "fingerprints",
     "create_encoder": "encoders",
     "encoder_from_fingerprint": "encoders",
     "EnsembleEncoder": "ensemble",
@@ -53,11 +53,12 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
     from .cache import EmbeddingCache, default_cache_path
-    from .encoders import available_encoders, create_encoder, encoder_from_fingerprint
+    from .encoders import create_encoder, encoder_from_fingerprint
     from .ensemble import EnsembleEncoder
     from .fingerprints import (
         DEFAULT_ENCODER,
         PACKAGED_WEIGHTS,
+        available_encoders,
         check_fingerprint,
         describe_fingerprint,
         fingerprint_id,

@@ -29,6 +29,7 @@ from .fingerprints import DEFAULT_ENCODER as DEFAULT_ENCODER
 from .fingerprints import MAX_INPUT_SIZE as MAX_INPUT_SIZE
 from .fingerprints import PACKAGED_WEIGHTS as PACKAGED_WEIGHTS
 from .fingerprints import WEIGHTS_SUFFIXES as WEIGHTS_SUFFIXES
+from .fingerprints import available_encoders as available_encoders
 from .fingerprints import check_fingerprint as check_fingerprint
 from .fingerprints import check_weights_file as check_weights_file
 from .fingerprints import describe_encoder_name as describe_encoder_name
@@ -219,13 +220,3 @@ def _map_by_position(state: dict, target: dict, source: str) -> dict:
                                f"{dst_key} {tuple(expected.shape)}")
         mapped[dst_key] = tensor
     return mapped
-
-
-def available_encoders() -> list[str]:
-    """Encoders that work offline out of the box (their weight packages are installed)."""
-    found = []
-    for name, (_, module_name, _) in PACKAGED_WEIGHTS.items():
-        if importlib.util.find_spec(module_name) is not None:
-            found.append(name)
-    return found
-

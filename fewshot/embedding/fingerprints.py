@@ -3,21 +3,25 @@
 A fingerprint (model name, a hash of the weights, the feature layout and the preprocessing) travels with every
 registry, head and cache entry so that vectors of different encoders are never mixed. Everything here works on
 plain dicts and names (and a model's tensors for the digest), so the registry and the CLI can describe and check
-a fingerprint without creating an encoder. Encoder names: ``NAME``, ``NAME@SIZE``, or ensembles ``a+b``.
+a fingerprint without creating an encoder, or importing torch and timm (only the functions that need them do).
+Encoder names: ``NAME``, ``NAME@SIZE``, or ensembles ``a+b``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import timm
-import torch
 
 from ..errors import WeightsError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_ENCODER = "efficientnet_lite0"
 
@@ -89,6 +93,8 @@ def describe_fingerprint(fingerprint: dict | None) -> str:
 def describe_encoder_name(name: str) -> str:
     """One-line description of the encoder ``name`` stands for, from timm's configuration alone (nothing
     is created or downloaded): its input size is the model's own, or the one ``name@SIZE`` sets."""
+    import timm
+
     described = []
     for member, size in split_encoder_name(name):
         config = timm.models.get_pretrained_cfg(PACKAGED_WEIGHTS[member][0] if member in PACKAGED_WEIGHTS else member)
@@ -152,3 +158,12 @@ def check_size(value, what: str) -> None:
     """Raise ValueError unless ``value`` is an input size in 1..MAX_INPUT_SIZE pixels."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_INPUT_SIZE:
         raise ValueError(f"encoder {what} must be an integer in 1..{MAX_INPUT_SIZE}, got {str(value)[:50]!r}")
+
+
+def available_encoders() -> list[str]:
+    """Encoders that work offline out of the box (their weight packages are installed)."""
+    found = []
+    for name, (_, module_name, _) in PACKAGED_WEIGHTS.items():
+        if importlib.util.find_spec(module_name) is not None:
+            found.append(name)
+    return found

@@ -97,3 +97,15 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     num = (a * b).sum(axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return float((num / np.maximum(den, 1e-30)).min())
+
+
+def encoder_onnx_path(fingerprint_id: str) -> Path:
+    """Where ``cached_encoder_onnx`` keeps the ONNX file of the encoder with this fingerprint id (torch-free)."""
+    return default_cache_path().parent / "onnx" / f"{fingerprint_id}.onnx"
+
+
+def head_onnx_path(head_sha256: str) -> Path:
+    """Where a head's ONNX export is cached, keyed by the head's checksum (its fingerprint's ``sha256``)."""
+    if not (len(head_sha256) == 64 and all(c in "0123456789abcdef" for c in head_sha256)):
+        raise ValueError(f"a head checksum is 64 hex digits, got {str(head_sha256)[:80]!r}")
+    return default_cache_path().parent / "onnx" / f"head-{head_sha256}.onnx"

@@ -263,6 +263,14 @@ class Persistence:
             m = read_manifest(Path(path))
         return dict(zip(m["_labels"], m["_counts"].tolist()))
 
+    @staticmethod
+    def saved_fingerprint(path) -> tuple[dict, str]:
+        """``(fingerprint, metric)`` of the registry saved at directory ``path``, read from its manifest alone
+        (checked by its own checksum): what produced its vectors and how they compare, before loading them."""
+        with reader_pin(Path(path)):
+            m = read_manifest(Path(path))
+        return m["fingerprint"], m["metric"]
+
     @classmethod
     def _from_manifest(cls: type[RegistryT], path: Path, m: dict, opened: dict) -> RegistryT:
         mpath = path / MANIFEST
