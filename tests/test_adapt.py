@@ -127,6 +127,8 @@ def test_cli_adapt_saves_a_model_that_predict_uses(tmp_path, capsys, caltech_sub
     code, stdout, err = run(capsys, "predict", tmp_path / "reg", images[2], "--json")
     assert code == 0, err
     assert json.loads(stdout)[0]["label"] in (folder.name, None)
+    code, _, err = run(capsys, "export", "--head", out, "--out", tmp_path / "bundle")
+    assert code == 0 and (tmp_path / "bundle" / "encoder.onnx").is_file(), err
     code, _, err = run(capsys, "adapt", "--data", caltech_subset, "--out", out, "--budget", "25s")
     assert code != 0 and "--force" in err  # never replaces a model silently
 

@@ -32,10 +32,20 @@ def test_name_still_imports_from_fewshot(name):
     assert namespace[name] is getattr(fewshot, name)
 
 
-def test_all_lists_exactly_the_0_1_names():
+# Added since 0.1, each with what it is for.
+ADDED = ["adapt", "AdaptResult"]  # fewshot adapt: learn a domain, never worse than the frozen default
+
+
+@pytest.mark.parametrize("name", ADDED)
+def test_added_name_imports_from_fewshot(name):
+    fewshot = importlib.import_module("fewshot")
+    assert getattr(fewshot, name) is not None and name in fewshot.__all__
+
+
+def test_all_lists_exactly_the_0_1_names_and_those_added():
     import fewshot
 
-    assert sorted(fewshot.__all__) == sorted(PUBLIC_0_1)
+    assert sorted(fewshot.__all__) == sorted(PUBLIC_0_1 + ADDED)
 
 
 def test_errors_are_one_class_each_whatever_the_import_path():

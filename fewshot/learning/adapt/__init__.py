@@ -2,7 +2,7 @@
 
 The labelled classes are split (seeded, class-disjoint, groups together) into training and validation classes.
 Candidate transfers are tried cheapest first within a time budget (``tuning``): feature choice (layout,
-resolution, encoder), domain statistics (centring, whitening, AdaBN), a residual ProtoNet head, fine-tuning of
+resolution, encoder), domain statistics (centring, whitening, AdaBN), a ProtoNet head, fine-tuning of
 the top blocks, and with unlabelled images, adaptation on them. Each is scored on the same validation episodes
 (1- and 5-shot accuracy, 1-shot open-set AUROC, ``validation``) and kept only where it wins; the final choice
 must beat the frozen default beyond noise (a paired 95% CI), else the frozen default is returned. The chosen

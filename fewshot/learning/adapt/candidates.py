@@ -24,9 +24,12 @@ from .workspace import Features, Workspace
 WHITENING_SHRINKAGES = (0.1, 0.3, 0.6)  # chosen among by validation: how far to trust the domain's covariance
 RESOLUTION_CHANGE = 0.25  # try the domain's own image size when it differs from the model's by more than this
 MIN_RESOLUTION, MAX_RESOLUTION = 96, 320
-LAYOUTS = (("final layer", None, "avg"), ("stages 3+4", (3, 4), "avg"), ("stages 2+3 on a 2x2 grid", (2, 3), 2))
+# Final features suit photos; pooled intermediate stages suit far domains; a grid keeps the spatial layout that
+# strokes and shapes need (the README's Omniglot recipe), at the price of wide features.
+LAYOUTS = (("final layer", None, "avg"), ("stages 3+4", (3, 4), "avg"), ("stages 2+3 on a 7x7 grid", (2, 3), 7))
 FAMILY = ("efficientnet_lite1", "efficientnet_lite2")  # other offline encoders, in order of cost
 PACKAGED = tuple(PACKAGED_WEIGHTS)
+MIN_HEAD_CLASSES = 5
 
 
 @dataclass
@@ -128,11 +131,18 @@ def whitened_model(encoder: Encoder, features: Features, shrinkage: float) -> He
 
 def protonet_model(encoder: Encoder, features: Features, ws: Workspace, *, ways: int, within_group: bool,
                    seed: int, deadline: float) -> HeadBase:
-    """A residual ProtoNet head (it starts as the identity map) trained episodically on the training classes,
-    with early stopping on a fifth of them; episodes sized to the time left."""
+    """A ProtoNet head trained episodically on the training classes, with early stopping on a fifth of them;
+    episodes sized to the time left. On pooled features a residual MLP (it starts as the identity map, so at
+    the raw features' accuracy); on grid features a small conv net that can use the spatial layout."""
     train = ws.domain.train
     inner = _inner_validation(train.labels, train.groups, seed)
-    head = create_head("protonet", encoder.dim, seed=seed, residual=True, distance="cosine")
+    def new_head() -> HeadBase:
+        if encoder.feature_shape is not None:
+            return create_head("protonet", encoder.dim, in_shape=encoder.feature_shape, seed=seed, arch="conv",
+                               distance="cosine")
+        return create_head("protonet", encoder.dim, seed=seed, residual=True, distance="cosine")
+
+    head = new_head()
     groups = train.groups if within_group else None
     ways = min(ways, _ways_possible(train.labels[~inner]), _ways_possible(train.labels[inner]))
     start = time.monotonic()
@@ -140,7 +150,7 @@ def protonet_model(encoder: Encoder, features: Features, ws: Workspace, *, ways:
                episodes=50, within_group=within_group, seed=seed, progress=False, patience=None)
     per_episode = (time.monotonic() - start) / 50
     episodes = int(np.clip((deadline - time.monotonic()) * 0.8 / max(per_episode * 1.3, 1e-4), 100, 5000))
-    head = create_head("protonet", encoder.dim, seed=seed, residual=True, distance="cosine")
+    head = new_head()
     train_head(head, features.train[~inner], train.labels[~inner], groups=_rows(groups, ~inner), ways=ways,
                episodes=episodes, within_group=within_group, seed=seed, val_features=features.train[inner],
                val_labels=train.labels[inner], val_groups=_rows(groups, inner), val_every=max(50, episodes // 10),

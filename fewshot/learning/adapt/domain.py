@@ -15,6 +15,8 @@ import numpy as np
 from ...data.datasets import ImageDataset, split_validation
 from ...embedding.images import expand_inputs
 
+PASS_SHARE = 0.08  # one embedding pass over the domain may take this share of the budget (a dozen candidates fit)
+MIN_PASS_IMAGES = 200
 MIN_CLASSES = 4  # two for training, two for validation: fewer cannot measure transfer to new classes
 MIN_IMAGES_PER_CLASS = 2  # a 1-shot support image and a query
 VALIDATION_SHARE = 0.5
@@ -28,6 +30,21 @@ class Caps:
     val_images_per_class: int = 10  # 5 support + 5 queries at 5 shots
     train_classes: int = 200
     val_classes: int = 100
+    unlabeled: int = 2000
+
+
+def caps_for_budget(images: int, seconds_per_image: float, budget: float, caps: Caps = Caps()) -> Caps:
+    """Smaller caps when one pass over ``images`` images would take more than ``PASS_SHARE`` of the budget:
+    classes and images per class shrink together (both matter to validation and training)."""
+    affordable = max(MIN_PASS_IMAGES, PASS_SHARE * budget / max(seconds_per_image, 1e-6))
+    if images <= affordable:
+        return caps
+    scale = (affordable / images) ** 0.5
+    return Caps(train_images_per_class=max(5, int(caps.train_images_per_class * scale)),
+                val_images_per_class=caps.val_images_per_class,
+                train_classes=max(10, int(caps.train_classes * scale)),
+                val_classes=max(10, int(caps.val_classes * scale)),
+                unlabeled=max(50, int(caps.unlabeled * scale * scale)))
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,9 @@ def check_domain(dataset: ImageDataset) -> ImageDataset:
 def split_domain(dataset: ImageDataset, unlabeled: list, caps: Caps, seed: int) -> Domain:
     """Split ``dataset`` into training and validation classes (groups kept together) and cap both."""
     train, val = split_validation(dataset, VALIDATION_SHARE, seed)
+    if len(unlabeled) > caps.unlabeled:
+        keep = np.sort(np.random.default_rng(seed + 2).choice(len(unlabeled), caps.unlabeled, replace=False))
+        unlabeled = [unlabeled[i] for i in keep]
     return Domain(train=_capped(train, caps.train_classes, caps.train_images_per_class, seed),
                   val=_capped(val, caps.val_classes, caps.val_images_per_class, seed + 1),
                   unlabeled=list(unlabeled))
@@ -98,14 +118,12 @@ def _fewer_classes(dataset: ImageDataset, max_classes: int, rng: np.random.Gener
     return dataset.select_groups(sorted(chosen))
 
 
-def unlabeled_images(folder, limit: int, seed: int) -> list:
-    """Up to ``limit`` image files under ``folder`` (a seeded sample); an error if it holds none."""
+def unlabeled_images(folder) -> list:
+    """The image files under ``folder``; an error if it holds none."""
     items = [item for item in expand_inputs(folder) if isinstance(item, str)]
     if not items:
         raise ValueError(f"--unlabeled {folder} holds no image files (jpg, png, ...): give a folder of images of "
                          "your domain, or leave --unlabeled out")
-    if len(items) > limit:
-        items = [items[i] for i in np.sort(np.random.default_rng(seed).choice(len(items), limit, replace=False))]
     return items
 
 

@@ -3,10 +3,8 @@ validation classes, and return the best as a saved-model head (the frozen defaul
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +19,10 @@ from ..base import HeadBase
 from . import candidates as C
 from . import tuning
 from .budget import Budget, parse_budget
-from .domain import Caps, check_domain, drop_unreadable, split_domain, unlabeled_images
+from .domain import Caps, caps_for_budget, check_domain, drop_unreadable, split_domain, unlabeled_images
 from .validation import Validation
 from .workspace import Workspace
 
-MAX_UNLABELED = 2000
 VALIDATION_EPISODES = 300
 
 
@@ -70,14 +67,20 @@ def adapt(data: str | Path | ImageDataset, *, unlabeled: str | Path | None = Non
     """
     clock = Budget(parse_budget(budget))
     dataset = check_domain(data if isinstance(data, ImageDataset) else load_dataset(data))
-    extra = unlabeled_images(unlabeled, MAX_UNLABELED, seed) if unlabeled is not None else []
+    extra = unlabeled_images(unlabeled) if unlabeled is not None else []
     domain = split_domain(dataset, extra, Caps(), seed)
     within_group = bool(within_group and domain.val.groups is not None)
     embedding_cache = cache if isinstance(cache, EmbeddingCache) else (
         EmbeddingCache(None if cache is True else cache) if cache else None)
     ws = Workspace(domain, None, cache=embedding_cache, progress=progress)
     log = _Log(progress)
-    frozen = _frozen(ws, clock, encoder, log)
+    spec = C.FeatureSpec(encoder=encoder)
+    frozen_encoder = spec.create()
+    cost = ws.cost_per_image(frozen_encoder)
+    caps = caps_for_budget(domain.images, cost, clock.seconds)
+    if caps != Caps():
+        ws.domain = split_domain(dataset, extra, caps, seed)
+    frozen = _frozen(ws, clock, spec, frozen_encoder, cost, log)
     ws.validation = Validation.build(ws.domain.val, ways=ways, within_group=within_group, episodes=episodes,
                                      seed=seed)
     tried = [frozen]
@@ -85,8 +88,7 @@ def adapt(data: str | Path | ImageDataset, *, unlabeled: str | Path | None = Non
     log.candidate(frozen)
     interrupted = False
     try:
-        for candidate in tuning.candidates(ws, clock, frozen, seed=seed, ways=ways, within_group=within_group,
-                                           best=lambda: _best(tried)):
+        for candidate in tuning.candidates(ws, clock, tried, seed=seed, ways=ways, within_group=within_group):
             tried.append(candidate)
             log.candidate(candidate)
     except KeyboardInterrupt:
@@ -105,12 +107,9 @@ def adapt(data: str | Path | ImageDataset, *, unlabeled: str | Path | None = Non
     return result
 
 
-def _frozen(ws: Workspace, clock: Budget, encoder_name: str, log) -> C.Candidate:
+def _frozen(ws: Workspace, clock: Budget, spec: C.FeatureSpec, encoder, cost: float, log) -> C.Candidate:
     """The frozen default, embedded first: it sets the baseline, finds unreadable images and checks that the
     budget allows anything at all."""
-    spec = C.FeatureSpec(encoder=encoder_name)
-    encoder = spec.create()
-    cost = ws.cost_per_image(encoder)
     needed = cost * len(ws.items())
     if needed > 0.9 * clock.seconds:
         raise ValueError(f"a budget of {clock.seconds:.0f} s is too short: embedding the {len(ws.items())} sampled "
@@ -132,21 +131,23 @@ def _val_features(ws: Workspace, candidate: C.Candidate) -> np.ndarray:
     return ws.features(candidate.encoder).val
 
 
-def _best(tried: list[C.Candidate]) -> C.Candidate:
-    scored = [c for c in tried if c.score is not None]
-    return max(scored, key=lambda c: c.score.mean)  # ties: the earlier (cheaper) one
-
-
 def _choose(tried: list[C.Candidate]) -> tuple[C.Candidate, str]:
-    """The best candidate if it beats the frozen default beyond noise (paired 95% CI over the same episodes)."""
-    frozen, best = tried[0], _best(tried)
-    if best is frozen:
-        return frozen, "no candidate beat the frozen default on the validation classes"
-    gain, ci = best.score.gain_over(frozen.score)
-    if gain - ci <= 0:
-        return frozen, (f"the best candidate, {best.name}, was {gain:+.1%} ± {ci:.1%} over the frozen default: "
-                        "not clearly better, so the frozen default is kept")
-    return best, f"{gain:+.1%} ± {ci:.1%} accuracy over the frozen default on the same validation episodes"
+    """The best candidate that beats the frozen default beyond noise: the lower end of the 95% interval of its
+    paired per-class gain is above zero. None does: the frozen default."""
+    frozen = tried[0]
+    gains = {id(c): c.score.gain_over(frozen.score) for c in tried[1:] if c.score is not None}
+    clear = [c for c in tried[1:] if id(c) in gains and gains[id(c)][0] - gains[id(c)][1] > 0]
+    if clear:
+        best = max(clear, key=lambda c: c.score.mean)
+        gain, ci = gains[id(best)]
+        return best, (f"{gain:+.1%} ± {ci:.1%} accuracy over the frozen default (paired, over "
+                      f"{len(best.score.class_accuracy[1])} validation classes)")
+    if not gains:
+        return frozen, "no other candidate could be scored"
+    top = max((c for c in tried[1:] if id(c) in gains), key=lambda c: c.score.mean)
+    gain, ci = gains[id(top)]
+    return frozen, (f"no candidate beat the frozen default beyond noise (the best, {top.name}: {gain:+.1%} ± "
+                    f"{ci:.1%} over {len(top.score.class_accuracy[1])} validation classes); the frozen default is kept")
 
 
 def _minutes(seconds: float) -> str:
@@ -173,10 +174,3 @@ class _Log:
         if auroc:
             parts.append(f"AUROC {auroc['mean']:.3f}")
         self.line(f"{c.name}: " + ", ".join(parts) + f" ({c.seconds:.0f} s)")
-
-
-@contextlib.contextmanager
-def _quiet_warnings():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield

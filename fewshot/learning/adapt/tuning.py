@@ -22,10 +22,25 @@ MIN_TRAINING_SECONDS = 30  # a head or a fine-tuning run given less than this ha
 ENCODER_SETUP_SECONDS = 3  # building an encoder and timing it, before its embedding pass
 
 
-def candidates(ws: Workspace, clock: Budget, frozen: C.Candidate, *, seed: int, ways: int, within_group: bool,
-               best: Callable[[], C.Candidate]) -> Iterator[C.Candidate]:
-    """Yield each candidate as it is tried (scored) or skipped; ``best()`` is the best scored so far."""
+def best_of(tried: list[C.Candidate], *, single: bool = False) -> C.Candidate:
+    """The best scored candidate (on one encoder only, with ``single``); ties go to the earlier, cheaper one."""
+    scored = [c for c in tried if c.score is not None and (c.spec.single or not single)]
+    return max(scored, key=lambda c: c.score.mean)
+
+
+def candidates(ws: Workspace, clock: Budget, tried: list[C.Candidate], *, seed: int, ways: int,
+               within_group: bool) -> Iterator[C.Candidate]:
+    """Yield each candidate as it is tried (scored) or skipped; ``tried`` (the frozen default first) is the
+    caller's list of candidates so far, which it extends with each one yielded."""
     trial = _Trial(ws, clock)
+    frozen = tried[0]
+
+    def best() -> C.Candidate:
+        return best_of(tried)
+
+    def best_single() -> C.Candidate:  # AdaBN and fine-tuning change one network
+        return best_of(tried, single=True)
+
     for spec in C.layout_specs(frozen.spec):
         yield trial.features(spec)
     resolution = C.resolution_spec(best().spec, best().encoder, list(ws.domain.val.items))
@@ -33,21 +48,22 @@ def candidates(ws: Workspace, clock: Budget, frozen: C.Candidate, *, seed: int, 
         yield trial.features(resolution)
     for spec in C.encoder_specs(best().spec):
         yield trial.features(spec)
-    yield from _statistics(trial, best, seed)
+    yield from _statistics(trial, best(), best_single(), seed)
     yield trial.head(best(), seed=seed, ways=ways, within_group=within_group)
-    yield from _finetuning(trial, best, seed=seed, ways=ways, within_group=within_group)
+    yield from _finetuning(trial, best_single(), seed=seed, ways=ways, within_group=within_group)
 
 
-def _statistics(trial: "_Trial", best, seed: int) -> Iterator[C.Candidate]:
-    base = best()
-    if base.encoder.dim <= MAX_WHITENING_DIM:
-        for shrinkage in C.WHITENING_SHRINKAGES:
-            yield trial.whitening(base, shrinkage)
-    yield trial.adabn(best(), seed=seed)
+def _statistics(trial: "_Trial", base: C.Candidate, single: C.Candidate, seed: int) -> Iterator[C.Candidate]:
+    for shrinkage in C.WHITENING_SHRINKAGES:
+        candidate = trial.whitening(base, shrinkage)
+        yield candidate
+        if candidate.status == "skipped":  # too wide: once is enough to say so
+            break
+    yield trial.adabn(single, seed=seed)
 
 
-def _finetuning(trial: "_Trial", best, *, seed: int, ways: int, within_group: bool) -> Iterator[C.Candidate]:
-    base = best()
+def _finetuning(trial: "_Trial", base: C.Candidate, *, seed: int, ways: int, within_group: bool
+                ) -> Iterator[C.Candidate]:
     yield trial.finetune(base, "finetune", seed=seed, ways=ways, within_group=within_group)
     if trial.ws.domain.unlabeled:
         yield trial.finetune(base, "unlabeled", seed=seed, ways=ways, within_group=within_group, objective="distill")
@@ -71,6 +87,8 @@ class _Trial:
         try:
             build(candidate)
             candidate.score = self.ws.validation.score(self.ws.features(candidate.encoder).val, head=candidate.model)
+        except _Skip as skip:
+            candidate.status, candidate.note, candidate.model = "skipped", str(skip), None
         except (FewShotError, ValueError, RuntimeError, FloatingPointError) as exc:
             candidate.status, candidate.note = "failed", " ".join(str(exc).split())[:200]
             candidate.model = None
@@ -85,23 +103,20 @@ class _Trial:
         def build(c: C.Candidate) -> None:
             encoder = spec.create()
             c.ms_per_image = 1000 * self.ws.cost_per_image(encoder)
-            needed = c.ms_per_image / 1000 * self._images()
+            needed = 0 if self.ws.has(encoder) else c.ms_per_image / 1000 * self._images()
             if time.monotonic() + needed > self.clock.deadline("features"):
-                raise _OverBudget(f"embedding the domain would take about {needed:.0f} s")
+                raise _Skip(f"embedding the domain would take about {needed:.0f} s")
             c.encoder, c.spec = encoder, spec
             c.model = C.centred_model(encoder, self.ws.features(encoder))
 
-        return self._guarded(f"{spec.label}, centred", "features", ENCODER_SETUP_SECONDS, build)
-
-    def _guarded(self, name, phase, estimate, build) -> C.Candidate:
-        candidate = self.run(name, phase, estimate, build)
-        if candidate.status == "failed" and candidate.note.startswith(_OverBudget.prefix):
-            candidate.status, candidate.note = "skipped", candidate.note[len(_OverBudget.prefix):]
-        return candidate
+        return self.run(f"{spec.label}, centred", "features", ENCODER_SETUP_SECONDS, build)
 
     # -- domain statistics ---------------------------------------------------------------------------------
     def whitening(self, base: C.Candidate, shrinkage: float) -> C.Candidate:
         def build(c: C.Candidate) -> None:
+            if base.encoder.dim > MAX_WHITENING_DIM:
+                raise _Skip(f"{base.encoder.dim}-dim features are too wide to whiten "
+                                  f"(limit {MAX_WHITENING_DIM})")
             c.encoder, c.spec, c.ms_per_image = base.encoder, base.spec, base.ms_per_image
             c.model = C.whitened_model(base.encoder, self.ws.features(base.encoder), shrinkage)
 
@@ -112,8 +127,6 @@ class _Trial:
         from ..heads.finetuned import FineTunedHead
 
         def build(c: C.Candidate) -> None:
-            if not base.spec.single:
-                raise ValueError("AdaBN runs on one encoder, not an ensemble")
             images = list(self.ws.domain.train.items) + list(self.ws.domain.unlabeled)
             encoder = adapt_batchnorm(base.encoder, images, seed=seed, progress=self.ws.progress)
             c.encoder, c.spec, c.ms_per_image = encoder, base.spec, base.ms_per_image
@@ -126,11 +139,14 @@ class _Trial:
     # -- a trained head ------------------------------------------------------------------------------------
     def head(self, base: C.Candidate, *, seed: int, ways: int, within_group: bool) -> C.Candidate:
         def build(c: C.Candidate) -> None:
+            if len(self.ws.domain.train.classes) < C.MIN_HEAD_CLASSES:
+                raise _Skip(f"a head needs {C.MIN_HEAD_CLASSES}+ training classes (a fifth of them validate its "
+                            f"training), the domain has {len(self.ws.domain.train.classes)}")
             c.encoder, c.spec, c.ms_per_image = base.encoder, base.spec, base.ms_per_image
             c.model = C.protonet_model(base.encoder, self.ws.features(base.encoder), self.ws, ways=ways,
                                        within_group=within_group, seed=seed, deadline=self.clock.deadline("head"))
 
-        return self.run(f"{base.spec.label}, residual ProtoNet head", "head", MIN_TRAINING_SECONDS, build)
+        return self.run(f"{base.spec.label}, ProtoNet head", "head", MIN_TRAINING_SECONDS, build)
 
     # -- fine-tuning -------------------------------------------------------------------------------------
     def finetune(self, base: C.Candidate, phase: str, *, seed: int, ways: int, within_group: bool,
@@ -140,8 +156,6 @@ class _Trial:
         spec = base.spec
 
         def build(c: C.Candidate) -> None:
-            if not spec.single:
-                raise ValueError("fine-tuning runs on one encoder, not an ensemble")
             recipe = Recipe(encoder=spec.encoder, stages=spec.stages, pool=spec.pool, input_size=spec.input_size,
                             trainable_stages=1 if spec.stages is None else 2, head="identity", ways=ways,
                             within_group=within_group, augment=("flip",), episodes=5000, val_every=25, patience=4,
@@ -156,11 +170,8 @@ class _Trial:
         return self.run(f"{spec.label}, {what}", phase, MIN_TRAINING_SECONDS * 2, build)
 
 
-class _OverBudget(ValueError):
-    prefix = "over budget: "
-
-    def __init__(self, message: str):
-        super().__init__(self.prefix + message)
+class _Skip(Exception):
+    """Raised while building a candidate that turns out not to fit (time, width, data): reported as skipped."""
 
 
 def _unlabeled_dataset(items: list) -> ImageDataset:

@@ -1,8 +1,10 @@
 """How ``fewshot adapt`` scores a candidate: fixed episodes on the held-out validation classes.
 
 Every candidate is scored on the SAME episodes (N-way 1- and 5-shot, and 1-shot open-set episodes with
-unregistered classes), so that two candidates can be compared episode by episode: the paired difference has a
-much smaller confidence interval than either accuracy, which is what lets a small real gain be told from noise.
+unregistered classes), so that two candidates can be compared class by class. The unit of a comparison is the
+validation CLASS, not the episode: episodes drawn from a few classes are not independent draws of what a new
+class will do (with two validation classes every episode holds the same two), so the paired difference of
+per-class accuracies gets a Student-t interval over classes, which is wide when the classes are few.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 from ...data.datasets import ImageDataset
 from ...data.episodes import EpisodeSampler, sample_open_set
@@ -26,6 +29,7 @@ class Score:
     """A candidate's per-episode validation results."""
 
     accuracy: dict[int, np.ndarray]  # shots -> per-episode accuracy
+    class_accuracy: dict[int, np.ndarray]  # shots -> accuracy of each queried validation class (fixed order)
     auroc: np.ndarray  # per open-set episode (1 shot), AUROC of the top-1 similarity
 
     @property
@@ -34,9 +38,13 @@ class Score:
         return float(np.mean([a.mean() for a in self.accuracy.values()]))
 
     def gain_over(self, other: "Score") -> tuple[float, float]:
-        """Mean paired accuracy difference over the same episodes (all shot counts), and its 95% CI."""
-        diff = np.concatenate([self.accuracy[k] - other.accuracy[k] for k in self.accuracy])
-        return float(diff.mean()), confidence_interval(diff)
+        """Mean paired accuracy difference per validation class (averaged over the shot counts), and the
+        half-width of its 95% Student-t interval over classes (infinite with a single class)."""
+        diff = np.mean([self.class_accuracy[k] - other.class_accuracy[k] for k in self.class_accuracy], axis=0)
+        if len(diff) < 2:
+            return float(diff.mean()), float("inf")
+        half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+        return float(diff.mean()), float(half)
 
     def to_dict(self) -> dict:
         out = {f"{k}-shot": {"accuracy": float(a.mean()), "ci95": confidence_interval(a)}
@@ -76,13 +84,16 @@ class Validation:
 
     def score(self, features: np.ndarray, head=None) -> Score:
         """Score ``features`` (rows as ``labels``) with ``head`` (None: cosine on the raw features)."""
-        accuracy = {shots: evaluate_episodes(features, self.labels, episodes, head=head,
-                                             progress=False).episode_accuracies
-                    for shots, episodes in self.episodes.items()}
+        accuracy, class_accuracy = {}, {}
+        for shots, episodes in self.episodes.items():
+            result = evaluate_episodes(features, self.labels, episodes, head=head, progress=False)
+            accuracy[shots] = result.episode_accuracies
+            per_class = result.per_class_accuracy()
+            class_accuracy[shots] = np.array([per_class[name] for name in sorted(per_class, key=int)])
         auroc = np.zeros(0)
         if self.open_episodes:
             auroc = evaluate_open_set(features, self.open_episodes, head=head, progress=False).per_episode["auroc"]
-        return Score(accuracy=accuracy, auroc=auroc)
+        return Score(accuracy=accuracy, class_accuracy=class_accuracy, auroc=auroc)
 
 
 def _max_ways(val: ImageDataset, within_group: bool) -> int:

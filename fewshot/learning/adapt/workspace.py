@@ -59,6 +59,10 @@ class Workspace:
             self._features[key] = self.split(vectors)
         return self._features[key]
 
+    def has(self, encoder: Encoder) -> bool:
+        """Whether ``encoder``'s embeddings of the domain are computed already (no cost to use them)."""
+        return encoder.fingerprint_id in self._features
+
     def split(self, vectors: np.ndarray) -> Features:
         n_train, n_val = len(self.domain.train), len(self.domain.val)
         return Features(train=vectors[:n_train], val=vectors[n_train:n_train + n_val],
