@@ -144,7 +144,8 @@ def protonet_model(encoder: Encoder, features: Features, ws: Workspace, *, ways:
 
     head = new_head()
     groups = train.groups if within_group else None
-    ways = min(ways, _ways_possible(train.labels[~inner]), _ways_possible(train.labels[inner]))
+    ways = min(ways, _ways_possible(train.labels[~inner], _rows(groups, ~inner)),
+               _ways_possible(train.labels[inner], _rows(groups, inner)))
     start = time.monotonic()
     train_head(head, features.train[~inner], train.labels[~inner], groups=_rows(groups, ~inner), ways=ways,
                episodes=50, within_group=within_group, seed=seed, progress=False, patience=None)
@@ -166,8 +167,11 @@ def _inner_validation(labels: np.ndarray, groups, seed: int) -> np.ndarray:
     return np.isin(units, held)
 
 
-def _ways_possible(labels: np.ndarray) -> int:
-    return max(2, len(np.unique(labels)))
+def _ways_possible(labels: np.ndarray, groups) -> int:
+    """The most classes an episode can hold: all of them, or within a group, the biggest group's."""
+    if groups is None:
+        return max(2, len(np.unique(labels)))
+    return max(2, max(len(np.unique(labels[groups == g])) for g in np.unique(groups)))
 
 
 def _rows(groups, mask):
