@@ -65,10 +65,19 @@ _AUTO_MIN_IMAGES = 256
 #   "onnxruntime": the network exported to ONNX (once per fingerprint, kept in the cache folder) and run by
 #       onnxruntime: ~2x eager per image on CPU. Checked against eager on a probe batch (cosine >= 0.9999);
 #       if it is not installed, fails or disagrees, torch runs instead, with a warning.
-#   "auto" (default): onnxruntime for calls of at least _AUTO_MIN_IMAGES images when it is installed (the
-#       fastest runtime measured here, see benchmarks/export.py), else torch; one-off calls run eager.
+#   "auto" (default): onnxruntime wherever it costs less than torch, judged by what it needs first (measured on
+#       2 cores for Lite0, benchmarks/embedding.py: onnxruntime embeds ~145 img/s end to end, eager ~80):
+#       - any call, once this encoder has its checked session (building one again would cost nothing more);
+#       - calls of at least _ONNX_MIN_IMAGES images once the export is cached: opening and checking the session
+#         takes ~0.2 s, about what eager spends on 16 images, and is paid once per encoder;
+#       - calls of at least _EXPORT_MIN_IMAGES images when it must export first (~1.3 s more, won back after
+#         ~250 images at ~5 ms saved per image), so that the registry's first big registration leaves the
+#         export cached for every later call (and for the torch-free predict);
+#       else torch (eager below _AUTO_MIN_IMAGES images), and torch wherever onnxruntime is not installed.
 RUNTIMES = ("torch", "onnxruntime", "auto")
 DEFAULT_RUNTIME = "auto"
+_ONNX_MIN_IMAGES = 16
+_EXPORT_MIN_IMAGES = 256
 
 # Parallel embedding streams are capped: each holds a batch of activations in memory.
 _MAX_STREAMS = 8
@@ -242,8 +251,10 @@ class Encoder:
         planned = workers or min(total_threads, _MAX_STREAMS)
         streams = max(1, min(planned, len(chunks)))
         # A small call (fewer batches than streams) gives its streams more threads each; inductor bakes the
-        # thread count into its kernels, so there it stays fixed and one compile serves every call.
-        per_stream = max(1, total_threads // (planned if self.compile == "inductor" else streams))
+        # thread count into its kernels and onnxruntime into its session, so there it stays fixed and one
+        # compile or session serves every call.
+        fixed = self.compile == "inductor" or self._onnx_wanted(len(todo))
+        per_stream = max(1, total_threads // (planned if fixed else streams))
         network = self._network(len(todo), batch_size, per_stream)
         lock, stop = threading.Lock(), threading.Event()
         queue = iter(chunks)
@@ -307,13 +318,22 @@ class Encoder:
             return self._forward
         return lambda batch: _run_padded(module, batch, batch_size)
 
+    def _onnx_wanted(self, n_images: int) -> bool:
+        """Whether a call of ``n_images`` runs on onnxruntime: asked for, or "auto" where it costs less than
+        torch (see ``RUNTIMES``)."""
+        if self.runtime != "auto":
+            return self.runtime == "onnxruntime"
+        if any(key[0] == "onnxruntime" and network is not None for key, network in self._compiled.items()):
+            return True
+        from .runtime import encoder_onnx_path, onnxruntime_available
+
+        if n_images < min(_ONNX_MIN_IMAGES, _EXPORT_MIN_IMAGES) or not onnxruntime_available():
+            return False
+        return n_images >= _EXPORT_MIN_IMAGES or encoder_onnx_path(self).is_file()
+
     def _onnx_network(self, n_images: int, threads: int) -> Callable | None:
         """The onnxruntime network where ``runtime`` asks for it and it works, else None (torch then runs)."""
-        from .runtime import onnxruntime_available
-
-        wanted = self.runtime == "onnxruntime" or (self.runtime == "auto" and n_images >= _AUTO_MIN_IMAGES
-                                                   and onnxruntime_available())
-        if not wanted:
+        if not self._onnx_wanted(n_images):
             return None
         key = ("onnxruntime", threads)
         with self._compile_lock:
