@@ -346,3 +346,16 @@ def test_hub_encoder_fails_at_once_when_offline(capfd):
     with pytest.raises(WeightsError, match="--weights FILE"):
         create_encoder("resnet18")
     assert "Retry" not in capfd.readouterr().err
+
+
+def test_prepared_inputs_embed_like_the_inputs_and_only_with_their_encoder(encoder, photos):
+    from fewshot.errors import ImageError
+
+    paths = [photos["coffee"], photos["rocket"]]
+    prepared = [encoder.prepare(path) for path in paths]
+    result = encoder.embed_batch([*prepared, create_encoder("efficientnet_lite0@96").prepare(photos["coins"])])
+    np.testing.assert_array_equal(result.vectors[:2], encoder.embed(paths))
+    assert result.sources[:2] == [str(p) for p in paths] and result.digests[:2] == [p.digest for p in prepared]
+    assert "prepared for another encoder" in result.errors[2] and np.isnan(result.vectors[2]).all()
+    with pytest.raises(ImageError, match="not a recognised image"):
+        encoder.prepare(b"not an image")

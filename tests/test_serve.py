@@ -103,10 +103,13 @@ def test_predict_returns_the_clis_prediction_objects_in_order(registered, server
     library = FewShotClassifier.load(server.registry, encoder=encoder, cache=False)
     expected = [p.to_dict() for p in library.predict([NamedBytes(b, n) for n, b in query], top_k=2)]
     assert [p.keys() for p in got] == [p.keys() for p in expected]
-    for g, e in zip(got, expected):
-        assert g["label"] == e["label"] and g["input"] == e["input"]
+    for g, e in zip(got, expected):  # the service runs onnxruntime, the library here eager torch
+        assert g["label"] == e["label"] and g["input"] == e["input"] and g["unknown"] == e["unknown"]
         assert g["score"] == pytest.approx(e["score"], abs=1e-4)
+        assert g["similarity"] == pytest.approx(e["similarity"], abs=1e-4)
         assert [t["label"] for t in g["top_k"]] == [t["label"] for t in e["top_k"]]
+    assert registered.get("/v1/info").json()["runtime"] == "onnxruntime"
+    assert "unavailable" not in server.log.read_text()  # no fallback to torch was warned
 
 
 def test_each_bad_file_fails_alone(registered, images):

@@ -100,6 +100,17 @@ class Embeddings:
         return np.array([e is None for e in self.errors], dtype=bool)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One input decoded and preprocessed ahead of embedding (``Encoder.prepare``), e.g. by a service's decode
+    pool; ``embed`` takes it in place of the input and only runs the network on it."""
+
+    value: object  # the encoder's per-image preprocessing output
+    source: str  # describe(input), for messages and answers
+    digest: str  # the input's content digest (embedding-cache key)
+    encoder_id: str  # fingerprint id of the encoder that prepared it
+
+
 class Encoder:
     """A frozen timm model that turns images into ``(N, dim)`` float32 embeddings.
 
@@ -196,6 +207,15 @@ class Encoder:
         return int(round(self.data_config["input_size"][-1] / self.data_config["crop_pct"]))
 
     # -- embedding ----------------------------------------------------------------------------
+    def prepare(self, item) -> Prepared:
+        """Decode and preprocess one input now, for a later ``embed``; ImageError (the message ``embed_batch``
+        would give) where it cannot be used."""
+        digest = content_digest(item)
+        result = load_one(item, transform=self._image_step, min_size=self.resize_size)
+        if not result.ok:
+            raise ImageError(result.error)
+        return Prepared(result.value, result.source, digest, self.fingerprint_id)
+
     def embed(self, images, *, batch_size: int = DEFAULT_BATCH_SIZE, cache: EmbeddingCache | None = None,
               progress: bool | None = None, workers: int | None = None) -> np.ndarray:
         """Embed every input and return an ``(N, dim)`` float32 array.
@@ -241,7 +261,8 @@ class Encoder:
             finally:  # also on Ctrl-C: keep every batch that was finished
                 if writer is not None:
                     writer.flush()
-        return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors, digests=digests)
+        sources = [it.source if isinstance(it, Prepared) else describe(it) for it in items]
+        return Embeddings(vectors=vectors, sources=sources, errors=errors, digests=digests)
 
     def _run_streams(self, items: list, todo: list[int], vectors: np.ndarray, errors: list, batch_size: int,
                      workers: int | None, bar, total_threads: int, done: Callable[[list[int]], None]) -> None:
@@ -287,6 +308,10 @@ class Encoder:
         """Decode, preprocess and embed one batch of rows (in a stream's thread); returns rows handled."""
         good, values = [], []
         for row in rows:
+            if isinstance(items[row], Prepared):  # decoded ahead (its digest was checked in _digests)
+                good.append(row)
+                values.append(items[row].value)
+                continue
             result = load_one(items[row], transform=self._image_step, min_size=self.resize_size)
             if result.ok:
                 good.append(row)
@@ -386,6 +411,11 @@ class Encoder:
     def _digests(self, items: list, errors: list[str | None]) -> list[str | None]:
         digests: list[str | None] = []
         for i, item in enumerate(items):
+            if isinstance(item, Prepared):
+                ours = item.encoder_id == self.fingerprint_id
+                digests.append(item.digest if ours else None)
+                errors[i] = None if ours else f"{item.source}: prepared for another encoder; prepare it with this one"
+                continue
             try:
                 digests.append(content_digest(item))
             except ImageError as exc:
