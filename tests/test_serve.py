@@ -276,6 +276,24 @@ def test_concurrent_predictions_are_batched_while_a_writer_adds(registered, imag
     assert (sum1 - sum0) / (count1 - count0) > 1.5  # several requests per model call
 
 
+def test_a_large_image_delays_only_its_own_request(registered, images):
+    big = io.BytesIO()
+    Image.linear_gradient("L").resize((5000, 5000)).save(big, format="PNG")  # 25 MP: decodes for ~1 s
+    finished = {}
+
+    def ask(name: str, data: bytes) -> None:
+        r = registered.post("/v1/predict", files=files((name, data)))
+        assert r.status_code == 200 and r.json()[0]["error"] is None, r.text
+        finished[name] = time.perf_counter()
+
+    large = threading.Thread(target=ask, args=("big.png", big.getvalue()))
+    large.start()
+    time.sleep(0.3)  # the large upload is in, and decoding
+    ask("small.jpg", images["cat"][3])
+    large.join()
+    assert finished["small.jpg"] < finished["big.png"]  # decoded beside it, batched without waiting for it
+
+
 def test_a_second_writer_gets_the_lock_error_at_once(registered, server, images, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
