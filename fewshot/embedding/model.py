@@ -348,7 +348,8 @@ class Encoder:
         torch (see ``RUNTIMES``)."""
         if self.runtime != "auto":
             return self.runtime == "onnxruntime"
-        if any(key[0] == "onnxruntime" and network is not None for key, network in self._compiled.items()):
+        built = list(self._compiled.items())  # a copy: another thread's call may be adding to it
+        if any(key[0] == "onnxruntime" and network is not None for key, network in built):
             return True
         from .runtime import encoder_onnx_path, onnxruntime_available
 
