@@ -39,11 +39,12 @@ class Server:
                 self.process.wait()
 
 
-def start_server(registry: Path, *args: str, timeout: float = 120.0) -> Server:
-    """Start ``fewshot serve registry args...`` and wait until /readyz says ready."""
+def start_server(registry: Path, *args: str, timeout: float = 120.0, code: Path = ROOT) -> Server:
+    """Start ``fewshot serve registry args...`` and wait until /readyz says ready; ``code``: the folder the
+    fewshot package is imported from (another version's, for benchmarks)."""
     port = free_port()
     log = registry.parent / f"serve-{port}.log"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "fewshot", "serve", str(registry), "--port", str(port),
                                     *args], stdout=out, stderr=subprocess.STDOUT, env=env)

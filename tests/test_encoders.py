@@ -180,24 +180,55 @@ def test_auto_compiles_once_and_only_for_large_calls(photos, monkeypatch):
     np.testing.assert_allclose(first, again, rtol=1e-6, atol=1e-6)
 
 
-def test_default_runtime_uses_onnxruntime_for_large_calls_only(encoder, photos, monkeypatch):
-    pytest.importorskip("onnxruntime")
+def _count_builds(monkeypatch) -> list:
     import fewshot.embedding.model as encoders
 
-    monkeypatch.setattr(encoders, "_AUTO_MIN_IMAGES", 4)
     builds = []
     original = encoders.Encoder._build
     monkeypatch.setattr(encoders.Encoder, "_build", lambda self, *a: builds.append(a) or original(self, *a))
+    return builds
+
+
+def test_default_runtime_exports_for_large_calls_then_uses_onnxruntime_for_every_call(encoder, photos, monkeypatch,
+                                                                                    tmp_path):
+    pytest.importorskip("onnxruntime")
+    import fewshot.embedding.model as encoders
+    from fewshot.embedding.runtime import encoder_onnx_path
+
+    monkeypatch.setenv("FEWSHOT_CACHE_DIR", str(tmp_path))  # no export cached yet
+    monkeypatch.setattr(encoders, "_EXPORT_MIN_IMAGES", 4)
+    builds = _count_builds(monkeypatch)
     auto = create_encoder()  # runtime="auto" is the default
     paths = list(photos.values())
     auto.embed(paths[:2])
-    assert builds == []  # small call: eager, no export to wait for
+    assert builds == [] and not encoder_onnx_path(auto).exists()  # small call: eager, no export to wait for
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # onnxruntime passed its check: no fallback warning
         first = auto.embed(paths)
-        auto.embed(paths)
+        one = auto.embed(paths[:1])  # the session is there now: even one image runs on it
+    assert encoder_onnx_path(auto).is_file()
     assert [b[0] for b in builds] == ["onnxruntime"]  # built once per encoder, not per call
+    assert auto._onnx_wanted(1)
     np.testing.assert_allclose(first, encoder.embed(paths), atol=1e-4)
+    np.testing.assert_allclose(one, first[:1], atol=1e-5)
+
+
+def test_default_runtime_uses_a_cached_export_for_calls_of_a_handful_of_images(encoder, photos, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import fewshot.embedding.model as encoders
+    from fewshot.embedding.runtime import cached_encoder_onnx
+
+    cached_encoder_onnx(encoder)  # exported before, e.g. by an earlier registration
+    monkeypatch.setattr(encoders, "_ONNX_MIN_IMAGES", 3)
+    builds = _count_builds(monkeypatch)
+    auto = create_encoder()
+    paths = list(photos.values())
+    auto.embed(paths[:2])
+    assert builds == []  # below a handful: the session is not worth opening
+    vectors = auto.embed(paths[:3])
+    assert [b[0] for b in builds] == ["onnxruntime"]
+    np.testing.assert_allclose(vectors, encoder.embed(paths[:3]), atol=1e-4)
+    assert create_encoder(runtime="torch")._onnx_wanted(1000) is False
 
 
 def test_failed_compilation_falls_back_to_eager_with_a_warning(encoder, photos, monkeypatch):
@@ -315,3 +346,16 @@ def test_hub_encoder_fails_at_once_when_offline(capfd):
     with pytest.raises(WeightsError, match="--weights FILE"):
         create_encoder("resnet18")
     assert "Retry" not in capfd.readouterr().err
+
+
+def test_prepared_inputs_embed_like_the_inputs_and_only_with_their_encoder(encoder, photos):
+    from fewshot.errors import ImageError
+
+    paths = [photos["coffee"], photos["rocket"]]
+    prepared = [encoder.prepare(path) for path in paths]
+    result = encoder.embed_batch([*prepared, create_encoder("efficientnet_lite0@96").prepare(photos["coins"])])
+    np.testing.assert_array_equal(result.vectors[:2], encoder.embed(paths))
+    assert result.sources[:2] == [str(p) for p in paths] and result.digests[:2] == [p.digest for p in prepared]
+    assert "prepared for another encoder" in result.errors[2] and np.isnan(result.vectors[2]).all()
+    with pytest.raises(ImageError, match="not a recognised image"):
+        encoder.prepare(b"not an image")

@@ -64,3 +64,19 @@ def test_names_sizes_and_bad_arguments():
         create_encoder(PAIR, weights="some.safetensors")
     with pytest.raises(ValueError, match="pooled"):
         create_encoder(PAIR, stages=(2,), pool=2)
+
+
+def test_onnxruntime_runs_every_member_with_the_same_vectors_and_fingerprint(pair, photos):
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    from fewshot.embedding.runtime import min_cosine
+
+    fast = create_encoder(PAIR, runtime="onnxruntime")
+    images = [photos["coins"], photos["camera"], photos["astronaut"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no member fell back to torch
+        vectors = fast.embed(images)
+    assert fast.runtime == "onnxruntime" and all(m._onnx_wanted(1) for m in fast.members)
+    assert fast.fingerprint == pair.fingerprint
+    assert min_cosine(vectors, create_encoder(PAIR, runtime="torch").embed(images)) >= 0.9999

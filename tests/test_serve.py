@@ -103,10 +103,13 @@ def test_predict_returns_the_clis_prediction_objects_in_order(registered, server
     library = FewShotClassifier.load(server.registry, encoder=encoder, cache=False)
     expected = [p.to_dict() for p in library.predict([NamedBytes(b, n) for n, b in query], top_k=2)]
     assert [p.keys() for p in got] == [p.keys() for p in expected]
-    for g, e in zip(got, expected):
-        assert g["label"] == e["label"] and g["input"] == e["input"]
+    for g, e in zip(got, expected):  # the service runs onnxruntime, the library here eager torch
+        assert g["label"] == e["label"] and g["input"] == e["input"] and g["unknown"] == e["unknown"]
         assert g["score"] == pytest.approx(e["score"], abs=1e-4)
+        assert g["similarity"] == pytest.approx(e["similarity"], abs=1e-4)
         assert [t["label"] for t in g["top_k"]] == [t["label"] for t in e["top_k"]]
+    assert registered.get("/v1/info").json()["runtime"] == "onnxruntime"
+    assert "unavailable" not in server.log.read_text()  # no fallback to torch was warned
 
 
 def test_each_bad_file_fails_alone(registered, images):
@@ -271,6 +274,24 @@ def test_concurrent_predictions_are_batched_while_a_writer_adds(registered, imag
     count1, sum1 = batches()
     assert sum1 - sum0 == 32
     assert (sum1 - sum0) / (count1 - count0) > 1.5  # several requests per model call
+
+
+def test_a_large_image_delays_only_its_own_request(registered, images):
+    big = io.BytesIO()
+    Image.linear_gradient("L").resize((5000, 5000)).save(big, format="PNG")  # 25 MP: decodes for ~1 s
+    finished = {}
+
+    def ask(name: str, data: bytes) -> None:
+        r = registered.post("/v1/predict", files=files((name, data)))
+        assert r.status_code == 200 and r.json()[0]["error"] is None, r.text
+        finished[name] = time.perf_counter()
+
+    large = threading.Thread(target=ask, args=("big.png", big.getvalue()))
+    large.start()
+    time.sleep(0.3)  # the large upload is in, and decoding
+    ask("small.jpg", images["cat"][3])
+    large.join()
+    assert finished["small.jpg"] < finished["big.png"]  # decoded beside it, batched without waiting for it
 
 
 def test_a_second_writer_gets_the_lock_error_at_once(registered, server, images, tmp_path):

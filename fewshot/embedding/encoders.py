@@ -78,7 +78,7 @@ def create_encoder(
     check_runtime(runtime)
     if "+" in name or "@" in name:  # an ensemble "a+b", or a resolution "name@SIZE"
         return _create_ensemble(name, weights=weights, pretrained=pretrained, stages=stages, pool=pool,
-                                input_size=input_size, compile=compile)
+                                input_size=input_size, compile=compile, runtime=runtime)
     arch = PACKAGED_WEIGHTS[name][0] if name in PACKAGED_WEIGHTS else name
     if arch not in timm.list_models() and arch not in timm.list_pretrained():
         raise ValueError(f"unknown encoder {name!r}: use one of {sorted(PACKAGED_WEIGHTS)} or a timm model name "
@@ -100,13 +100,15 @@ def create_encoder(
                    runtime=runtime)
 
 
-def _create_ensemble(name: str, *, weights, pretrained: bool, stages, pool, input_size, compile: str) -> Encoder:
+def _create_ensemble(name: str, *, weights, pretrained: bool, stages, pool, input_size, compile: str,
+                     runtime: str) -> Encoder:
     members = split_encoder_name(name)
     if weights is not None and len(members) > 1:
         raise ValueError(f"weights=FILE names one encoder's weights; {name!r} is an ensemble of packaged or "
                          f"timm-pretrained encoders")
     encoders = [create_encoder(member, weights=weights, pretrained=pretrained, stages=stages, pool=pool,
-                               input_size=size or input_size, compile=compile) for member, size in members]
+                               input_size=size or input_size, compile=compile, runtime=runtime)
+                for member, size in members]
     return encoders[0] if len(encoders) == 1 else EnsembleEncoder(encoders)
 
 @contextlib.contextmanager
@@ -143,7 +145,7 @@ def encoder_from_fingerprint(fingerprint: dict, *, name: str | None = None, weig
     if fingerprint.get("members") and name is None:  # an ensemble: re-create each member
         if not isinstance(fingerprint["members"], list) or not 2 <= len(fingerprint["members"]) <= 8:
             raise ValueError("an ensemble fingerprint's 'members' must list 2 to 8 encoder fingerprints")
-        return EnsembleEncoder([encoder_from_fingerprint(m, weights=weights, compile=compile)
+        return EnsembleEncoder([encoder_from_fingerprint(m, weights=weights, compile=compile, runtime=runtime)
                                 for m in fingerprint["members"]])
     features = fingerprint.get("features") or {}
     size = (fingerprint.get("preprocess") or {}).get("input_size")

@@ -40,7 +40,7 @@ class EnsembleEncoder(Encoder):
         self.members = list(members)
         self.name = SEPARATOR.join(_member_label(m) for m in self.members)
         self.stages, self.pool, self.feature_shape = None, "avg", None
-        self.compile = self.members[0].compile
+        self.compile, self.runtime = self.members[0].compile, self.members[0].runtime
         self.dims = [m.dim for m in self.members]
         self.dim = int(sum(self.dims))
         self.fingerprint = {"name": self.name, "ensemble": "l2-normalised concatenation",
@@ -64,6 +64,9 @@ class EnsembleEncoder(Encoder):
         """Raw (unnormalised) member features side by side; normalised after caching."""
         networks = [m._network(n_images, batch_size, threads) for m in self.members]
         return lambda batches: torch.cat([net(b).float() for net, b in zip(networks, batches)], dim=1)
+
+    def _onnx_wanted(self, n_images: int) -> bool:
+        return any(m._onnx_wanted(n_images) for m in self.members)
 
     def _forward(self, batches: tuple) -> torch.Tensor:
         return torch.cat([m._forward(b) for m, b in zip(self.members, batches)], dim=1)

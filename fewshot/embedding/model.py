@@ -65,10 +65,19 @@ _AUTO_MIN_IMAGES = 256
 #   "onnxruntime": the network exported to ONNX (once per fingerprint, kept in the cache folder) and run by
 #       onnxruntime: ~2x eager per image on CPU. Checked against eager on a probe batch (cosine >= 0.9999);
 #       if it is not installed, fails or disagrees, torch runs instead, with a warning.
-#   "auto" (default): onnxruntime for calls of at least _AUTO_MIN_IMAGES images when it is installed (the
-#       fastest runtime measured here, see benchmarks/export.py), else torch; one-off calls run eager.
+#   "auto" (default): onnxruntime wherever it costs less than torch, judged by what it needs first (measured on
+#       2 cores for Lite0, benchmarks/embedding.py: onnxruntime embeds ~145 img/s end to end, eager ~80):
+#       - any call, once this encoder has its checked session (building one again would cost nothing more);
+#       - calls of at least _ONNX_MIN_IMAGES images once the export is cached: opening and checking the session
+#         takes ~0.2 s, about what eager spends on 16 images, and is paid once per encoder;
+#       - calls of at least _EXPORT_MIN_IMAGES images when it must export first (~1.3 s more, won back after
+#         ~250 images at ~5 ms saved per image), so that the registry's first big registration leaves the
+#         export cached for every later call (and for the torch-free predict);
+#       else torch (eager below _AUTO_MIN_IMAGES images), and torch wherever onnxruntime is not installed.
 RUNTIMES = ("torch", "onnxruntime", "auto")
 DEFAULT_RUNTIME = "auto"
+_ONNX_MIN_IMAGES = 16
+_EXPORT_MIN_IMAGES = 256
 
 # Parallel embedding streams are capped: each holds a batch of activations in memory.
 _MAX_STREAMS = 8
@@ -89,6 +98,17 @@ class Embeddings:
     def ok(self) -> np.ndarray:
         """Boolean mask of the inputs that embedded."""
         return np.array([e is None for e in self.errors], dtype=bool)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One input decoded and preprocessed ahead of embedding (``Encoder.prepare``), e.g. by a service's decode
+    pool; ``embed`` takes it in place of the input and only runs the network on it."""
+
+    value: object  # the encoder's per-image preprocessing output
+    source: str  # describe(input), for messages and answers
+    digest: str  # the input's content digest (embedding-cache key)
+    encoder_id: str  # fingerprint id of the encoder that prepared it
 
 
 class Encoder:
@@ -187,6 +207,15 @@ class Encoder:
         return int(round(self.data_config["input_size"][-1] / self.data_config["crop_pct"]))
 
     # -- embedding ----------------------------------------------------------------------------
+    def prepare(self, item) -> Prepared:
+        """Decode and preprocess one input now, for a later ``embed``; ImageError (the message ``embed_batch``
+        would give) where it cannot be used."""
+        digest = content_digest(item)
+        result = load_one(item, transform=self._image_step, min_size=self.resize_size)
+        if not result.ok:
+            raise ImageError(result.error)
+        return Prepared(result.value, result.source, digest, self.fingerprint_id)
+
     def embed(self, images, *, batch_size: int = DEFAULT_BATCH_SIZE, cache: EmbeddingCache | None = None,
               progress: bool | None = None, workers: int | None = None) -> np.ndarray:
         """Embed every input and return an ``(N, dim)`` float32 array.
@@ -232,7 +261,8 @@ class Encoder:
             finally:  # also on Ctrl-C: keep every batch that was finished
                 if writer is not None:
                     writer.flush()
-        return Embeddings(vectors=vectors, sources=[describe(it) for it in items], errors=errors, digests=digests)
+        sources = [it.source if isinstance(it, Prepared) else describe(it) for it in items]
+        return Embeddings(vectors=vectors, sources=sources, errors=errors, digests=digests)
 
     def _run_streams(self, items: list, todo: list[int], vectors: np.ndarray, errors: list, batch_size: int,
                      workers: int | None, bar, total_threads: int, done: Callable[[list[int]], None]) -> None:
@@ -242,8 +272,10 @@ class Encoder:
         planned = workers or min(total_threads, _MAX_STREAMS)
         streams = max(1, min(planned, len(chunks)))
         # A small call (fewer batches than streams) gives its streams more threads each; inductor bakes the
-        # thread count into its kernels, so there it stays fixed and one compile serves every call.
-        per_stream = max(1, total_threads // (planned if self.compile == "inductor" else streams))
+        # thread count into its kernels and onnxruntime into its session, so there it stays fixed and one
+        # compile or session serves every call.
+        fixed = self.compile == "inductor" or self._onnx_wanted(len(todo))
+        per_stream = max(1, total_threads // (planned if fixed else streams))
         network = self._network(len(todo), batch_size, per_stream)
         lock, stop = threading.Lock(), threading.Event()
         queue = iter(chunks)
@@ -276,6 +308,10 @@ class Encoder:
         """Decode, preprocess and embed one batch of rows (in a stream's thread); returns rows handled."""
         good, values = [], []
         for row in rows:
+            if isinstance(items[row], Prepared):  # decoded ahead (its digest was checked in _digests)
+                good.append(row)
+                values.append(items[row].value)
+                continue
             result = load_one(items[row], transform=self._image_step, min_size=self.resize_size)
             if result.ok:
                 good.append(row)
@@ -307,13 +343,23 @@ class Encoder:
             return self._forward
         return lambda batch: _run_padded(module, batch, batch_size)
 
+    def _onnx_wanted(self, n_images: int) -> bool:
+        """Whether a call of ``n_images`` runs on onnxruntime: asked for, or "auto" where it costs less than
+        torch (see ``RUNTIMES``)."""
+        if self.runtime != "auto":
+            return self.runtime == "onnxruntime"
+        built = list(self._compiled.items())  # a copy: another thread's call may be adding to it
+        if any(key[0] == "onnxruntime" and network is not None for key, network in built):
+            return True
+        from .runtime import encoder_onnx_path, onnxruntime_available
+
+        if n_images < min(_ONNX_MIN_IMAGES, _EXPORT_MIN_IMAGES) or not onnxruntime_available():
+            return False
+        return n_images >= _EXPORT_MIN_IMAGES or encoder_onnx_path(self).is_file()
+
     def _onnx_network(self, n_images: int, threads: int) -> Callable | None:
         """The onnxruntime network where ``runtime`` asks for it and it works, else None (torch then runs)."""
-        from .runtime import onnxruntime_available
-
-        wanted = self.runtime == "onnxruntime" or (self.runtime == "auto" and n_images >= _AUTO_MIN_IMAGES
-                                                   and onnxruntime_available())
-        if not wanted:
+        if not self._onnx_wanted(n_images):
             return None
         key = ("onnxruntime", threads)
         with self._compile_lock:
@@ -366,6 +412,11 @@ class Encoder:
     def _digests(self, items: list, errors: list[str | None]) -> list[str | None]:
         digests: list[str | None] = []
         for i, item in enumerate(items):
+            if isinstance(item, Prepared):
+                ours = item.encoder_id == self.fingerprint_id
+                digests.append(item.digest if ours else None)
+                errors[i] = None if ours else f"{item.source}: prepared for another encoder; prepare it with this one"
+                continue
             try:
                 digests.append(content_digest(item))
             except ImageError as exc:

@@ -70,9 +70,14 @@ def session(path: str | os.PathLike, threads: int = 1):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def encoder_onnx_path(encoder) -> Path:
+    """Where the encoder's ONNX export is cached (keyed by fingerprint), whether or not it exists yet."""
+    return default_cache_path().parent / "onnx" / f"{encoder.fingerprint_id}.onnx"
+
+
 def cached_encoder_onnx(encoder) -> Path:
     """The encoder's ONNX file in the cache folder, exported the first time (keyed by fingerprint)."""
-    path = default_cache_path().parent / "onnx" / f"{encoder.fingerprint_id}.onnx"
+    path = encoder_onnx_path(encoder)
     if not path.is_file():
         export_module(encoder.features_module(), path, encoder.probe_batch(2))
     return path

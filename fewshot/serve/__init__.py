@@ -33,7 +33,7 @@ def run(classifier: FewShotClassifier, settings: ServeSettings, *, host: str = "
                                 max_connections=settings.max_connections)
     sock = sock or listen(host, port)
     service = Service(classifier, max_batch=settings.max_batch, batch_window_ms=settings.batch_window_ms,
-                      compile=settings.compile, max_image_mp=settings.max_image_mp,
+                      compile=settings.compile, runtime=settings.runtime, max_image_mp=settings.max_image_mp,
                       max_request_mp=settings.max_request_mp)
     app = create_app(service, settings)
     config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False, timeout_graceful_shutdown=10)

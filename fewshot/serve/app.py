@@ -46,6 +46,7 @@ class ServeSettings:
     max_batch: int = 16
     batch_window_ms: float = 5.0
     compile: str | None = "torchscript"  # the encoder's network (see fewshot.embedding.encoders.COMPILE_MODES)
+    runtime: str | None = "onnxruntime"  # its engine (RUNTIMES there): torch with `compile` where onnxruntime fails
     cors_origins: list[str] = field(default_factory=list)
     max_image_mp: float = 40.0  # megapixels one image may decode to (JPEGs decode at reduced size)
     max_request_mp: float = 160.0  # megapixels all images of one request may decode to
@@ -227,6 +228,7 @@ def _info(service: Service, calibration: Calibration) -> dict:
         "index": classifier.registry_.index_in_use,
         "batching": {"max_batch": service.batcher.max_batch, "window_ms": service.batcher.window_s * 1000},
         "compile": classifier.encoder_.compile,
+        "runtime": classifier.encoder_.runtime,
         "versions": {"fewshot": __version__, "python": platform.python_version(), "torch": torch.__version__,
                      "timm": timm.__version__, "faiss": faiss.__version__},
     }

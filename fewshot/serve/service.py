@@ -3,11 +3,16 @@
 Everything that touches the model or changes the registry runs in that one thread, so changes are
 serialised (the registry's one writer) and predictions never run beside a half-applied change. Predict
 requests from many clients go through a ``Batcher``, which groups them into one model call.
+
+Images to predict are decoded and preprocessed before they join a batch, by a pool of decode threads
+(``Encoder.prepare``): the model call runs only the network (onnxruntime by default), so a large image
+delays its own request and never the batch it would have joined.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -22,6 +27,9 @@ from .batching import Batcher
 from .telemetry import Telemetry
 
 MAX_TOP_K = 1000
+# Decode threads: Pillow releases the GIL while decoding, so one per core keeps every core busy; capped, since
+# each holds a decoded image in memory.
+DECODE_THREADS = max(1, min(os.cpu_count() or 1, 8))
 
 
 class TooManyPixels(ValueError):
@@ -38,13 +46,15 @@ class Service:
     """Owns an open ``FewShotClassifier`` (``FewShotClassifier.open``) and the thread that uses it."""
 
     def __init__(self, classifier: FewShotClassifier, *, max_batch: int = 16, batch_window_ms: float = 5.0,
-                 compile: str | None = "torchscript", telemetry: Telemetry | None = None,
-                 max_image_mp: float = 40.0, max_request_mp: float = 160.0):
+                 compile: str | None = "torchscript", runtime: str | None = "onnxruntime",
+                 telemetry: Telemetry | None = None, max_image_mp: float = 40.0, max_request_mp: float = 160.0):
         self.classifier = classifier
         self.max_image_mp, self.max_request_mp = max_image_mp, max_request_mp  # decoded megapixels
         self.compile = compile  # how the encoder's network runs (``Encoder.compile``); None: as it is
+        self.runtime = runtime  # its engine (``Encoder.runtime``; torch with ``compile`` if onnxruntime fails)
         self.telemetry = telemetry or Telemetry()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewshot-model")
+        self._decoders = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="fewshot-decode")
         self.batcher: Batcher[PredictJob] = Batcher(self._predict_batch, self._worker, max_batch=max_batch,
                                                     window_s=batch_window_ms / 1000,
                                                     on_batch=self.telemetry.record_batch)
@@ -57,13 +67,17 @@ class Service:
 
     def _warm_up(self) -> None:
         encoder = self.classifier.encoder_
-        if self.compile is not None:  # a long-running service pays a compile once, at start-up
-            encoder.compile = self.compile
+        for part in [encoder, *getattr(encoder, "members", [])]:  # an ensemble's members run their own networks
+            if self.compile is not None:  # a long-running service pays a compile or an export once, at start-up
+                part.compile = self.compile
+            if self.runtime is not None:
+                part.runtime = self.runtime
         encoder.embed_batch([np.full((224, 224, 3), 128, np.uint8)] * 2, progress=False)
         self.classifier.registry_  # noqa: B018 - creates an empty registry for a new path
 
     async def close(self) -> None:
         await self.batcher.close()
+        self._decoders.shutdown(wait=True, cancel_futures=True)
         self._worker.shutdown(wait=True)
         self.classifier.close()
 
@@ -112,10 +126,21 @@ class Service:
     # -- predicting (batched, the worker thread) ---------------------------------------------------
     async def predict(self, images: list[NamedBytes], top_k: int) -> list[Prediction]:
         refused = await self._screen(images)
-        usable = [image for image, why in zip(images, refused) if not why]
+        loop = asyncio.get_running_loop()
+        decoded = iter(await asyncio.gather(*(loop.run_in_executor(self._decoders, self._prepare, image)
+                                              for image, why in zip(images, refused) if not why)))
+        outcome = [why or next(decoded) for why in refused]  # per image: why it is refused, or its decoded form
+        usable = [item for item in outcome if not isinstance(item, str)]
         answers = iter(await self.batcher.submit(PredictJob(usable, top_k), size=len(usable)) if usable else [])
-        return [Prediction(label=None, score=None, error=why, input=image.name) if why else next(answers)
-                for image, why in zip(images, refused)]
+        return [Prediction(label=None, score=None, error=item, input=image.name) if isinstance(item, str)
+                else next(answers) for image, item in zip(images, outcome)]
+
+    def _prepare(self, image: NamedBytes):
+        """The image decoded and preprocessed for the encoder (a decode thread), or why it cannot be used."""
+        try:
+            return self.classifier.encoder_.prepare(image)
+        except ImageError as exc:
+            return str(exc)
 
     # -- decoding cost, from the images' headers ------------------------------------------------
     async def _screen(self, images: list[NamedBytes]) -> list[str | None]:
