@@ -46,6 +46,7 @@ class Candidate:
     model: HeadBase | None = field(default=None, repr=False)
     encoder: Encoder | None = field(default=None, repr=False)
     spec: "FeatureSpec | None" = None
+    shrinkage: float | None = None  # of a whitening candidate
 
     def to_dict(self) -> dict:
         return {"name": self.name, "phase": self.phase, "status": self.status, "note": self.note,

@@ -50,7 +50,14 @@ def candidates(ws: Workspace, clock: Budget, tried: list[C.Candidate], *, seed: 
         yield trial.features(spec)
     yield from _statistics(trial, best(), best_single(), seed)
     yield trial.head(best(), seed=seed, ways=ways, within_group=within_group)
-    yield from _finetuning(trial, best_single(), seed=seed, ways=ways, within_group=within_group)
+    yield from _finetuning(trial, best_single(), _best_shrinkage(tried), seed=seed, ways=ways,
+                           within_group=within_group)
+
+
+def _best_shrinkage(tried: list[C.Candidate]) -> float:
+    """The whitening shrinkage that validated best (the middle one when none was scored)."""
+    whitened = [c for c in tried if c.shrinkage is not None and c.score is not None]
+    return max(whitened, key=lambda c: c.score.mean).shrinkage if whitened else C.WHITENING_SHRINKAGES[1]
 
 
 def _statistics(trial: "_Trial", base: C.Candidate, single: C.Candidate, seed: int) -> Iterator[C.Candidate]:
@@ -62,9 +69,12 @@ def _statistics(trial: "_Trial", base: C.Candidate, single: C.Candidate, seed: i
     yield trial.adabn(single, seed=seed)
 
 
-def _finetuning(trial: "_Trial", base: C.Candidate, *, seed: int, ways: int, within_group: bool
+def _finetuning(trial: "_Trial", base: C.Candidate, shrinkage: float, *, seed: int, ways: int, within_group: bool
                 ) -> Iterator[C.Candidate]:
-    yield trial.finetune(base, "finetune", seed=seed, ways=ways, within_group=within_group)
+    finetuned = trial.finetune(base, "finetune", seed=seed, ways=ways, within_group=within_group)
+    yield finetuned
+    if finetuned.score is not None:  # the domain's statistics on the fine-tuned features: nearly free
+        yield trial.whitening(finetuned, shrinkage, phase="refine")
     if trial.ws.domain.unlabeled:
         yield trial.finetune(base, "unlabeled", seed=seed, ways=ways, within_group=within_group, objective="distill")
         yield trial.finetune(base, "unlabeled", seed=seed, ways=ways, within_group=within_group, objective="dann")
@@ -112,15 +122,19 @@ class _Trial:
         return self.run(f"{spec.label}, centred", "features", ENCODER_SETUP_SECONDS, build)
 
     # -- domain statistics ---------------------------------------------------------------------------------
-    def whitening(self, base: C.Candidate, shrinkage: float) -> C.Candidate:
+    def whitening(self, base: C.Candidate, shrinkage: float, phase: str = "statistics") -> C.Candidate:
+        """Whitening with the domain's statistics on ``base``'s features (a fine-tuned network stays carried)."""
+        from ..heads.finetuned import FineTunedHead
+
         def build(c: C.Candidate) -> None:
             if base.encoder.dim > MAX_WHITENING_DIM:
-                raise _Skip(f"{base.encoder.dim}-dim features are too wide to whiten "
-                                  f"(limit {MAX_WHITENING_DIM})")
-            c.encoder, c.spec, c.ms_per_image = base.encoder, base.spec, base.ms_per_image
-            c.model = C.whitened_model(base.encoder, self.ws.features(base.encoder), shrinkage)
+                raise _Skip(f"{base.encoder.dim}-dim features are too wide to whiten (limit {MAX_WHITENING_DIM})")
+            c.encoder, c.spec, c.ms_per_image, c.shrinkage = base.encoder, base.spec, base.ms_per_image, shrinkage
+            head = C.whitened_model(base.encoder, self.ws.features(base.encoder), shrinkage)
+            c.model = FineTunedHead.wrap(base.encoder, head) if isinstance(base.model, FineTunedHead) else head
 
-        return self.run(f"{base.spec.label}, whitened (shrinkage {shrinkage})", "statistics", 1, build)
+        label = base.name if phase == "refine" else base.spec.label
+        return self.run(f"{label}, whitened (shrinkage {shrinkage})", phase, 1, build)
 
     def adabn(self, base: C.Candidate, *, seed: int) -> C.Candidate:
         from ..adabn import adapt_batchnorm
