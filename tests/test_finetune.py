@@ -166,6 +166,8 @@ def test_recipes_load_and_bad_recipes_say_what_is_wrong(tmp_path):
         Recipe.load(bad)
     with pytest.raises(ValueError, match="augment"):
         Recipe(augment=("mixup",))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Recipe(precision="float16")
     with pytest.raises(ValueError, match="trainable_stages"):
         SplitNetwork(create_encoder(input_size=64, compile="none").model, None, "avg", 99)
     with pytest.raises(ValueError, match="at least one dataset"):

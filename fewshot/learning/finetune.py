@@ -351,7 +351,8 @@ def finetune(datasets: list[ImageDataset] | ImageDataset, recipe: Recipe | None 
     ``adapt_to``: unlabeled images of the target domain (their labels are ignored), used as the recipe's
     ``unlabeled`` objective says (DANN or distillation).
     ``deadline``: a ``time.monotonic()`` time; training stops once it is reached and keeps the best validated
-    weights (``result.stopped_for_time``). It may be overrun by one step and the final validation, packaging.
+    weights (``result.stopped_for_time``). It may be overrun by one step, a validation and packaging; the frozen
+    prefix's pass over the images always completes (``result.seconds_caching``).
     KeyboardInterrupt propagates (nothing is returned).
     ``progress``: None = a bar on a terminal, else one line per validation on stderr; True/False = always a
     bar / nothing.
@@ -421,7 +422,7 @@ def _finetune(datasets, recipe: Recipe, weights, adapt_to, progress, start,
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.episodes)
     rng = np.random.default_rng(recipe.seed)
     p = np.asarray([t.weight for t in tasks]) / sum(t.weight for t in tasks)
-    stale, loss_sum, timed_out = 0, 0.0, False
+    stale, loss_sum, since_validation, timed_out = 0, 0.0, 0, False
     model.train()
     with tqdm(total=recipe.episodes, desc="fine-tuning", unit="episode",
               disable=None if progress is None else not progress) as bar:
@@ -442,13 +443,13 @@ def _finetune(datasets, recipe: Recipe, weights, adapt_to, progress, start,
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_sum += loss.item()
+            loss_sum, since_validation = loss_sum + loss.item(), since_validation + 1
             bar.update(1)
             if step % recipe.val_every == 0 or step == recipe.episodes or out_of_time():
                 accuracies = _validate(model, tasks, recipe.seed)
                 score = _mean(accuracies, tasks)
-                history.append({"episode": step, "train_loss": loss_sum / recipe.val_every, "val_accuracy": score})
-                loss_sum = 0.0
+                history.append({"episode": step, "train_loss": loss_sum / since_validation, "val_accuracy": score})
+                loss_sum, since_validation = 0.0, 0
                 bar.set_postfix(val_acc=f"{score:.3f}")
                 if progress is None and bar.disable:  # no bar (stderr is not a terminal): a line per validation
                     print(f"fine-tuning: episode {step}/{recipe.episodes}, validation accuracy {score:.3f} "
