@@ -71,7 +71,7 @@ def setup(name: str, data: Path):
     else:
         dataset = load_dataset(data / "caltech101" / "caltech101_base.zip")
         dataset = capped(dataset.select_classes(dataset.classes[:40]), 20)
-        recipe = Recipe.load(ROOT / "recipes" / "caltech.toml").replace(pretrain_steps=10, episodes=25, val_every=25)
+        recipe = Recipe.load(ROOT / "recipes" / "caltech.toml").replace(pretrain_steps=20, episodes=100)
     recipe = Recipe.from_dict({**recipe.to_dict(), "max_images_per_class": None, "patience": 1000})
     train, _ = split_validation(dataset, recipe.val_fraction, recipe.seed)
     n_train = len(train) * (4 if "rotations" in recipe.augment else 1)
