@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,8 @@ def test_recipes_load_and_bad_recipes_say_what_is_wrong(tmp_path):
         Recipe.load(bad)
     with pytest.raises(ValueError, match="augment"):
         Recipe(augment=("mixup",))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Recipe(precision="float16")
     with pytest.raises(ValueError, match="trainable_stages"):
         SplitNetwork(create_encoder(input_size=64, compile="none").model, None, "avg", 99)
     with pytest.raises(ValueError, match="at least one dataset"):
@@ -195,3 +198,37 @@ def test_finetune_logs_a_line_per_validation_when_no_bar_is_shown(photos_dataset
     assert all("validation accuracy" in line and "\r" not in line for line in lines)
     finetune(photos_dataset, Recipe(**TINY), progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_past_deadline_trains_nothing_and_returns_the_frozen_model(photos_dataset):
+    model, result = finetune(photos_dataset, Recipe(**TINY), progress=False, deadline=time.monotonic())
+    assert result.stopped_for_time and result.steps_run == 0 and result.kept == "frozen"
+    assert model.carried_encoder().fingerprint == create_encoder(input_size=64).fingerprint
+    assert 0 < result.seconds_caching < result.seconds
+
+
+def test_deadline_stops_training_and_keeps_the_best_validated_weights(photos_dataset):
+    recipe = Recipe(**{**TINY, "episodes": 100_000, "val_every": 3, "patience": 100_000, "guard": False})
+    start = time.monotonic()
+    model, result = finetune(photos_dataset, recipe, progress=False, deadline=start + 15)
+    assert result.stopped_for_time and not result.stopped_early and 0 < result.steps_run < recipe.episodes
+    assert time.monotonic() - start < 15 + 10  # one step, one validation and packaging past the deadline
+    validated = [h["val_accuracy"] for h in result.history]
+    assert result.history[-1]["episode"] == result.steps_run  # the last steps were validated before stopping
+    assert result.val_accuracy_finetuned >= max(validated)
+    assert model.metadata["training"]["stopped_for_time"] is True
+
+
+def test_distillation_on_unlabeled_images_adds_its_loss_and_replays(photos_dataset):
+    recipe = Recipe(**{**TINY, "unlabeled": "distill", "adapt_weight": 1.0, "val_every": 1})
+    model, result = finetune(photos_dataset, recipe, adapt_to=photos_dataset, progress=False)
+    _, plain = finetune(photos_dataset, recipe, progress=False)
+    again, _ = finetune(photos_dataset, recipe, adapt_to=photos_dataset, progress=False)
+    with_distill = np.array([h["train_loss"] for h in result.history])
+    without = np.array([h["train_loss"] for h in plain.history])
+    # the same episodes plus a cosine loss in [0, 2] between augmented views and the frozen network's features
+    assert np.isfinite(with_distill).all() and (with_distill > without).all() and (with_distill < without + 2).all()
+    assert again.fingerprint == model.fingerprint
+    assert model.metadata["lineage"]["recipe"]["unlabeled"] == "distill"
+    with pytest.raises(ValueError, match="unlabeled must be one of"):
+        Recipe(unlabeled="pseudo-labels")
