@@ -201,12 +201,12 @@ def test_default_runtime_exports_for_large_calls_then_uses_onnxruntime_for_every
     auto = create_encoder()  # runtime="auto" is the default
     paths = list(photos.values())
     auto.embed(paths[:2])
-    assert builds == [] and not encoder_onnx_path(auto).exists()  # small call: eager, no export to wait for
+    assert builds == [] and not encoder_onnx_path(auto.fingerprint_id).exists()  # small call: eager, no export
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # onnxruntime passed its check: no fallback warning
         first = auto.embed(paths)
         one = auto.embed(paths[:1])  # the session is there now: even one image runs on it
-    assert encoder_onnx_path(auto).is_file()
+    assert encoder_onnx_path(auto.fingerprint_id).is_file()
     assert [b[0] for b in builds] == ["onnxruntime"]  # built once per encoder, not per call
     assert auto._onnx_wanted(1)
     np.testing.assert_allclose(first, encoder.embed(paths), atol=1e-4)

@@ -355,7 +355,7 @@ class Encoder:
 
         if n_images < min(_ONNX_MIN_IMAGES, _EXPORT_MIN_IMAGES) or not onnxruntime_available():
             return False
-        return n_images >= _EXPORT_MIN_IMAGES or encoder_onnx_path(self).is_file()
+        return n_images >= _EXPORT_MIN_IMAGES or encoder_onnx_path(self.fingerprint_id).is_file()
 
     def _onnx_network(self, n_images: int, threads: int) -> Callable | None:
         """The onnxruntime network where ``runtime`` asks for it and it works, else None (torch then runs)."""

@@ -70,14 +70,9 @@ def session(path: str | os.PathLike, threads: int = 1):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def encoder_onnx_path(encoder) -> Path:
-    """Where the encoder's ONNX export is cached (keyed by fingerprint), whether or not it exists yet."""
-    return default_cache_path().parent / "onnx" / f"{encoder.fingerprint_id}.onnx"
-
-
 def cached_encoder_onnx(encoder) -> Path:
     """The encoder's ONNX file in the cache folder, exported the first time (keyed by fingerprint)."""
-    path = encoder_onnx_path(encoder)
+    path = encoder_onnx_path(encoder.fingerprint_id)
     if not path.is_file():
         export_module(encoder.features_module(), path, encoder.probe_batch(2))
     return path
@@ -105,7 +100,8 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def encoder_onnx_path(fingerprint_id: str) -> Path:
-    """Where ``cached_encoder_onnx`` keeps the ONNX file of the encoder with this fingerprint id (torch-free)."""
+    """Where ``cached_encoder_onnx`` keeps the ONNX file of the encoder with this fingerprint id, whether or not
+    it exists yet (torch-free)."""
     return default_cache_path().parent / "onnx" / f"{fingerprint_id}.onnx"
 
 
