@@ -18,7 +18,7 @@ from ...evaluation.openset import fit_domain_prior
 from ..base import HeadBase
 from . import candidates as C
 from . import tuning
-from .budget import Budget, parse_budget
+from .budget import PHASE_ENDS, Budget, parse_budget
 from .domain import Caps, caps_for_budget, check_domain, drop_unreadable, split_domain, unlabeled_images
 from .validation import Validation
 from .workspace import Workspace
@@ -111,9 +111,11 @@ def _frozen(ws: Workspace, clock: Budget, spec: C.FeatureSpec, encoder, cost: fl
     """The frozen default, embedded first: it sets the baseline, finds unreadable images and checks that the
     budget allows anything at all."""
     needed = cost * len(ws.items())
-    if needed > 0.9 * clock.seconds:
-        raise ValueError(f"a budget of {clock.seconds:.0f} s is too short: embedding the {len(ws.items())} sampled "
-                         f"images once takes about {needed:.0f} s here; give --budget {_minutes(needed * 4)} or more")
+    room = PHASE_ENDS["features"] * clock.seconds  # the frozen pass and at least one candidate's must fit here
+    if 2 * needed > room:
+        raise ValueError(f"a budget of {clock.seconds:.0f} s is too short for any candidate: one pass over the "
+                         f"{len(ws.items())} sampled images takes about {needed:.1f} s here; give --budget "
+                         f"{_duration(4 * needed / PHASE_ENDS['features'])} or more")
     start = time.monotonic()
     vectors, ok = ws.embed_all(encoder)
     ws.domain = drop_unreadable(ws.domain, ok)
@@ -150,8 +152,8 @@ def _choose(tried: list[C.Candidate]) -> tuple[C.Candidate, str]:
                     f"{ci:.1%} over {len(top.score.class_accuracy[1])} validation classes); the frozen default is kept")
 
 
-def _minutes(seconds: float) -> str:
-    return f"{max(1, int(np.ceil(seconds / 60)))}m"
+def _duration(seconds: float) -> str:
+    return f"{int(np.ceil(seconds))}s" if seconds < 120 else f"{int(np.ceil(seconds / 60))}m"
 
 
 class _Log:
