@@ -126,7 +126,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(results)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(9.0, 6.5 * len(panels)), 5.5), squeeze=False)
     for ax, key in zip(axes[0], panels):
         rows = [r for r in results[key] if "test" in r]
         names = [r["name"] for r in rows]
@@ -141,7 +141,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlim(max(0, min(m - c for m, c in zip(means, cis)) - 0.05), min(1, max(means) + 0.08))
         ax.set_title(f"{key}: test 1-shot accuracy", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("fewshot adapt on held-out test classes (green: adapt's choice; grey: frozen default)")
+    fig.suptitle("fewshot adapt on held-out test classes\n(green: adapt's choice; grey: frozen default)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
