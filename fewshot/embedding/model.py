@@ -25,7 +25,7 @@ import contextlib
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -34,6 +34,7 @@ import torch
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
+from .embeddings import Embeddings as Embeddings
 from ..errors import ImageError
 from .cache import EmbeddingCache
 from .fingerprints import check_size, fingerprint_id, weights_digest
@@ -83,21 +84,6 @@ _EXPORT_MIN_IMAGES = 256
 _MAX_STREAMS = 8
 # Input resolutions beyond this are refused: memory grows with its square (20000 px took 8 GB before
 # the first image), and no model here is trained above 1024.
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    """Embeddings of a batch of inputs, one row per input; rows of failed inputs are NaN."""
-
-    vectors: np.ndarray  # (N, dim) float32
-    sources: list[str]  # describe(item) per input
-    errors: list[str | None]  # None where the input embedded fine
-    digests: list[str | None] = field(default_factory=list)  # sha256 of each input's content (None: unreadable)
-
-    @property
-    def ok(self) -> np.ndarray:
-        """Boolean mask of the inputs that embedded."""
-        return np.array([e is None for e in self.errors], dtype=bool)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ the head's checksum. Nothing here imports torch unless exporting.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .embeddings import Embeddings as Embeddings
 from ..errors import ExportError, ImageError
 from .cache import EmbeddingCache
 from .fingerprints import check_fingerprint, fingerprint_id
@@ -28,22 +28,6 @@ from .runtime import (INPUT_NAME, MIN_RUNTIME_COSINE, cached_encoder_onnx, encod
 DEFAULT_BATCH_SIZE = 8  # images per onnxruntime call: one call's overhead is small next to 8 images' network
 _MAX_THREADS = 8  # onnxruntime intra-op threads per session
 _DECODE_WORKERS_FROM = 4  # images: fewer decode in the calling thread (a pool costs more than it saves)
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    """Embeddings of a batch of inputs, one row per input; rows of failed inputs are NaN (the fields of
-    ``fewshot.embedding.model.Embeddings``, which imports torch)."""
-
-    vectors: np.ndarray  # (N, dim) float32
-    sources: list[str]  # describe(item) per input
-    errors: list[str | None]  # None where the input embedded fine
-    digests: list[str | None] = field(default_factory=list)  # sha256 of each input's content (None: unreadable)
-
-    @property
-    def ok(self) -> np.ndarray:
-        """Boolean mask of the inputs that embedded."""
-        return np.array([e is None for e in self.errors], dtype=bool)
 
 
 def usable_cores() -> int:
