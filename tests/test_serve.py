@@ -278,7 +278,9 @@ def test_concurrent_predictions_are_batched_while_a_writer_adds(registered, imag
 
 def test_a_large_image_delays_only_its_own_request(registered, images):
     big = io.BytesIO()
-    Image.linear_gradient("L").resize((5000, 5000)).save(big, format="PNG")  # 25 MP: decodes for ~1 s
+    gradient = Image.linear_gradient("L").resize((6000, 6000))
+    colour = Image.merge("RGB", (gradient, gradient.rotate(90), gradient.transpose(Image.FLIP_TOP_BOTTOM)))
+    colour.save(big, format="PNG")  # 36 MP in a 120 kB file: decoding takes ~0.5 s on a quiet core
     finished = {}
 
     def ask(name: str, data: bytes) -> None:
@@ -288,7 +290,7 @@ def test_a_large_image_delays_only_its_own_request(registered, images):
 
     large = threading.Thread(target=ask, args=("big.png", big.getvalue()))
     large.start()
-    time.sleep(0.3)  # the large upload is in, and decoding
+    time.sleep(0.1)  # the large upload is in, and decoding
     ask("small.jpg", images["cat"][3])
     large.join()
     assert finished["small.jpg"] < finished["big.png"]  # decoded beside it, batched without waiting for it
