@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -169,8 +168,11 @@ def test_ctrl_c_keeps_the_best_complete_candidate(tmp_path, caltech_subset):
 def test_ctrl_c_before_the_baseline_writes_nothing(tmp_path, caltech_subset):
     out = tmp_path / "model"
     proc = subprocess.Popen([sys.executable, "-m", "fewshot", "adapt", "--data", str(caltech_subset), "--out",
-                             str(out), "--budget", "5m"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # still importing and building the encoder
+                             str(out), "--budget", "5m", "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    while "embedding" not in line:  # the frozen default is being embedded: nothing is scored yet
+        assert line, "adapt ended before embedding"
+        line = proc.stderr.readline()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err and not out.exists()

@@ -116,6 +116,7 @@ def _frozen(ws: Workspace, clock: Budget, spec: C.FeatureSpec, encoder, cost: fl
         raise ValueError(f"a budget of {clock.seconds:.0f} s is too short for any candidate: one pass over the "
                          f"{len(ws.items())} sampled images takes about {needed:.1f} s here; give --budget "
                          f"{_duration(4 * needed / PHASE_ENDS['features'])} or more")
+    log.line(f"embedding {len(ws.items())} images with the frozen default ({spec.label}), about {needed:.0f} s")
     start = time.monotonic()
     vectors, ok = ws.embed_all(encoder)
     ws.domain = drop_unreadable(ws.domain, ok)
