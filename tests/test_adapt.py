@@ -168,7 +168,8 @@ def test_ctrl_c_keeps_the_best_complete_candidate(tmp_path, caltech_subset):
 def test_ctrl_c_before_the_baseline_writes_nothing(tmp_path, caltech_subset):
     out = tmp_path / "model"
     proc = subprocess.Popen([sys.executable, "-m", "fewshot", "adapt", "--data", str(caltech_subset), "--out",
-                             str(out), "--budget", "5m", "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(out), "--budget", "5m", "--no-cache"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     while "embedding" not in line:  # the frozen default is being embedded: nothing is scored yet
         assert line, "adapt ended before embedding"
