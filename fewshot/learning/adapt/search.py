@@ -16,8 +16,8 @@ from ...embedding.cache import EmbeddingCache
 from ...embedding.encoders import DEFAULT_ENCODER
 from ...evaluation.openset import fit_domain_prior
 from ..base import HeadBase
-from . import candidates as C
-from . import tuning
+from .candidates import Candidate, FeatureSpec, frozen_model
+from .tuning import candidates
 from .budget import PHASE_ENDS, Budget, parse_budget
 from .domain import Caps, caps_for_budget, check_domain, drop_unreadable, split_domain, unlabeled_images
 from .validation import Validation
@@ -33,7 +33,7 @@ class AdaptResult:
     model: HeadBase
     chosen: str
     reason: str
-    candidates: list[C.Candidate]
+    candidates: list[Candidate]
     domain: dict
     budget_seconds: float
     seconds: float
@@ -42,7 +42,7 @@ class AdaptResult:
     settings: dict = field(default_factory=dict)
 
     @property
-    def frozen(self) -> C.Candidate:
+    def frozen(self) -> Candidate:
         return self.candidates[0]
 
     def to_dict(self) -> dict:
@@ -74,7 +74,7 @@ def adapt(data: str | Path | ImageDataset, *, unlabeled: str | Path | None = Non
         EmbeddingCache(None if cache is True else cache) if cache else None)
     ws = Workspace(domain, None, cache=embedding_cache, progress=progress)
     log = _Log(progress)
-    spec = C.FeatureSpec(encoder=encoder)
+    spec = FeatureSpec(encoder=encoder)
     frozen_encoder = spec.create()
     cost = ws.cost_per_image(frozen_encoder)
     caps = caps_for_budget(domain.images, cost, clock.seconds)
@@ -84,11 +84,11 @@ def adapt(data: str | Path | ImageDataset, *, unlabeled: str | Path | None = Non
     ws.validation = Validation.build(ws.domain.val, ways=ways, within_group=within_group, episodes=episodes,
                                      seed=seed)
     tried = [frozen]
-    _score(ws, frozen)
+    frozen.score = ws.score(frozen.encoder, frozen.model)
     log.candidate(frozen)
     interrupted = False
     try:
-        for candidate in tuning.candidates(ws, clock, tried, seed=seed, ways=ways, within_group=within_group):
+        for candidate in candidates(ws, clock, tried, seed=seed, ways=ways, within_group=within_group):
             tried.append(candidate)
             log.candidate(candidate)
     except KeyboardInterrupt:
@@ -97,7 +97,7 @@ def adapt(data: str | Path | ImageDataset, *, unlabeled: str | Path | None = Non
     chosen, reason = _choose(tried)
     model = chosen.model
     model.metadata["unknown_prior"] = [list(row) for row in fit_domain_prior(
-        _val_features(ws, chosen), ws.domain.val.labels, head=model, seed=seed)]
+        ws.features(chosen.encoder).val, ws.domain.val.labels, head=model, seed=seed)]
     settings = {"ways": ws.validation.ways, "within_group": within_group, "episodes": episodes, "encoder": encoder,
                 "data": getattr(dataset, "source", str(data)), "unlabeled": str(unlabeled) if unlabeled else None}
     result = AdaptResult(model=model, chosen=chosen.name, reason=reason, candidates=tried,
@@ -107,7 +107,7 @@ def adapt(data: str | Path | ImageDataset, *, unlabeled: str | Path | None = Non
     return result
 
 
-def _frozen(ws: Workspace, clock: Budget, spec: C.FeatureSpec, encoder, cost: float, log) -> C.Candidate:
+def _frozen(ws: Workspace, clock: Budget, spec: FeatureSpec, encoder, cost: float, log) -> Candidate:
     """The frozen default, embedded first: it sets the baseline, finds unreadable images and checks that the
     budget allows anything at all."""
     needed = cost * len(ws.items())
@@ -122,19 +122,11 @@ def _frozen(ws: Workspace, clock: Budget, spec: C.FeatureSpec, encoder, cost: fl
     ws.domain = drop_unreadable(ws.domain, ok)
     ws.remember(encoder, vectors[ok])
     log.line(f"domain: {ws.domain.describe()}")
-    return C.Candidate(name=f"frozen default ({spec.label})", phase="baseline", model=C.frozen_model(encoder),
+    return Candidate(name=f"frozen default ({spec.label})", phase="baseline", model=frozen_model(encoder),
                        encoder=encoder, spec=spec, seconds=time.monotonic() - start, ms_per_image=1000 * cost)
 
 
-def _score(ws: Workspace, candidate: C.Candidate) -> None:
-    candidate.score = ws.validation.score(_val_features(ws, candidate), head=candidate.model)
-
-
-def _val_features(ws: Workspace, candidate: C.Candidate) -> np.ndarray:
-    return ws.features(candidate.encoder).val
-
-
-def _choose(tried: list[C.Candidate]) -> tuple[C.Candidate, str]:
+def _choose(tried: list[Candidate]) -> tuple[Candidate, str]:
     """The best candidate that beats the frozen default beyond noise: the lower end of the 95% interval of its
     paired per-class gain is above zero. None does: the frozen default."""
     frozen = tried[0]
@@ -167,7 +159,7 @@ class _Log:
         if not self.quiet:
             tqdm.write(f"adapt: {text}", file=sys.stderr)
 
-    def candidate(self, c: C.Candidate) -> None:
+    def candidate(self, c: Candidate) -> None:
         if c.status != "tried":
             self.line(f"{c.name}: {c.status} ({c.note})")
             return

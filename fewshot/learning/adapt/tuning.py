@@ -11,10 +11,13 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator
 
+import numpy as np
+
 from ...data.datasets import ImageDataset
 from ...errors import FewShotError
 from ..heads.whitening import MAX_WHITENING_DIM
-from . import candidates as C
+from .candidates import (MIN_HEAD_CLASSES, WHITENING_SHRINKAGES, Candidate, FeatureSpec, centred_model, encoder_specs,
+                         layout_specs, protonet_model, resolution_spec, whitened_model)
 from .budget import Budget
 from .workspace import Workspace
 
@@ -22,31 +25,31 @@ MIN_TRAINING_SECONDS = 30  # a head or a fine-tuning run given less than this ha
 ENCODER_SETUP_SECONDS = 3  # building an encoder and timing it, before its embedding pass
 
 
-def best_of(tried: list[C.Candidate], *, single: bool = False) -> C.Candidate:
+def best_of(tried: list[Candidate], *, single: bool = False) -> Candidate:
     """The best scored candidate (on one encoder only, with ``single``); ties go to the earlier, cheaper one."""
     scored = [c for c in tried if c.score is not None and (c.spec.single or not single)]
     return max(scored, key=lambda c: c.score.mean)
 
 
-def candidates(ws: Workspace, clock: Budget, tried: list[C.Candidate], *, seed: int, ways: int,
-               within_group: bool) -> Iterator[C.Candidate]:
+def candidates(ws: Workspace, clock: Budget, tried: list[Candidate], *, seed: int, ways: int,
+               within_group: bool) -> Iterator[Candidate]:
     """Yield each candidate as it is tried (scored) or skipped; ``tried`` (the frozen default first) is the
     caller's list of candidates so far, which it extends with each one yielded."""
     trial = _Trial(ws, clock)
     frozen = tried[0]
 
-    def best() -> C.Candidate:
+    def best() -> Candidate:
         return best_of(tried)
 
-    def best_single() -> C.Candidate:  # AdaBN and fine-tuning change one network
+    def best_single() -> Candidate:  # AdaBN and fine-tuning change one network
         return best_of(tried, single=True)
 
-    for spec in C.layout_specs(frozen.spec):
+    for spec in layout_specs(frozen.spec):
         yield trial.features(spec)
-    resolution = C.resolution_spec(best().spec, best().encoder, list(ws.domain.val.items))
+    resolution = resolution_spec(best().spec, best().encoder, list(ws.domain.val.items))
     if resolution is not None:
         yield trial.features(resolution)
-    for spec in C.encoder_specs(best().spec):
+    for spec in encoder_specs(best().spec):
         yield trial.features(spec)
     yield from _statistics(trial, best(), best_single(), seed)
     yield trial.head(best(), seed=seed, ways=ways, within_group=within_group)
@@ -54,14 +57,14 @@ def candidates(ws: Workspace, clock: Budget, tried: list[C.Candidate], *, seed: 
                            within_group=within_group)
 
 
-def _best_shrinkage(tried: list[C.Candidate]) -> float:
+def _best_shrinkage(tried: list[Candidate]) -> float:
     """The whitening shrinkage that validated best (the middle one when none was scored)."""
     whitened = [c for c in tried if c.shrinkage is not None and c.score is not None]
-    return max(whitened, key=lambda c: c.score.mean).shrinkage if whitened else C.WHITENING_SHRINKAGES[1]
+    return max(whitened, key=lambda c: c.score.mean).shrinkage if whitened else WHITENING_SHRINKAGES[1]
 
 
-def _statistics(trial: "_Trial", base: C.Candidate, single: C.Candidate, seed: int) -> Iterator[C.Candidate]:
-    for shrinkage in C.WHITENING_SHRINKAGES:
+def _statistics(trial: "_Trial", base: Candidate, single: Candidate, seed: int) -> Iterator[Candidate]:
+    for shrinkage in WHITENING_SHRINKAGES:
         candidate = trial.whitening(base, shrinkage)
         yield candidate
         if candidate.status == "skipped":  # too wide: once is enough to say so
@@ -69,8 +72,8 @@ def _statistics(trial: "_Trial", base: C.Candidate, single: C.Candidate, seed: i
     yield trial.adabn(single, seed=seed)
 
 
-def _finetuning(trial: "_Trial", base: C.Candidate, shrinkage: float, *, seed: int, ways: int, within_group: bool
-                ) -> Iterator[C.Candidate]:
+def _finetuning(trial: "_Trial", base: Candidate, shrinkage: float, *, seed: int, ways: int, within_group: bool
+                ) -> Iterator[Candidate]:
     finetuned = trial.finetune(base, "finetune", seed=seed, ways=ways, within_group=within_group)
     yield finetuned
     if finetuned.score is not None:  # the domain's statistics on the fine-tuned features: nearly free
@@ -86,8 +89,8 @@ class _Trial:
     def __init__(self, ws: Workspace, clock: Budget):
         self.ws, self.clock = ws, clock
 
-    def run(self, name: str, phase: str, estimate: float, build: Callable[[C.Candidate], None]) -> C.Candidate:
-        candidate = C.Candidate(name=name, phase=phase)
+    def run(self, name: str, phase: str, estimate: float, build: Callable[[Candidate], None]) -> Candidate:
+        candidate = Candidate(name=name, phase=phase)
         left = self.clock.left(phase)
         if estimate > left:
             candidate.status = "skipped"
@@ -96,7 +99,7 @@ class _Trial:
         start = time.monotonic()
         try:
             build(candidate)
-            candidate.score = self.ws.validation.score(self.ws.features(candidate.encoder).val, head=candidate.model)
+            candidate.score = self.ws.score(candidate.encoder, candidate.model)
         except _Skip as skip:
             candidate.status, candidate.note, candidate.model = "skipped", str(skip), None
         except (FewShotError, ValueError, RuntimeError, FloatingPointError) as exc:
@@ -109,67 +112,67 @@ class _Trial:
         return len(self.ws.items())
 
     # -- feature choice --------------------------------------------------------------------------------
-    def features(self, spec: C.FeatureSpec) -> C.Candidate:
-        def build(c: C.Candidate) -> None:
+    def features(self, spec: FeatureSpec) -> Candidate:
+        def build(c: Candidate) -> None:
             encoder = spec.create()
             c.ms_per_image = 1000 * self.ws.cost_per_image(encoder)
             needed = 0 if self.ws.has(encoder) else c.ms_per_image / 1000 * self._images()
             if time.monotonic() + needed > self.clock.deadline("features"):
                 raise _Skip(f"embedding the domain would take about {needed:.0f} s")
             c.encoder, c.spec = encoder, spec
-            c.model = C.centred_model(encoder, self.ws.features(encoder))
+            c.model = centred_model(encoder, self.ws.features(encoder))
 
         return self.run(f"{spec.label}, centred", "features", ENCODER_SETUP_SECONDS, build)
 
     # -- domain statistics ---------------------------------------------------------------------------------
-    def whitening(self, base: C.Candidate, shrinkage: float, phase: str = "statistics") -> C.Candidate:
+    def whitening(self, base: Candidate, shrinkage: float, phase: str = "statistics") -> Candidate:
         """Whitening with the domain's statistics on ``base``'s features (a fine-tuned network stays carried)."""
         from ..heads.finetuned import FineTunedHead
 
-        def build(c: C.Candidate) -> None:
+        def build(c: Candidate) -> None:
             if base.encoder.dim > MAX_WHITENING_DIM:
                 raise _Skip(f"{base.encoder.dim}-dim features are too wide to whiten (limit {MAX_WHITENING_DIM})")
             c.encoder, c.spec, c.ms_per_image, c.shrinkage = base.encoder, base.spec, base.ms_per_image, shrinkage
-            head = C.whitened_model(base.encoder, self.ws.features(base.encoder), shrinkage)
+            head = whitened_model(base.encoder, self.ws.features(base.encoder), shrinkage)
             c.model = FineTunedHead.wrap(base.encoder, head) if isinstance(base.model, FineTunedHead) else head
 
         label = base.name if phase == "refine" else base.spec.label
         return self.run(f"{label}, whitened (shrinkage {shrinkage})", phase, 1, build)
 
-    def adabn(self, base: C.Candidate, *, seed: int) -> C.Candidate:
+    def adabn(self, base: Candidate, *, seed: int) -> Candidate:
         from ..adabn import adapt_batchnorm
         from ..heads.finetuned import FineTunedHead
 
-        def build(c: C.Candidate) -> None:
+        def build(c: Candidate) -> None:
             images = list(self.ws.domain.train.items) + list(self.ws.domain.unlabeled)
             encoder = adapt_batchnorm(base.encoder, images, seed=seed, progress=self.ws.progress)
             c.encoder, c.spec, c.ms_per_image = encoder, base.spec, base.ms_per_image
-            head = C.centred_model(encoder, self.ws.features(encoder))
+            head = centred_model(encoder, self.ws.features(encoder))
             c.model = FineTunedHead.wrap(encoder, head)
 
         estimate = 2 * (base.ms_per_image or 0) / 1000 * self._images()
         return self.run(f"{base.spec.label}, AdaBN statistics, centred", "statistics", estimate, build)
 
     # -- a trained head ------------------------------------------------------------------------------------
-    def head(self, base: C.Candidate, *, seed: int, ways: int, within_group: bool) -> C.Candidate:
-        def build(c: C.Candidate) -> None:
-            if len(self.ws.domain.train.classes) < C.MIN_HEAD_CLASSES:
-                raise _Skip(f"a head needs {C.MIN_HEAD_CLASSES}+ training classes (a fifth of them validate its "
+    def head(self, base: Candidate, *, seed: int, ways: int, within_group: bool) -> Candidate:
+        def build(c: Candidate) -> None:
+            if len(self.ws.domain.train.classes) < MIN_HEAD_CLASSES:
+                raise _Skip(f"a head needs {MIN_HEAD_CLASSES}+ training classes (a fifth of them validate its "
                             f"training), the domain has {len(self.ws.domain.train.classes)}")
             c.encoder, c.spec, c.ms_per_image = base.encoder, base.spec, base.ms_per_image
-            c.model = C.protonet_model(base.encoder, self.ws.features(base.encoder), self.ws, ways=ways,
+            c.model = protonet_model(base.encoder, self.ws.features(base.encoder), self.ws, ways=ways,
                                        within_group=within_group, seed=seed, deadline=self.clock.deadline("head"))
 
         return self.run(f"{base.spec.label}, ProtoNet head", "head", MIN_TRAINING_SECONDS, build)
 
     # -- fine-tuning -------------------------------------------------------------------------------------
-    def finetune(self, base: C.Candidate, phase: str, *, seed: int, ways: int, within_group: bool,
-                 objective: str | None = None) -> C.Candidate:
+    def finetune(self, base: Candidate, phase: str, *, seed: int, ways: int, within_group: bool,
+                 objective: str | None = None) -> Candidate:
         from ..finetune import Recipe, finetune
 
         spec = base.spec
 
-        def build(c: C.Candidate) -> None:
+        def build(c: Candidate) -> None:
             recipe = Recipe(encoder=spec.encoder, stages=spec.stages, pool=spec.pool, input_size=spec.input_size,
                             trainable_stages=1 if spec.stages is None else 2, head="identity", ways=ways,
                             within_group=within_group, augment=("flip",), episodes=5000, val_every=25, patience=4,
@@ -189,7 +192,6 @@ class _Skip(Exception):
 
 
 def _unlabeled_dataset(items: list) -> ImageDataset:
-    import numpy as np
-
+    """Unlabelled images as a one-class dataset: what fine-tuning's ``adapt_to`` takes (labels are ignored)."""
     return ImageDataset(items=list(items), names=[str(i) for i in items], labels=np.zeros(len(items), np.int64),
                         classes=["unlabelled"], groups=None, group_names=None, source="unlabelled images")

@@ -15,7 +15,7 @@ import numpy as np
 from ...embedding.cache import EmbeddingCache
 from ...embedding.encoders import Encoder
 from .domain import Domain
-from .validation import Validation
+from .validation import Score, Validation
 
 COST_PROBE_IMAGES = 8  # images timed to estimate a candidate's cost per image
 
@@ -58,6 +58,10 @@ class Workspace:
             vectors, _ = self.embed_all(encoder)
             self._features[key] = self.split(vectors)
         return self._features[key]
+
+    def score(self, encoder: Encoder, head) -> Score:
+        """The validation score of ``head`` on ``encoder``'s features of the validation classes."""
+        return self.validation.score(self.features(encoder).val, head=head)
 
     def has(self, encoder: Encoder) -> bool:
         """Whether ``encoder``'s embeddings of the domain are computed already (no cost to use them)."""
