@@ -22,10 +22,10 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 from fewshot import load_dataset, split_by_class, split_by_group
 from fewshot.classifier import head_encoder
+from fewshot.data.datasets import cap_per_class
 from fewshot.learning.adapt import adapt, format_report
 from fewshot.learning.adapt.validation import Validation
 
@@ -40,14 +40,6 @@ def test_split(dataset, held_out: int, seed: int):
     if dataset.group_names is not None:
         return split_by_group(dataset, held_out, seed=seed)
     return split_by_class(dataset, held_out, seed=seed)
-
-
-def capped(dataset, cap: int, seed: int):
-    rng = np.random.default_rng(seed)
-    keep = np.zeros(len(dataset), dtype=bool)
-    for label in np.unique(dataset.labels):
-        keep[rng.permutation(np.flatnonzero(dataset.labels == label))[:cap]] = True
-    return dataset.select_items(keep)
 
 
 def test_scores(result, test, ways: int, within_group: bool, seed: int, episodes: int) -> list[dict]:
@@ -169,7 +161,8 @@ def main() -> None:
             development, test = test_split(dataset, held_out, seed)
             result = adapt(development, budget=args.budget, seed=seed, ways=ways, within_group=within_group)
             print(format_report(result), flush=True)
-            rows = test_scores(result, capped(test, args.test_cap, seed), ways, within_group, seed, args.test_episodes)
+            test = cap_per_class(test, args.test_cap, seed)
+            rows = test_scores(result, test, ways, within_group, seed, args.test_episodes)
             key = f"{domain} seed {seed}"
             results[key] = rows
             print(f"\n### {key}: {len(development.classes)} development classes, {len(test.classes)} test classes "

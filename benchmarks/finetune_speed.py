@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fewshot import load_dataset
-from fewshot.data.datasets import split_validation
+from fewshot.data.datasets import cap_per_class, split_validation
 from fewshot.learning.finetune import Recipe, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,21 +56,13 @@ def baseline_module():
     return module
 
 
-def capped(dataset, cap: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    keep = np.zeros(len(dataset), dtype=bool)
-    for label in np.unique(dataset.labels):
-        keep[rng.permutation(np.flatnonzero(dataset.labels == label))[:cap]] = True
-    return dataset.select_items(keep)
-
-
 def setup(name: str, data: Path):
     if name == "omniglot":
-        dataset = capped(load_dataset(data / "omniglot" / "images_background_small1.zip"), 8)
+        dataset = cap_per_class(load_dataset(data / "omniglot" / "images_background_small1.zip"), 8)
         recipe = Recipe.load(ROOT / "recipes" / "omniglot.toml").replace(episodes=30, val_every=10)
     else:
         dataset = load_dataset(data / "caltech101" / "caltech101_base.zip")
-        dataset = capped(dataset.select_classes(dataset.classes[:40]), 20)
+        dataset = cap_per_class(dataset.select_classes(dataset.classes[:40]), 20)
         recipe = Recipe.load(ROOT / "recipes" / "caltech.toml").replace(pretrain_steps=20, episodes=100)
     recipe = Recipe.from_dict({**recipe.to_dict(), "max_images_per_class": None, "patience": 1000})
     train, _ = split_validation(dataset, recipe.val_fraction, recipe.seed)

@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from fewshot import create_encoder, load_dataset, load_protocol
+from fewshot.data.datasets import cap_per_class
 from fewshot.learning.finetune import Recipe, finetune
 from fewshot.embedding.images import load_image
 from fewshot.workflows import evaluate_protocol, resolve_dataset
@@ -35,17 +35,6 @@ from fewshot.workflows import evaluate_protocol, resolve_dataset
 ROOT = Path(__file__).resolve().parents[1]
 EPISODES, RECIPES = ROOT / "episodes", ROOT / "recipes"
 SETUPS = {"omniglot": ("omniglot-within-20way-1shot", "omniglot"), "caltech": ("caltech-5way-1shot", "caltech")}
-
-
-def capped(dataset, cap: int | None, seed: int = 0):
-    """The first ``cap`` images of each class in a seeded order (the same for every row)."""
-    if cap is None:
-        return dataset
-    rng = np.random.default_rng(seed)
-    keep = np.zeros(len(dataset), dtype=bool)
-    for label in np.unique(dataset.labels):
-        keep[rng.permutation(np.flatnonzero(dataset.labels == label))[:cap]] = True
-    return dataset.select_items(keep)
 
 
 def evaluate(model, protocol, test, progress=False) -> dict:
@@ -76,7 +65,7 @@ def finetune_table(args) -> list[dict]:
         protocol = load_protocol(EPISODES / f"{protocol_name}.toml")
         dataset = resolve_dataset(args.data, protocol)
         recipe = _recipe(recipe_name, args)
-        test = capped(protocol.test_split(dataset), args.test_cap)
+        test = cap_per_class(protocol.test_split(dataset), args.test_cap)
         raw = evaluate_raw(recipe, protocol, test)
         start = time.perf_counter()
         model, result = finetune(protocol.train_split(dataset), recipe, progress=True)
@@ -98,7 +87,7 @@ def multitask_table(args) -> list[dict]:
     recipe = Recipe(input_size=112, trainable_stages=1, head="identity", ways=5, shots=1, queries=5,
                     episodes=args.episodes or 200, val_every=25, val_episodes=100, encoder_lr=1e-4,
                     augment=("flip",), max_images_per_class=args.train_cap or 20, seed=args.seed)
-    tests = {s: capped(protocols[s].test_split(data[s]), args.test_cap) for s in protocols}
+    tests = {s: cap_per_class(protocols[s].test_split(data[s]), args.test_cap) for s in protocols}
     five_way = {s: dataclasses.replace(p, ways=5, queries=5, within_group=False, episodes=300)
                 for s, p in protocols.items()}
     rows = []
@@ -121,7 +110,7 @@ def sketch(item) -> Image.Image:
 def domain_table(args) -> list[dict]:
     protocol = load_protocol(EPISODES / "caltech-5way-1shot.toml")
     dataset = resolve_dataset(args.data, protocol)
-    test = capped(protocol.test_split(dataset), args.test_cap)
+    test = cap_per_class(protocol.test_split(dataset), args.test_cap)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for item, name in zip(test.items, test.names):

@@ -395,6 +395,18 @@ def split_validation(dataset: ImageDataset, fraction: float, seed: int) -> tuple
     return split_by_class(dataset, fraction, seed=seed)
 
 
+def cap_per_class(dataset: ImageDataset, cap: int | None, seed: int | np.random.Generator = 0) -> ImageDataset:
+    """At most ``cap`` images of each class (all of them when ``cap`` is None), a seeded sample drawn class by
+    class in label order; ``seed`` may be a numpy ``Generator`` to draw from."""
+    if cap is None:
+        return dataset
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(dataset), dtype=bool)
+    for label in np.unique(dataset.labels):
+        keep[rng.permutation(np.flatnonzero(dataset.labels == label))[:cap]] = True
+    return dataset.select_items(keep)
+
+
 def with_rotations(dataset: ImageDataset) -> ImageDataset:
     """The dataset plus its images turned 90, 180 and 270 degrees, each turn a class (and group) of its
     own: the standard way to multiply training classes for symbols and characters (not for photos,

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.datasets import ImageDataset, split_validation, with_rotations
+from ..data.datasets import ImageDataset, cap_per_class, split_validation, with_rotations
 from ..embedding.encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from ..data.episodes import EpisodeSampler
 from ..errors import ImageError
@@ -184,17 +184,6 @@ def _cache_split(net: SplitNetwork, encoder: Encoder, dataset: ImageDataset, aug
                    labels=np.unique(dataset.labels[ok], return_inverse=True)[1].reshape(-1),
                    groups=dataset.groups[ok] if dataset.groups is not None else None,
                    teacher=torch.cat(teachers) if teachers else None)
-
-
-def _cap_per_class(dataset: ImageDataset, cap: int | None, seed: int) -> ImageDataset:
-    if cap is None:
-        return dataset
-    rng = np.random.default_rng(seed)
-    keep = np.zeros(len(dataset), dtype=bool)
-    for label in np.unique(dataset.labels):
-        rows = np.flatnonzero(dataset.labels == label)
-        keep[rng.permutation(rows)[:cap]] = True
-    return dataset.select_items(keep)
 
 
 def data_digest(datasets: list[ImageDataset]) -> str:
@@ -399,7 +388,7 @@ def _finetune(datasets, recipe: Recipe, weights, adapt_to, progress, start,
     if adapt_to is not None:
         distill = recipe.unlabeled == "distill"
         views = ("flip", "crop") if distill else recipe.augment
-        target = _cache_split(net, encoder, _cap_per_class(adapt_to, recipe.max_images_per_class, recipe.seed),
+        target = _cache_split(net, encoder, cap_per_class(adapt_to, recipe.max_images_per_class, recipe.seed),
                               views, "target", progress, seed=recipe.seed, teacher=distill)
     seconds_caching = time.perf_counter() - start
 
@@ -486,7 +475,7 @@ def _finetune(datasets, recipe: Recipe, weights, adapt_to, progress, start,
 
 
 def _make_task(net, encoder, dataset, weight, recipe: Recipe, index: int, n: int, progress) -> _Task:
-    dataset = _cap_per_class(dataset, recipe.max_images_per_class, recipe.seed)
+    dataset = cap_per_class(dataset, recipe.max_images_per_class, recipe.seed)
     train, val = split_validation(dataset, recipe.val_fraction, recipe.seed)
     if "rotations" in recipe.augment:
         train = with_rotations(train)

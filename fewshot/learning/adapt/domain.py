@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...data.datasets import ImageDataset, split_validation
+from ...data.datasets import ImageDataset, cap_per_class, split_validation
 from ...embedding.images import expand_inputs
 
 PASS_SHARE = 0.08  # one embedding pass over the domain may take this share of the budget (a dozen candidates fit)
@@ -96,11 +96,7 @@ def _capped(dataset: ImageDataset, max_classes: int, per_class: int, seed: int) 
     rng = np.random.default_rng(seed)
     if len(dataset.classes) > max_classes:
         dataset = _fewer_classes(dataset, max_classes, rng)
-    keep = np.zeros(len(dataset), dtype=bool)
-    for label in range(len(dataset.classes)):
-        rows = np.flatnonzero(dataset.labels == label)
-        keep[np.sort(rng.permutation(rows)[:per_class])] = True
-    return dataset.select_items(keep)
+    return cap_per_class(dataset, per_class, rng)
 
 
 def _fewer_classes(dataset: ImageDataset, max_classes: int, rng: np.random.Generator) -> ImageDataset:
