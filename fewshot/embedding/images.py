@@ -129,6 +129,14 @@ def describe(item: Any) -> str:
     return f"<{type(item).__name__}>"
 
 
+def digest_or_error(item: ImageInput) -> tuple[str | None, str | None]:
+    """(``content_digest(item)``, None), or (None, the message) for an item that cannot be read."""
+    try:
+        return content_digest(item), None
+    except ImageError as exc:
+        return None, str(exc)
+
+
 def content_digest(item: ImageInput) -> str:
     """sha256 hex of an item's content, used as an embedding-cache key.
 

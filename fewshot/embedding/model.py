@@ -38,7 +38,7 @@ from .embeddings import Embeddings as Embeddings
 from ..errors import ImageError
 from .cache import EmbeddingCache
 from .fingerprints import check_size, fingerprint_id, weights_digest
-from .images import content_digest, describe, expand_inputs, limit_aspect, load_one
+from .images import content_digest, describe, digest_or_error, expand_inputs, limit_aspect, load_one
 
 # Images per forward pass of one stream. Small batches keep a stream's activations closer to its core's
 # cache: with two single-threaded streams on 2 cores, batch 4 took ~10-30% less CPU per image than batch 8
@@ -403,11 +403,8 @@ class Encoder:
                 digests.append(item.digest if ours else None)
                 errors[i] = None if ours else f"{item.source}: prepared for another encoder; prepare it with this one"
                 continue
-            try:
-                digests.append(content_digest(item))
-            except ImageError as exc:
-                digests.append(None)
-                errors[i] = str(exc)
+            digest, errors[i] = digest_or_error(item)
+            digests.append(digest)
         return digests
 
     def _fill_from_cache(self, cache, digests, vectors) -> list[int]:

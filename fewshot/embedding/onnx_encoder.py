@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from .embeddings import Embeddings as Embeddings
-from ..errors import ExportError, ImageError
+from ..errors import ExportError
 from .cache import EmbeddingCache
 from .fingerprints import check_fingerprint, fingerprint_id
-from .images import content_digest, describe, expand_inputs, load_images
+from .images import describe, digest_or_error, expand_inputs, load_images
 from .preprocess import Preprocess
 from .runtime import (INPUT_NAME, MIN_RUNTIME_COSINE, cached_encoder_onnx, encoder_onnx_path, export_module,
                       head_onnx_path, min_cosine, session)
@@ -73,7 +73,10 @@ class OnnxEncoder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         items = expand_inputs(images)
         errors: list[str | None] = [None] * len(items)
-        digests = _digests(items, errors)
+        digests: list[str | None] = []
+        for i, item in enumerate(items):
+            digest, errors[i] = digest_or_error(item)
+            digests.append(digest)
         blocks = [np.full((len(items), n.dim), np.nan, dtype=np.float32) for n in self.networks]
         todo = self._fill_from_cache(cache, digests, blocks)
         writers = [cache.writer(n.fingerprint_id) for n in self.networks] if cache is not None and todo else []
@@ -189,17 +192,6 @@ def _check_export(path: Path, probe: np.ndarray, expected: np.ndarray) -> None:
         path.unlink(missing_ok=True)
         raise ExportError(f"the ONNX export {path.name} disagrees with torch (cosine {agreement:.6f} < "
                           f"{MIN_RUNTIME_COSINE}); it was removed, and torch runs this model")
-
-
-def _digests(items: list, errors: list[str | None]) -> list[str | None]:
-    digests: list[str | None] = []
-    for i, item in enumerate(items):
-        try:
-            digests.append(content_digest(item))
-        except ImageError as exc:
-            digests.append(None)
-            errors[i] = str(exc)
-    return digests
 
 
 def _unit_rows(block: np.ndarray) -> np.ndarray:
