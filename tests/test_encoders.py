@@ -125,7 +125,8 @@ def test_unknown_encoder_name_says_what_to_use():
         create_encoder("no_such_model")
 
 
-def test_cache_skips_the_network_for_seen_images(tmp_path, encoder, photos, monkeypatch):
+def test_cache_skips_the_network_for_seen_images(tmp_path, photos, monkeypatch):
+    encoder = create_encoder(runtime="torch")  # the eager network, whatever sessions earlier tests opened
     cache = EmbeddingCache(tmp_path / "cache.sqlite")
     paths = list(photos.values())[:3]
     first = encoder.embed(paths, cache=cache)
